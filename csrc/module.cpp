@@ -1,0 +1,24 @@
+// The Python module fisher_ext._C: loading it registers the ops (ops.cpp and the
+// per-device kernels); build_info() says what this binary was compiled with.
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+#include <torch/version.h>
+
+#ifndef FISHER_EXT_CUDA_ARCHS
+#define FISHER_EXT_CUDA_ARCHS ""
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.def("build_info", [] {
+    pybind11::dict info;
+    info["torch_version"] = TORCH_VERSION;
+#ifdef FISHER_EXT_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+    info["cuda_archs"] = FISHER_EXT_CUDA_ARCHS;
+    info["openmp"] = static_cast<bool>(AT_PARALLEL_OPENMP);
+    return info;
+  });
+}

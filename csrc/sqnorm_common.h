@@ -1,0 +1,114 @@
+// Shapes, argument checks and the cost model shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <array>
+#include <string>
+
+namespace fisher_ext {
+
+enum class Method { Ghost, Materialize };
+
+// Every op returns float32, or float64 for float64 inputs (DESIGN.md §2).
+inline at::ScalarType result_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// 'auto' resolves by flop count: ghost ~ 2 T^2 (d_in + d_out), materialize ~ 2 T d_in d_out.
+inline Method choose_method(const std::string& method, int64_t T, int64_t d_in, int64_t d_out) {
+  if (method == "ghost") return Method::Ghost;
+  if (method == "materialize") return Method::Materialize;
+  TORCH_CHECK(method == "auto", "method: expected 'auto', 'ghost' or 'materialize', got '", method, "'");
+  return T * (d_in + d_out) <= d_in * d_out ? Method::Ghost : Method::Materialize;
+}
+
+inline void check_inputs(const at::Tensor& a, const char* a_name, const at::Tensor& g) {
+  TORCH_CHECK(a.device() == g.device(), a_name, " and g: expected tensors on one device, got ", a.device(),
+              " and ", g.device());
+  TORCH_CHECK(a.scalar_type() == g.scalar_type(), a_name, " and g: expected one dtype, got ", a.scalar_type(),
+              " and ", g.scalar_type());
+  const auto t = a.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, a_name,
+              ": expected float32, float64, float16 or bfloat16, got ", t);
+  TORCH_CHECK(a.size(0) == g.size(0), "g: expected the batch size N=", a.size(0), " of ", a_name, ", got ",
+              g.size(0));
+}
+
+// The accumulator of the *_accumulate_ ops: (N,) of the result dtype on the inputs' device.
+inline void check_accumulator(const at::Tensor& acc, const at::Tensor& a) {
+  TORCH_CHECK(acc.dim() == 1 && acc.size(0) == a.size(0), "acc: expected shape (", a.size(0), ",), got ",
+              acc.sizes());
+  TORCH_CHECK(acc.scalar_type() == result_dtype(a.scalar_type()), "acc: expected dtype ",
+              result_dtype(a.scalar_type()), ", got ", acc.scalar_type());
+  TORCH_CHECK(acc.device() == a.device(), "acc: expected device ", a.device(), ", got ", acc.device());
+}
+
+// Linear: a (N, *, d_in) and g (N, *, d_out), flattened to (N, T, d).
+struct LinearShape {
+  int64_t N, T, d_in, d_out;
+};
+
+inline LinearShape linear_shape(const at::Tensor& a, const at::Tensor& g) {
+  TORCH_CHECK(a.dim() >= 2, "a: expected rank >= 2 (N, *, d_in), got shape ", a.sizes());
+  TORCH_CHECK(g.dim() == a.dim(), "g: expected rank ", a.dim(), " like a, got shape ", g.sizes());
+  check_inputs(a, "a", g);
+  for (int64_t i = 1; i + 1 < a.dim(); ++i)
+    TORCH_CHECK(a.size(i) == g.size(i), "g: expected middle dims ", a.sizes().slice(1, a.dim() - 2),
+                " of a, got ", g.sizes().slice(1, g.dim() - 2));
+  const int64_t N = a.size(0), d_in = a.size(-1), d_out = g.size(-1);
+  int64_t T = 1;
+  for (int64_t i = 1; i + 1 < a.dim(); ++i) T *= a.size(i);
+  return {N, T, d_in, d_out};
+}
+
+// Conv{1,2,3}d, normalized to three spatial dims by leading singleton dims.
+// padding is the leading pad; the output size comes from g; reads outside x are zero.
+struct ConvShape {
+  int64_t N, C_in, C_out, groups, cin_g, cout_g;
+  std::array<int64_t, 3> in{1, 1, 1}, out{1, 1, 1}, k{1, 1, 1}, stride{1, 1, 1}, pad{0, 0, 0},
+      dil{1, 1, 1};
+  int64_t out_vol() const { return out[0] * out[1] * out[2]; }
+  int64_t k_vol() const { return k[0] * k[1] * k[2]; }
+  int64_t in_vol() const { return in[0] * in[1] * in[2]; }
+};
+
+inline ConvShape conv_shape(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                            int64_t groups) {
+  const int64_t nd = static_cast<int64_t>(kernel_size.size());
+  TORCH_CHECK(nd >= 1 && nd <= 3, "kernel_size: expected 1 to 3 spatial dims, got ", kernel_size);
+  TORCH_CHECK(x.dim() == nd + 2, "x: expected rank ", nd + 2, " (N, C_in, *spatial) for a ", nd,
+              "-d kernel, got shape ", x.sizes());
+  TORCH_CHECK(g.dim() == nd + 2, "g: expected rank ", nd + 2, " (N, C_out, *spatial), got shape ", g.sizes());
+  TORCH_CHECK(stride.size() == size_t(nd) && padding.size() == size_t(nd) && dilation.size() == size_t(nd),
+              "stride, padding, dilation: expected ", nd, " values each, got ", stride, ", ", padding, ", ",
+              dilation);
+  check_inputs(x, "x", g);
+  TORCH_CHECK(groups >= 1, "groups: expected >= 1, got ", groups);
+  ConvShape s;
+  s.N = x.size(0);
+  s.C_in = x.size(1);
+  s.C_out = g.size(1);
+  s.groups = groups;
+  TORCH_CHECK(s.C_in % groups == 0, "x: expected channels divisible by groups=", groups, ", got ", s.C_in);
+  TORCH_CHECK(s.C_out % groups == 0, "g: expected channels divisible by groups=", groups, ", got ", s.C_out);
+  s.cin_g = s.C_in / groups;
+  s.cout_g = s.C_out / groups;
+  for (int64_t i = 0; i < nd; ++i) {
+    const int64_t j = 3 - nd + i;
+    s.in[j] = x.size(2 + i);
+    s.out[j] = g.size(2 + i);
+    s.k[j] = kernel_size[i];
+    s.stride[j] = stride[i];
+    s.pad[j] = padding[i];
+    s.dil[j] = dilation[i];
+    TORCH_CHECK(s.k[j] >= 1 && s.stride[j] >= 1 && s.dil[j] >= 1 && s.pad[j] >= 0,
+                "kernel_size, stride, dilation: expected >= 1 and padding >= 0, got ", kernel_size, ", ", stride,
+                ", ", dilation, ", ", padding);
+  }
+  return s;
+}
+
+}  // namespace fisher_ext

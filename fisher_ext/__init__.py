@@ -1,0 +1,32 @@
+"""fisher_ext: per-example gradient norms, Tr(F) and the Fisher Penalty for PyTorch.
+
+The ops (``linear_sqnorm``, ``conv_sqnorm``) run on compiled C++/CUDA kernels
+when ``fisher_ext._C`` is built, and on ``fisher_ext.reference`` otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _loader, reference
+from ._schemas import SCHEMAS
+from .ops import conv_sqnorm, linear_sqnorm
+
+__all__ = ["linear_sqnorm", "conv_sqnorm", "build_info", "reference"]
+__version__ = "0.1.0"
+
+
+def build_info() -> dict[str, Any]:
+    """What was compiled, and which backend each op uses on each device.
+
+    Returns a dict with ``extension`` (whether ``fisher_ext._C`` is loaded),
+    ``fallback_reason``, ``compiled`` (``_C``'s own report: CUDA or not, CUDA
+    archs, the torch version it was built against, CPU threading) and
+    ``backends`` (``{'CPU'|'CUDA': {op: 'compiled (fisher_ext._C)' | 'reference (pure PyTorch)'}}``).
+    """
+    return {
+        "extension": _loader.C is not None,
+        "fallback_reason": _loader.FALLBACK_REASON,
+        "compiled": dict(_loader.C.build_info()) if _loader.C is not None else None,
+        "backends": {key: {op: _loader.backend(op, key) for op in SCHEMAS} for key in _loader.DEVICE_KEYS},
+    }

@@ -1,0 +1,58 @@
+"""Fake (meta) kernels and autograd of the fisher_ext ops, for every backend.
+
+The backward of each op is the exact vector-Jacobian product of its
+pure-PyTorch formula (fisher_ext.reference) taken with torch.func.vjp, so it is
+itself differentiable (double backward, gradgradcheck) and identical on every
+backend. It materializes what the reference's cheaper method needs
+(Gram matrices or per-example weight gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _loader  # noqa: F401  (the ops must exist before registering)
+from . import reference
+
+
+@torch.library.register_fake("fisher_ext::linear_sqnorm")
+def _linear_fake(a, g, bias, method):
+    return a.new_empty(a.shape[0], dtype=reference.result_dtype(a.dtype))
+
+
+@torch.library.register_fake("fisher_ext::conv_sqnorm")
+def _conv_fake(x, g, kernel_size, stride, padding, dilation, groups, bias, method):
+    return x.new_empty(x.shape[0], dtype=reference.result_dtype(x.dtype))
+
+
+@torch.library.register_fake("fisher_ext::linear_sqnorm_accumulate_")
+def _linear_accumulate_fake(acc, a, g, bias, method):
+    return None
+
+
+@torch.library.register_fake("fisher_ext::conv_sqnorm_accumulate_")
+def _conv_accumulate_fake(acc, x, g, kernel_size, stride, padding, dilation, groups, bias, method):
+    return None
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:2])
+    ctx.args = inputs[2:]
+
+
+def _vjp_backward(formula):
+    def backward(ctx, grad_s):
+        first, second = ctx.saved_tensors
+        *args, _method = ctx.args
+        _, vjp = torch.func.vjp(lambda t, u: formula(t, u, *args, "auto"), first, second)
+        return (*vjp(grad_s), *(None for _ in ctx.args))
+
+    return backward
+
+
+torch.library.register_autograd(
+    "fisher_ext::linear_sqnorm", _vjp_backward(reference.linear_sqnorm), setup_context=_save_inputs
+)
+torch.library.register_autograd(
+    "fisher_ext::conv_sqnorm", _vjp_backward(reference.conv_sqnorm), setup_context=_save_inputs
+)
