@@ -43,6 +43,8 @@ template <typename F>
 void for_each_block(int64_t N, int64_t nb, const F& f) {
   const int64_t blocks = (N + nb - 1) / nb;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    // The op's autograd is registered from Python; the ATen calls inside must not record a graph.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t b = b0; b < b1; ++b) f(b * nb, std::min(nb, N - b * nb));
   });
 }
