@@ -3,11 +3,11 @@
 CPU kernels are always compiled (with OpenMP, like torch); CUDA kernels when the
 installed torch is a CUDA build and nvcc is found (no GPU needed to build).
 Environment overrides:
-  FISHER_EXT_FORCE_CPU=1    never compile CUDA sources
-  FISHER_EXT_FORCE_CUDA=1   compile CUDA sources or fail loudly
+  FISHER_EXT_FORCE_CPU=1    compile the CPU kernels only, and fail loudly if they do not compile
+  FISHER_EXT_FORCE_CUDA=1   compile the CUDA kernels too, and fail loudly if anything does not compile
   TORCH_CUDA_ARCH_LIST      CUDA archs (default "8.0;9.0+PTX")
   CUDA_HOME                 the toolkit folder (default: found from nvcc, see below)
-If no extension can be compiled, the package still installs and runs on its
+Without a FORCE flag, if the extension cannot be compiled, the package still installs and runs on its
 pure-PyTorch path (fisher_ext.reference), warning once at import.
 """
 
@@ -96,8 +96,8 @@ class OptionalBuildExtension(BuildExtension):
         try:
             super().build_extension(extension)
         except Exception as err:  # a missing or broken compiler must not block the install
-            if _flag("FISHER_EXT_FORCE_CUDA"):
-                raise
+            if _flag("FISHER_EXT_FORCE_CUDA") or _flag("FISHER_EXT_FORCE_CPU"):
+                raise  # a build asked for explicitly must fail loudly
             warnings.warn(f"fisher_ext: building {extension.name} failed ({err}); the package will use its "
                           "pure-PyTorch path.")
             self.failed = [*getattr(self, "failed", []), extension]

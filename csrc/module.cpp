@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/version.h>
 
+#include "cpu/gemm_sqnorm.h"
+
 #ifndef FISHER_EXT_CUDA_ARCHS
 #define FISHER_EXT_CUDA_ARCHS ""
 #endif
@@ -19,6 +21,8 @@ PYBIND11_MODULE(_C, m) {
 #endif
     info["cuda_archs"] = FISHER_EXT_CUDA_ARCHS;
     info["openmp"] = static_cast<bool>(AT_PARALLEL_OPENMP);
+    // The fused AVX-512 GEMM-square-sum kernel of the CPU materialize path (else: BLAS GEMMs).
+    info["cpu_fused_kernel"] = fisher_ext::fused_gemm_sqnorm_available();
     return info;
   });
 }

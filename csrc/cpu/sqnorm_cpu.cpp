@@ -6,22 +6,22 @@
 // (ghost: Gram matrices; materialize: per-example weight gradients), squared
 // and reduced before the next block.
 //
-// Convolutions read the input without an im2col buffer when the stride is 1
-// ("implicit" layout): each example is copied once into a zero-padded, flat
-// (C_in, L_x) buffer in which every kernel offset k is a plain column shift, so
-// X_k = buf[:, off_k : off_k + L] is a strided matrix view and
-// dW_k = G_pad X_k^T. G_pad is g laid out on the padded row pitch with zeros in
-// the columns that do not exist, which cancels the rows' wrap-around.
-// Strided convolutions and those with few channels per group (where K GEMMs
-// of width C_in/groups would be inefficient) use a per-block im2col buffer.
+// A convolution is the same rule on its im2col matrix, gathered straight from x
+// through its strides (padding, stride, dilation, groups handled on the fly).
+// float32 materialize on AVX-512 CPUs uses the fused register-tiled kernel of
+// gemm_sqnorm.h, fed one im2col panel at a time (implicit GEMM); otherwise each
+// block's im2col buffer (block x C_in*K x P) goes through batched BLAS GEMMs, the
+// groups of all the block's examples as one batch. Either way there is no unfold
+// buffer of the whole batch.
 #include "../sqnorm_common.h"
+#include "gemm_sqnorm.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <vector>
+#include <utility>
 
 namespace fisher_ext {
 namespace {
@@ -29,7 +29,6 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kBlockBytes = 8 << 20;  // working memory of one block
-constexpr int64_t kImplicitMinChannels = 16;
 
 // Examples per block: within the memory budget, and at least one block per thread.
 int64_t block_size(int64_t N, int64_t bytes_per_example) {
@@ -39,13 +38,30 @@ int64_t block_size(int64_t N, int64_t bytes_per_example) {
   return std::max<int64_t>(1, nb);
 }
 
+// Scratch tensors of one parallel task, allocated once and reused by all its blocks:
+// a fresh multi-megabyte allocation per block costs page faults comparable to the GEMMs.
+class Scratch {
+ public:
+  Tensor get(size_t slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+    const int64_t numel = c10::multiply_integers(sizes);
+    Tensor& t = slots_.at(slot);
+    if (!t.defined() || t.numel() < numel) t = at::empty({numel}, opts);
+    return t.narrow(0, 0, numel).view(sizes);
+  }
+
+ private:
+  std::array<Tensor, 3> slots_;
+};
+
+// Calls f(n0, cnt, scratch) for consecutive blocks of at most nb examples, in parallel.
 template <typename F>
 void for_each_block(int64_t N, int64_t nb, const F& f) {
   const int64_t blocks = (N + nb - 1) / nb;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     // The op's autograd is registered from Python; the ATen calls inside must not record a graph.
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t b = b0; b < b1; ++b) f(b * nb, std::min(nb, N - b * nb));
+    Scratch scratch;
+    for (int64_t b = b0; b < b1; ++b) f(b * nb, std::min(nb, N - b * nb), scratch);
   });
 }
 
@@ -57,21 +73,20 @@ void write_result(Tensor& out, int64_t n0, const Tensor& s, bool add) {
     dst.copy_(s);
 }
 
-// sum_k ||G X_k^T||_F^2 (materialize) or <sum_k X_k^T X_k, G^T G> (ghost), per example.
-// X_k: (nb, rows, L) views; G: (nb, d_out, L).
-Tensor rule(const std::vector<Tensor>& Xs, const Tensor& G, Method method) {
+// Per batch entry: ||G X^T||_F^2 (materialize) or <X^T X, G^T G>_F (ghost).
+// X: (B, rows, L), G: (B, d_out, L); any strides.
+// Uses scratch slots 1 and 2.
+Tensor rule(const Tensor& X, const Tensor& G, Method method, Scratch& scratch) {
+  const int64_t B = X.size(0), L = X.size(2);
   if (method == Method::Ghost) {
-    Tensor gram = at::bmm(Xs[0].transpose(1, 2), Xs[0]);
-    for (size_t k = 1; k < Xs.size(); ++k) gram.baddbmm_(Xs[k].transpose(1, 2), Xs[k]);
-    return gram.mul_(at::bmm(G.transpose(1, 2), G)).sum({1, 2});
+    Tensor gram = scratch.get(1, {B, L, L}, X.options()), gg = scratch.get(2, {B, L, L}, X.options());
+    at::bmm_out(gram, X.transpose(1, 2), X);
+    at::bmm_out(gg, G.transpose(1, 2), G);
+    return gram.mul_(gg).sum({1, 2});
   }
-  Tensor s = at::zeros({G.size(0)}, G.options());
-  Tensor ws = at::empty({G.size(0), G.size(1), Xs[0].size(1)}, G.options());
-  for (const Tensor& X : Xs) {
-    at::bmm_out(ws, G, X.transpose(1, 2));
-    s.add_(ws.mul_(ws).sum({1, 2}));
-  }
-  return s;
+  Tensor W = scratch.get(1, {B, G.size(1), X.size(1)}, X.options());
+  at::bmm_out(W, G, X.transpose(1, 2));
+  return W.mul_(W).sum({1, 2});
 }
 
 void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
@@ -81,13 +96,38 @@ void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tens
   const Tensor A = a.reshape({sh.N, sh.T, sh.d_in});
   const Tensor G = g.reshape({sh.N, sh.T, sh.d_out});
   const Method m = choose_method(method, sh.T, sh.d_in, sh.d_out);
+  const bool fused = m == Method::Materialize && acc == at::kFloat && fused_gemm_sqnorm_available();
+  const int64_t nr = fused_panel_width(sh.d_out);
   const int64_t elt = at::elementSize(acc);
   const int64_t ws = m == Method::Ghost ? 2 * sh.T * sh.T : sh.d_in * sh.d_out;
   const int64_t nb = block_size(sh.N, elt * (ws + sh.T * (sh.d_in + sh.d_out)));
-  for_each_block(sh.N, nb, [&](int64_t n0, int64_t cnt) {
-    const Tensor Ab = A.narrow(0, n0, cnt).to(acc);
-    const Tensor Gb = G.narrow(0, n0, cnt).to(acc);
-    Tensor s = rule({Ab.transpose(1, 2)}, Gb.transpose(1, 2), m);
+  for_each_block(sh.N, nb, [&](int64_t n0, int64_t cnt, Scratch& scratch) {
+    const Tensor Ab = A.narrow(0, n0, cnt).to(acc).contiguous();
+    const Tensor Gb = G.narrow(0, n0, cnt).to(acc).contiguous();
+    Tensor s;
+    if (fused) {
+      // Full panels are read from a in place (row pitch d_in); the last, partial one is
+      // copied into a zero-padded panel.
+      const int64_t full = sh.d_in / nr, tail = sh.d_in - full * nr;
+      float* tail_panel = scratch.get(0, {sh.T * nr}, Ab.options()).zero_().data_ptr<float>();
+      s = at::empty({cnt}, Ab.options());
+      float* sp = s.data_ptr<float>();
+      for (int64_t n = 0; n < cnt; ++n) {
+        const float* an = Ab.data_ptr<float>() + n * sh.T * sh.d_in;
+        const float* gn = Gb.data_ptr<float>() + n * sh.T * sh.d_out;
+        double total = 0;
+        for (int64_t t = 0; t < full; ++t)
+          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, an + t * nr, sh.d_in, sh.T);
+        if (tail) {
+          for (int64_t k = 0; k < sh.T; ++k)
+            std::copy(an + k * sh.d_in + full * nr, an + (k + 1) * sh.d_in, tail_panel + k * nr);
+          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, tail_panel, nr, sh.T);
+        }
+        sp[n] = static_cast<float>(total);
+      }
+    } else {
+      s = rule(Ab.transpose(1, 2), Gb.transpose(1, 2), m, scratch);
+    }
     if (bias) s.add_(Gb.sum(1).square_().sum(1));
     write_result(out, n0, s, add);
   });
@@ -95,37 +135,7 @@ void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tens
 
 // ---- convolution -----------------------------------------------------------
 
-struct ConvPlan {
-  bool implicit;
-  int64_t Hp, Wp;  // padded plane of the implicit layout
-  int64_t L;       // columns of X_k and G
-  int64_t Lx;      // columns of the packed input (implicit) or L (im2col)
-  int64_t rows;    // rows of each X_k per group
-  std::vector<int64_t> offsets;  // column shift of each kernel offset (implicit)
-};
-
-ConvPlan plan_conv(const ConvShape& s) {
-  ConvPlan p{};
-  const bool unit_stride = s.stride[0] == 1 && s.stride[1] == 1 && s.stride[2] == 1;
-  p.implicit = unit_stride && s.cin_g >= kImplicitMinChannels && s.k_vol() > 1;
-  if (!p.implicit) {
-    p.L = p.Lx = s.out_vol();
-    p.rows = s.cin_g * s.k_vol();
-    return p;
-  }
-  p.Hp = s.out[1] + (s.k[1] - 1) * s.dil[1];
-  p.Wp = s.out[2] + (s.k[2] - 1) * s.dil[2];
-  p.L = s.out_vol() == 0 ? 0 : ((s.out[0] - 1) * p.Hp + (s.out[1] - 1)) * p.Wp + s.out[2];
-  for (int64_t kz = 0; kz < s.k[0]; ++kz)
-    for (int64_t kh = 0; kh < s.k[1]; ++kh)
-      for (int64_t kw = 0; kw < s.k[2]; ++kw)
-        p.offsets.push_back((kz * s.dil[0] * p.Hp + kh * s.dil[1]) * p.Wp + kw * s.dil[2]);
-  p.Lx = p.offsets.back() + p.L;
-  p.rows = s.cin_g;
-  return p;
-}
-
-// Strides of x / g normalized to (n, c, z, h, w); a missing leading spatial dim gets stride 0.
+// Strides of x normalized to (n, c, z, h, w); a missing leading spatial dim gets stride 0.
 std::array<int64_t, 5> strides5(const Tensor& t) {
   std::array<int64_t, 5> st{0, 0, 0, 0, 0};
   const int64_t nd = t.dim() - 2;
@@ -135,101 +145,137 @@ std::array<int64_t, 5> strides5(const Tensor& t) {
   return st;
 }
 
-// Packs examples [n0, n0+cnt) of x into (cnt, C_in, Lx) (implicit) or (cnt, C_in*K, P) (im2col).
+// Output positions o in [0, out) whose input index o * stride + shift lies in [0, in).
+inline std::pair<int64_t, int64_t> valid_range(int64_t shift, int64_t stride, int64_t in, int64_t out) {
+  const int64_t lo = shift >= 0 ? 0 : (-shift + stride - 1) / stride;
+  const int64_t hi = in - 1 - shift < 0 ? 0 : (in - 1 - shift) / stride + 1;
+  return {std::min(lo, out), std::max(std::min(hi, out), std::min(lo, out))};
+}
+
+// im2col row r = (c, kz, kh, kw) of one example: P values written dst_step apart.
+// Reads x in place through its strides; out-of-range reads are zeros.
 template <typename scalar_t, typename acc_t>
-void pack_x(const Tensor& x, const ConvShape& s, const ConvPlan& p, int64_t n0, int64_t cnt, Tensor& buf) {
-  const auto st = strides5(x);
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  acc_t* bp = buf.data_ptr<acc_t>();
-  auto in_range = [](int64_t i, int64_t n) { return i >= 0 && i < n; };
-  for (int64_t n = 0; n < cnt; ++n) {
-    for (int64_t c = 0; c < s.C_in; ++c) {
-      const scalar_t* xc = xp + (n0 + n) * st[0] + c * st[1];
-      if (p.implicit) {
-        acc_t* row = bp + (n * s.C_in + c) * p.Lx;
-        for (int64_t q = 0; q < p.Lx; ++q) {
-          const int64_t iz = q / (p.Hp * p.Wp) - s.pad[0];
-          const int64_t ih = (q / p.Wp) % p.Hp - s.pad[1];
-          const int64_t iw = q % p.Wp - s.pad[2];
-          row[q] = in_range(iz, s.in[0]) && in_range(ih, s.in[1]) && in_range(iw, s.in[2])
-                       ? static_cast<acc_t>(xc[iz * st[2] + ih * st[3] + iw * st[4]])
-                       : acc_t(0);
-        }
-        continue;
-      }
-      int64_t r = c * s.k_vol();
-      for (int64_t kz = 0; kz < s.k[0]; ++kz)
-        for (int64_t kh = 0; kh < s.k[1]; ++kh)
-          for (int64_t kw = 0; kw < s.k[2]; ++kw, ++r) {
-            acc_t* row = bp + (n * s.C_in * s.k_vol() + r) * p.L;
-            for (int64_t oz = 0; oz < s.out[0]; ++oz) {
-              const int64_t iz = oz * s.stride[0] - s.pad[0] + kz * s.dil[0];
-              for (int64_t oh = 0; oh < s.out[1]; ++oh) {
-                const int64_t ih = oh * s.stride[1] - s.pad[1] + kh * s.dil[1];
-                const bool zh = in_range(iz, s.in[0]) && in_range(ih, s.in[1]);
-                for (int64_t ow = 0; ow < s.out[2]; ++ow) {
-                  const int64_t iw = ow * s.stride[2] - s.pad[2] + kw * s.dil[2];
-                  *row++ = zh && in_range(iw, s.in[2]) ? static_cast<acc_t>(xc[iz * st[2] + ih * st[3] + iw * st[4]])
-                                                       : acc_t(0);
-                }
-              }
-            }
-          }
+void pack_row(const scalar_t* xn, const std::array<int64_t, 5>& st, const ConvShape& s, int64_t r, acc_t* dst,
+              int64_t dst_step) {
+  const int64_t kv = s.k_vol(), c = r / kv, kk = r % kv;
+  const int64_t kw = kk % s.k[2], kh = (kk / s.k[2]) % s.k[1], kz = kk / (s.k[2] * s.k[1]);
+  const scalar_t* xc = xn + c * st[1];
+  const int64_t W = s.out[2], shift_w = kw * s.dil[2] - s.pad[2], src_step = s.stride[2] * st[4];
+  const auto [w_lo, w_hi] = valid_range(shift_w, s.stride[2], s.in[2], W);
+  for (int64_t oz = 0; oz < s.out[0]; ++oz) {
+    const int64_t iz = oz * s.stride[0] - s.pad[0] + kz * s.dil[0];
+    for (int64_t oh = 0; oh < s.out[1]; ++oh, dst += W * dst_step) {
+      const int64_t ih = oh * s.stride[1] - s.pad[1] + kh * s.dil[1];
+      const bool inside = iz >= 0 && iz < s.in[0] && ih >= 0 && ih < s.in[1];
+      const int64_t lo = inside ? w_lo : W, hi = inside ? w_hi : W;
+      const scalar_t* src = xc + iz * st[2] + ih * st[3] + shift_w * st[4];
+      for (int64_t ow = 0; ow < lo; ++ow) dst[ow * dst_step] = acc_t(0);
+      for (int64_t ow = lo; ow < hi; ++ow) dst[ow * dst_step] = static_cast<acc_t>(src[ow * src_step]);
+      for (int64_t ow = hi; ow < W; ++ow) dst[ow * dst_step] = acc_t(0);
     }
   }
 }
 
-// Packs g of examples [n0, n0+cnt) into (cnt, C_out, L); in the implicit layout each
-// output row is placed on the padded pitch Wp, with zeros in between.
-template <typename scalar_t, typename acc_t>
-void pack_g(const Tensor& g, const ConvShape& s, const ConvPlan& p, int64_t n0, int64_t cnt, Tensor& buf) {
-  const auto st = strides5(g);
-  const scalar_t* gp = g.data_ptr<scalar_t>();
-  acc_t* bp = buf.data_ptr<acc_t>();
-  const int64_t pitch_w = p.implicit ? p.Wp : s.out[2];
-  const int64_t pitch_h = p.implicit ? p.Hp : s.out[1];
-  for (int64_t n = 0; n < cnt; ++n)
-    for (int64_t o = 0; o < s.C_out; ++o) {
-      const scalar_t* go = gp + (n0 + n) * st[0] + o * st[1];
-      acc_t* row = bp + (n * s.C_out + o) * p.L;
-      for (int64_t oz = 0; oz < s.out[0]; ++oz)
-        for (int64_t oh = 0; oh < s.out[1]; ++oh) {
-          acc_t* dst = row + (oz * pitch_h + oh) * pitch_w;
-          const scalar_t* src = go + oz * st[2] + oh * st[3];
-          for (int64_t ow = 0; ow < s.out[2]; ++ow) dst[ow] = static_cast<acc_t>(src[ow * st[4]]);
+// g of one example, (C_out, P) through its strides, transposed into gt (P, C_out) as float,
+// 16 channels at a time (ATen's strided copy of the transpose is ~10x slower). Returns the
+// bias term ||sum_p g[:, p]||^2, summed on the way.
+template <typename scalar_t>
+double pack_transposed(const scalar_t* gn, const std::array<int64_t, 5>& st, const ConvShape& s, float* gt) {
+  constexpr int64_t kChannels = 16;
+  double bias_sq = 0;
+  for (int64_t o0 = 0; o0 < s.C_out; o0 += kChannels) {
+    const int64_t width = std::min(kChannels, s.C_out - o0);
+    double sums[kChannels] = {};
+    float* dst = gt + o0;
+    for (int64_t oz = 0; oz < s.out[0]; ++oz)
+      for (int64_t oh = 0; oh < s.out[1]; ++oh) {
+        const scalar_t* src = gn + o0 * st[1] + oz * st[2] + oh * st[3];
+        for (int64_t ow = 0; ow < s.out[2]; ++ow, dst += s.C_out)
+          for (int64_t o = 0; o < width; ++o) {
+            const float v = static_cast<float>(src[o * st[1] + ow * st[4]]);
+            dst[o] = v;
+            sums[o] += v;
+          }
+      }
+    for (int64_t o = 0; o < width; ++o) bias_sq += sums[o] * sums[o];
+  }
+  return bias_sq;
+}
+
+// Fused path (float32 accumulation, AVX-512): per example and group, the im2col rows are
+// packed a panel at a time into a small cache-resident buffer and consumed at once by
+// the register-tiled kernel: implicit GEMM, no im2col matrix in memory.
+template <typename scalar_t>
+void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool bias, int64_t n0, int64_t cnt,
+                      Scratch& scratch, float* result) {
+  const auto xst = strides5(x), gst = strides5(g);
+  const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol(), nr = fused_panel_width(s.cout_g);
+  const auto opts = x.options().dtype(at::kFloat);
+  float* panel = scratch.get(0, {P * nr}, opts).data_ptr<float>();
+  float* gt = scratch.get(1, {P * s.C_out}, opts).data_ptr<float>();
+  for (int64_t n = 0; n < cnt; ++n) {
+    const scalar_t* xn = x.data_ptr<scalar_t>() + (n0 + n) * xst[0];
+    const double bias_sq = pack_transposed<scalar_t>(g.data_ptr<scalar_t>() + (n0 + n) * gst[0], gst, s, gt);
+    double total = bias ? bias_sq : 0.0;
+    for (int64_t gr = 0; gr < s.groups; ++gr) {
+      for (int64_t r0 = 0; r0 < rows; r0 += nr) {
+        const int64_t width = std::min(nr, rows - r0);
+        for (int64_t j = 0; j < nr; ++j) {
+          if (j < width)
+            pack_row<scalar_t, float>(xn, xst, s, gr * rows + r0 + j, panel + j, nr);
+          else
+            for (int64_t p = 0; p < P; ++p) panel[p * nr + j] = 0.f;
         }
+        total += fused_panel_sqnorm(gt + gr * s.cout_g, s.C_out, s.cout_g, panel, nr, P);
+      }
     }
+    result[n] = static_cast<float>(total);
+  }
+}
+
+// BLAS path: the block's im2col matrix in the scratch, then batched GEMMs with the groups
+// of all the block's examples as one batch.
+template <typename scalar_t>
+Tensor conv_block_blas(const Tensor& x, const Tensor& G, const ConvShape& s, bool bias, Method m, int64_t n0,
+                       int64_t cnt, Scratch& scratch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol(), rows_total = s.C_in * s.k_vol();
+  const Tensor Gb = G.narrow(0, n0, cnt).to(at::CppTypeToScalarType<acc_t>::value).contiguous();
+  Tensor X = scratch.get(0, {cnt, rows_total, P}, Gb.options());
+  const auto st = strides5(x);
+  for (int64_t n = 0; n < cnt; ++n)
+    for (int64_t r = 0; r < rows_total; ++r)
+      pack_row<scalar_t, acc_t>(x.data_ptr<scalar_t>() + (n0 + n) * st[0], st, s, r,
+                                X.data_ptr<acc_t>() + (n * rows_total + r) * P, 1);
+  Tensor sb = rule(X.view({cnt * s.groups, rows, P}), Gb.view({cnt * s.groups, s.cout_g, P}), m, scratch)
+                  .view({cnt, s.groups})
+                  .sum(1);
+  if (bias) sb.add_(Gb.sum(2).square_().sum(1));
+  return sb;
 }
 
 void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
                const std::string& method, bool add) {
   if (s.N == 0) return;
   const auto acc = result_dtype(x.scalar_type());
-  const ConvPlan p = plan_conv(s);
-  const Method m = choose_method(method, p.L, s.cin_g * s.k_vol(), s.cout_g);
-  const int64_t x_cols = p.implicit ? s.C_in * p.Lx : s.C_in * s.k_vol() * p.L;
-  const int64_t ws = m == Method::Ghost ? 2 * p.L * p.L : s.cout_g * p.rows;
-  const int64_t nb = block_size(s.N, at::elementSize(acc) * (x_cols + s.C_out * p.L + ws));
-  const auto opts = x.options().dtype(acc);
+  const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol();
+  const Method m = choose_method(method, P, rows, s.cout_g);
+  const bool fused = m == Method::Materialize && acc == at::kFloat && fused_gemm_sqnorm_available();
+  const int64_t per_example = fused ? s.C_out * P
+                                    : s.C_in * s.k_vol() * P + s.C_out * P +
+                                          s.groups * (m == Method::Ghost ? 2 * P * P : s.cout_g * rows);
+  const int64_t nb = block_size(s.N, at::elementSize(acc) * per_example);
+  const Tensor G = g.reshape({s.N, s.C_out, P});
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_sqnorm_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    for_each_block(s.N, nb, [&](int64_t n0, int64_t cnt) {
-      Tensor X = at::empty({cnt, p.implicit ? s.C_in : s.C_in * s.k_vol(), p.Lx}, opts);
-      Tensor G = p.implicit ? at::zeros({cnt, s.C_out, p.L}, opts) : at::empty({cnt, s.C_out, p.L}, opts);
-      pack_x<scalar_t, acc_t>(x, s, p, n0, cnt, X);
-      pack_g<scalar_t, acc_t>(g, s, p, n0, cnt, G);
-      Tensor sb = at::zeros({cnt}, opts);
-      for (int64_t gr = 0; gr < s.groups; ++gr) {
-        const Tensor Xg = X.narrow(1, gr * p.rows, p.rows);
-        std::vector<Tensor> Xs;
-        if (p.implicit)
-          for (int64_t off : p.offsets) Xs.push_back(Xg.narrow(2, off, p.L));
-        else
-          Xs.push_back(Xg);
-        sb.add_(rule(Xs, G.narrow(1, gr * s.cout_g, s.cout_g), m));
+    for_each_block(s.N, nb, [&](int64_t n0, int64_t cnt, Scratch& scratch) {
+      Tensor sb;
+      if (fused) {
+        sb = at::empty({cnt}, x.options().dtype(at::kFloat));
+        conv_block_fused<scalar_t>(x, g, s, bias, n0, cnt, scratch, sb.data_ptr<float>());
+      } else {
+        sb = conv_block_blas<scalar_t>(x, G, s, bias, m, n0, cnt, scratch);
       }
-      if (bias) sb.add_(G.sum(2).square_().sum(1));
       write_result(out, n0, sb, add);
     });
   });

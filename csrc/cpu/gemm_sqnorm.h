@@ -1,0 +1,25 @@
+// Fused "GEMM, square, sum" for the CPU materialize path (AVX-512).
+//
+// For one panel of nr = fused_panel_width(M) columns it returns ||W||_F^2 with
+//   W[i][j] = sum_{k<K} a[k * lda + i] * panel[k * ldp + j],   i < M, j < nr,
+// where a holds output gradients (i = output channel, contiguous) and the panel nr
+// columns of activations (im2col rows of a convolution, inputs of a linear layer).
+// W is formed tile by tile in registers, squared and summed there, never stored.
+// Columns the caller does not want must be zeros in the panel.
+#pragma once
+
+#include <cstdint>
+
+namespace fisher_ext {
+
+// True when the CPU runs AVX-512F and FISHER_EXT_CPU_NO_AVX512 is unset (read on every call,
+// so tests can cover the BLAS fallback in the same process).
+bool fused_gemm_sqnorm_available();
+
+// Panel width for M output channels.
+int64_t fused_panel_width(int64_t M);
+
+// Needs fused_gemm_sqnorm_available().
+double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t ldp, int64_t K);
+
+}  // namespace fisher_ext
