@@ -3,7 +3,8 @@
 // A tile of W is 32 output channels x 12 panel columns (or 16 x 24 when there are
 // at most 16 channels), held in 24 zmm accumulators. Per k it loads 2 (1) vectors
 // of A, masked at the channel tail, and broadcasts 12 (24) panel values: 24 FMAs
-// for 14 (25) loads, so the loop is FMA-bound. Compiled with a target attribute and chosen
+// for 14 (25) loads, so the loop is FMA-bound. The panel's two strides are run-time
+// values at no measured cost (same GFLOPS as a fixed interleaved layout). Compiled with a target attribute and chosen
 // at run time, so the rest of the build needs no -mavx512f.
 #include "gemm_sqnorm.h"
 
@@ -23,15 +24,15 @@ namespace {
 
 // 32 channels x 12 columns: 24 accumulators.
 FISHER_EXT_AVX512 float tile_32x12(const float* a, int64_t lda, __mmask16 mask0, __mmask16 mask1,
-                                   const float* panel, int64_t ldp, int64_t K) {
+                                   const float* panel, int64_t ks, int64_t js, int64_t K) {
 #define FX_DECL(j) __m512 c0_##j = _mm512_setzero_ps(), c1_##j = _mm512_setzero_ps();
   FX_REP12(FX_DECL)
-  for (int64_t k = 0; k < K; ++k, a += lda, panel += ldp) {
+  for (int64_t k = 0; k < K; ++k, a += lda, panel += ks) {
     const __m512 a0 = _mm512_maskz_loadu_ps(mask0, a);
     const __m512 a1 = _mm512_maskz_loadu_ps(mask1, a + 16);
 #define FX_STEP(j)                                      \
   {                                                     \
-    const __m512 b = _mm512_set1_ps(panel[j]);          \
+    const __m512 b = _mm512_set1_ps(panel[j * js]);          \
     c0_##j = _mm512_fmadd_ps(a0, b, c0_##j);            \
     c1_##j = _mm512_fmadd_ps(a1, b, c1_##j);            \
   }
@@ -48,12 +49,12 @@ FISHER_EXT_AVX512 float tile_32x12(const float* a, int64_t lda, __mmask16 mask0,
 
 // 16 channels x 24 columns: 24 accumulators.
 FISHER_EXT_AVX512 float tile_16x24(const float* a, int64_t lda, __mmask16 mask0, __mmask16,
-                                   const float* panel, int64_t ldp, int64_t K) {
+                                   const float* panel, int64_t ks, int64_t js, int64_t K) {
 #define FX_DECL(j) __m512 c_##j = _mm512_setzero_ps();
   FX_REP24(FX_DECL)
-  for (int64_t k = 0; k < K; ++k, a += lda, panel += ldp) {
+  for (int64_t k = 0; k < K; ++k, a += lda, panel += ks) {
     const __m512 a0 = _mm512_maskz_loadu_ps(mask0, a);
-#define FX_STEP(j) c_##j = _mm512_fmadd_ps(a0, _mm512_set1_ps(panel[j]), c_##j);
+#define FX_STEP(j) c_##j = _mm512_fmadd_ps(a0, _mm512_set1_ps(panel[j * js]), c_##j);
     FX_REP24(FX_STEP)
   }
   __m512 s = _mm512_setzero_ps();
@@ -69,11 +70,11 @@ inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
-template <int MR, float (*tile)(const float*, int64_t, __mmask16, __mmask16, const float*, int64_t, int64_t)>
-FISHER_EXT_AVX512 double panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t ldp,
-                                      int64_t K) {
+template <int MR, float (*tile)(const float*, int64_t, __mmask16, __mmask16, const float*, int64_t, int64_t, int64_t)>
+FISHER_EXT_AVX512 double panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t ks,
+                                      int64_t js, int64_t K) {
   double total = 0;
-  for (int64_t i0 = 0; i0 < M; i0 += MR) total += tile(a + i0, lda, lanes(M - i0), lanes(M - i0 - 16), panel, ldp, K);
+  for (int64_t i0 = 0; i0 < M; i0 += MR) total += tile(a + i0, lda, lanes(M - i0), lanes(M - i0 - 16), panel, ks, js, K);
   return total;
 }
 
@@ -87,9 +88,10 @@ bool fused_gemm_sqnorm_available() {
 
 int64_t fused_panel_width(int64_t M) { return M <= 16 ? 24 : 12; }
 
-double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t ldp, int64_t K) {
-  return M <= 16 ? panel_sqnorm<16, tile_16x24>(a, lda, M, panel, ldp, K)
-                 : panel_sqnorm<32, tile_32x12>(a, lda, M, panel, ldp, K);
+double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step,
+                          int64_t j_step, int64_t K) {
+  return M <= 16 ? panel_sqnorm<16, tile_16x24>(a, lda, M, panel, k_step, j_step, K)
+                 : panel_sqnorm<32, tile_32x12>(a, lda, M, panel, k_step, j_step, K);
 }
 
 }  // namespace fisher_ext

@@ -1,7 +1,7 @@
 // Fused "GEMM, square, sum" for the CPU materialize path (AVX-512).
 //
 // For one panel of nr = fused_panel_width(M) columns it returns ||W||_F^2 with
-//   W[i][j] = sum_{k<K} a[k * lda + i] * panel[k * ldp + j],   i < M, j < nr,
+//   W[i][j] = sum_{k<K} a[k * lda + i] * panel[k * k_step + j * j_step],   i < M, j < nr,
 // where a holds output gradients (i = output channel, contiguous) and the panel nr
 // columns of activations (im2col rows of a convolution, inputs of a linear layer).
 // W is formed tile by tile in registers, squared and summed there, never stored.
@@ -20,6 +20,7 @@ bool fused_gemm_sqnorm_available();
 int64_t fused_panel_width(int64_t M);
 
 // Needs fused_gemm_sqnorm_available().
-double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t ldp, int64_t K);
+double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step,
+                          int64_t j_step, int64_t K);
 
 }  // namespace fisher_ext

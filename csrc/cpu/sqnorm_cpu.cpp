@@ -117,11 +117,11 @@ void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tens
         const float* gn = Gb.data_ptr<float>() + n * sh.T * sh.d_out;
         double total = 0;
         for (int64_t t = 0; t < full; ++t)
-          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, an + t * nr, sh.d_in, sh.T);
+          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, an + t * nr, sh.d_in, 1, sh.T);
         if (tail) {
           for (int64_t k = 0; k < sh.T; ++k)
             std::copy(an + k * sh.d_in + full * nr, an + (k + 1) * sh.d_in, tail_panel + k * nr);
-          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, tail_panel, nr, sh.T);
+          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, tail_panel, nr, 1, sh.T);
         }
         sp[n] = static_cast<float>(total);
       }
@@ -152,11 +152,10 @@ inline std::pair<int64_t, int64_t> valid_range(int64_t shift, int64_t stride, in
   return {std::min(lo, out), std::max(std::min(hi, out), std::min(lo, out))};
 }
 
-// im2col row r = (c, kz, kh, kw) of one example: P values written dst_step apart.
-// Reads x in place through its strides; out-of-range reads are zeros.
+// im2col row r = (c, kz, kh, kw) of one example into dst[0, P). Reads x in place through its
+// strides; out-of-range reads are zeros.
 template <typename scalar_t, typename acc_t>
-void pack_row(const scalar_t* xn, const std::array<int64_t, 5>& st, const ConvShape& s, int64_t r, acc_t* dst,
-              int64_t dst_step) {
+void pack_row(const scalar_t* xn, const std::array<int64_t, 5>& st, const ConvShape& s, int64_t r, acc_t* dst) {
   const int64_t kv = s.k_vol(), c = r / kv, kk = r % kv;
   const int64_t kw = kk % s.k[2], kh = (kk / s.k[2]) % s.k[1], kz = kk / (s.k[2] * s.k[1]);
   const scalar_t* xc = xn + c * st[1];
@@ -164,14 +163,17 @@ void pack_row(const scalar_t* xn, const std::array<int64_t, 5>& st, const ConvSh
   const auto [w_lo, w_hi] = valid_range(shift_w, s.stride[2], s.in[2], W);
   for (int64_t oz = 0; oz < s.out[0]; ++oz) {
     const int64_t iz = oz * s.stride[0] - s.pad[0] + kz * s.dil[0];
-    for (int64_t oh = 0; oh < s.out[1]; ++oh, dst += W * dst_step) {
+    for (int64_t oh = 0; oh < s.out[1]; ++oh, dst += W) {
       const int64_t ih = oh * s.stride[1] - s.pad[1] + kh * s.dil[1];
       const bool inside = iz >= 0 && iz < s.in[0] && ih >= 0 && ih < s.in[1];
       const int64_t lo = inside ? w_lo : W, hi = inside ? w_hi : W;
       const scalar_t* src = xc + iz * st[2] + ih * st[3] + shift_w * st[4];
-      for (int64_t ow = 0; ow < lo; ++ow) dst[ow * dst_step] = acc_t(0);
-      for (int64_t ow = lo; ow < hi; ++ow) dst[ow * dst_step] = static_cast<acc_t>(src[ow * src_step]);
-      for (int64_t ow = hi; ow < W; ++ow) dst[ow * dst_step] = acc_t(0);
+      std::fill(dst, dst + lo, acc_t(0));
+      if (src_step == 1)  // the common case, kept apart so that it vectorizes
+        for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = static_cast<acc_t>(src[ow]);
+      else
+        for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = static_cast<acc_t>(src[ow * src_step]);
+      std::fill(dst + hi, dst + W, acc_t(0));
     }
   }
 }
@@ -203,8 +205,8 @@ double pack_transposed(const scalar_t* gn, const std::array<int64_t, 5>& st, con
 }
 
 // Fused path (float32 accumulation, AVX-512): per example and group, the im2col rows are
-// packed a panel at a time into a small cache-resident buffer and consumed at once by
-// the register-tiled kernel: implicit GEMM, no im2col matrix in memory.
+// packed a panel (nr rows of P) at a time into a small cache-resident buffer and consumed
+// at once by the register-tiled kernel: implicit GEMM, no im2col matrix in memory.
 template <typename scalar_t>
 void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool bias, int64_t n0, int64_t cnt,
                       Scratch& scratch, float* result) {
@@ -220,13 +222,9 @@ void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool
     for (int64_t gr = 0; gr < s.groups; ++gr) {
       for (int64_t r0 = 0; r0 < rows; r0 += nr) {
         const int64_t width = std::min(nr, rows - r0);
-        for (int64_t j = 0; j < nr; ++j) {
-          if (j < width)
-            pack_row<scalar_t, float>(xn, xst, s, gr * rows + r0 + j, panel + j, nr);
-          else
-            for (int64_t p = 0; p < P; ++p) panel[p * nr + j] = 0.f;
-        }
-        total += fused_panel_sqnorm(gt + gr * s.cout_g, s.C_out, s.cout_g, panel, nr, P);
+        for (int64_t j = 0; j < width; ++j) pack_row<scalar_t, float>(xn, xst, s, gr * rows + r0 + j, panel + j * P);
+        std::fill(panel + width * P, panel + nr * P, 0.f);
+        total += fused_panel_sqnorm(gt + gr * s.cout_g, s.C_out, s.cout_g, panel, 1, P, P);
       }
     }
     result[n] = static_cast<float>(total);
@@ -246,7 +244,7 @@ Tensor conv_block_blas(const Tensor& x, const Tensor& G, const ConvShape& s, boo
   for (int64_t n = 0; n < cnt; ++n)
     for (int64_t r = 0; r < rows_total; ++r)
       pack_row<scalar_t, acc_t>(x.data_ptr<scalar_t>() + (n0 + n) * st[0], st, s, r,
-                                X.data_ptr<acc_t>() + (n * rows_total + r) * P, 1);
+                                X.data_ptr<acc_t>() + (n * rows_total + r) * P);
   Tensor sb = rule(X.view({cnt * s.groups, rows, P}), Gb.view({cnt * s.groups, s.cout_g, P}), m, scratch)
                   .view({cnt, s.groups})
                   .sum(1);
