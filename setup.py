@@ -6,7 +6,7 @@ Environment overrides:
   FISHER_EXT_FORCE_CPU=1    compile the CPU kernels only, and fail loudly if they do not compile
   FISHER_EXT_FORCE_CUDA=1   compile the CUDA kernels too, and fail loudly if anything does not compile
   TORCH_CUDA_ARCH_LIST      CUDA archs (default "8.0;9.0+PTX")
-  CUDA_HOME                 the toolkit folder (default: found from nvcc, see below)
+  CUDA_HOME                 the toolkit folder (default: found from nvcc, tools/cuda_home.py)
 Without a FORCE flag, if the extension cannot be compiled, the package still installs and runs on its
 pure-PyTorch path (fisher_ext.reference), warning once at import.
 """
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
-import subprocess
 import sys
 import warnings
 
@@ -27,33 +25,10 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0") not in ("", "0", "false", "False")
 
 
-def _find_cuda_home() -> str | None:
-    """The toolkit folder: CUDA_HOME, else the folder above the real nvcc.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tools.cuda_home import find_cuda_home  # noqa: E402
 
-    `which nvcc` may find a wrapper script (e.g. /usr/local/bin/nvcc exec'ing the
-    toolkit's nvcc); torch would then look for headers under /usr/local. Ask nvcc
-    itself where it lives: its dry run of a compile prints TOP=<toolkit>/bin/..
-    """
-    if os.environ.get("CUDA_HOME"):
-        return os.environ["CUDA_HOME"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        try:
-            out = subprocess.run([nvcc, "--dryrun", "-c", "fisher_ext_probe.cu", "-o", os.devnull], capture_output=True, text=True, timeout=60)
-            for line in (out.stdout + out.stderr).splitlines():
-                if "TOP=" in line:
-                    top = line.split("TOP=", 1)[1].strip().strip('"')
-                    if os.path.exists(os.path.join(top, "bin", "nvcc")):
-                        return os.path.realpath(top)
-        except (OSError, subprocess.SubprocessError):
-            pass
-    for cand in ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]:
-        if os.path.exists(os.path.join(cand, "bin", "nvcc")):
-            return cand
-    return None
-
-
-cuda_home = _find_cuda_home()
+cuda_home = find_cuda_home()
 if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home  # must be set before torch.utils.cpp_extension is imported
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")

@@ -300,3 +300,19 @@ def test_op_level_errors_name_the_argument():
         with pytest.raises(RuntimeError, match="x: expected channels divisible by groups=3"):
             torch.ops.fisher_ext.conv_sqnorm(torch.randn(2, 4, 5), torch.randn(2, 3, 3), [3], [1], [0], [1], 3,
                                              True, "auto")
+
+
+@pytest.mark.parametrize("cpu_path", ["fused", "blas"])
+def test_cpu_paths_agree_with_oracle(monkeypatch, cpu_path):
+    """The CPU kernel has a fused AVX-512 path and a BLAS path; both must be exact in float32."""
+    if cpu_path == "blas":
+        monkeypatch.setenv("FISHER_EXT_CPU_NO_AVX512", "1")
+    for case in [CONV_CASES[1], CONV_CASES[6], CONV_CASES[10], CONV_CASES[14]]:
+        module, x, g = make_conv(case, True, dtype=torch.float32, N=5)
+        want = per_example_sqnorm(module, x, g)
+        assert_close_rel(fisher_ext.conv_sqnorm(x, g, bias=True, method="materialize", **conv_kwargs(module)),
+                         want, 2e-5)
+    for shape in [(5, (9,), 30, 17), (3, (4,), 25, 40), (2, (), 13, 70)]:
+        module, a, g = make_linear(shape, True, dtype=torch.float32)
+        want = per_example_sqnorm(module, a, g)
+        assert_close_rel(fisher_ext.linear_sqnorm(a, g, bias=True, method="materialize"), want, 2e-5)
