@@ -302,16 +302,26 @@ def test_op_level_errors_name_the_argument():
                                              True, "auto")
 
 
-@pytest.mark.parametrize("cpu_path", ["fused", "blas"])
+CPU_PATHS = {  # environment of each CPU kernel path (read by the kernel on every call)
+    "fused-auto": {},
+    "fused-shifted-layout": {"FISHER_EXT_CPU_CONV_LAYOUT": "shift"},
+    "fused-panel-layout": {"FISHER_EXT_CPU_CONV_LAYOUT": "panels"},
+    "blas": {"FISHER_EXT_CPU_NO_AVX512": "1"},
+}
+
+
+@pytest.mark.parametrize("cpu_path", list(CPU_PATHS))
 def test_cpu_paths_agree_with_oracle(monkeypatch, cpu_path):
-    """The CPU kernel has a fused AVX-512 path and a BLAS path; both must be exact in float32."""
-    if cpu_path == "blas":
-        monkeypatch.setenv("FISHER_EXT_CPU_NO_AVX512", "1")
-    for case in [CONV_CASES[1], CONV_CASES[6], CONV_CASES[10], CONV_CASES[14]]:
+    """Every path of the CPU kernel (fused AVX-512 with either conv layout, BLAS) is exact in float32."""
+    if not fisher_ext.build_info()["extension"]:
+        pytest.skip("the compiled CPU kernel is not loaded in this run")
+    for name, value in CPU_PATHS[cpu_path].items():
+        monkeypatch.setenv(name, value)
+    for case in CONV_CASES:  # the shifted layout applies to the unit-stride ones, the others fall back
         module, x, g = make_conv(case, True, dtype=torch.float32, N=5)
         want = per_example_sqnorm(module, x, g)
-        assert_close_rel(fisher_ext.conv_sqnorm(x, g, bias=True, method="materialize", **conv_kwargs(module)),
-                         want, 2e-5)
+        got = fisher_ext.conv_sqnorm(x, g, bias=True, method="materialize", **conv_kwargs(module))
+        assert_close_rel(got, want, 2e-5)
     for shape in [(5, (9,), 30, 17), (3, (4,), 25, 40), (2, (), 13, 70)]:
         module, a, g = make_linear(shape, True, dtype=torch.float32)
         want = per_example_sqnorm(module, a, g)

@@ -1,7 +1,7 @@
 // AVX-512 micro-kernel of the fused GEMM-square-sum (see gemm_sqnorm.h).
 //
-// A tile of W is 32 output channels x 12 panel columns (or 16 x 24 when there are
-// at most 16 channels), held in 24 zmm accumulators. Per k it loads 2 (1) vectors
+// A tile of W is 32 output channels x 12 panel columns, 16 x 24, or 16 x 16, held in
+// 24 (16) zmm accumulators. Per k it loads 2 (1) vectors
 // of A, masked at the channel tail, and broadcasts 12 (24) panel values: 24 FMAs
 // for 14 (25) loads, so the loop is FMA-bound. The panel's two strides are run-time
 // values at no measured cost (same GFLOPS as a fixed interleaved layout). Compiled with a target attribute and chosen
@@ -20,6 +20,7 @@ namespace {
 // The accumulators are named variables, not an array: GCC keeps an array of __m512 in
 // memory and stores every accumulator on every k (seen in the assembly: 3x slower).
 #define FX_REP12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#define FX_REP16(X) FX_REP12(X) X(12) X(13) X(14) X(15)
 #define FX_REP24(X) FX_REP12(X) X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19) X(20) X(21) X(22) X(23)
 
 // 32 channels x 12 columns: 24 accumulators.
@@ -66,6 +67,25 @@ FISHER_EXT_AVX512 float tile_16x24(const float* a, int64_t lda, __mmask16 mask0,
 #undef FX_SUM
 }
 
+// 16 channels x 16 columns: 16 accumulators (for activations 16 channels wide).
+FISHER_EXT_AVX512 float tile_16x16(const float* a, int64_t lda, __mmask16 mask0, __mmask16,
+                                   const float* panel, int64_t ks, int64_t js, int64_t K) {
+#define FX_DECL(j) __m512 c_##j = _mm512_setzero_ps();
+  FX_REP16(FX_DECL)
+  for (int64_t k = 0; k < K; ++k, a += lda, panel += ks) {
+    const __m512 a0 = _mm512_maskz_loadu_ps(mask0, a);
+#define FX_STEP(j) c_##j = _mm512_fmadd_ps(a0, _mm512_set1_ps(panel[j * js]), c_##j);
+    FX_REP16(FX_STEP)
+  }
+  __m512 s = _mm512_setzero_ps();
+#define FX_SUM(j) s = _mm512_fmadd_ps(c_##j, c_##j, s);
+  FX_REP16(FX_SUM)
+  return _mm512_reduce_add_ps(s);
+#undef FX_DECL
+#undef FX_STEP
+#undef FX_SUM
+}
+
 inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
@@ -89,9 +109,13 @@ bool fused_gemm_sqnorm_available() {
 int64_t fused_panel_width(int64_t M) { return M <= 16 ? 24 : 12; }
 
 double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step,
-                          int64_t j_step, int64_t K) {
-  return M <= 16 ? panel_sqnorm<16, tile_16x24>(a, lda, M, panel, k_step, j_step, K)
-                 : panel_sqnorm<32, tile_32x12>(a, lda, M, panel, k_step, j_step, K);
+                          int64_t j_step, int64_t K, int64_t width) {
+  switch (width) {
+    case 12: return panel_sqnorm<32, tile_32x12>(a, lda, M, panel, k_step, j_step, K);
+    case 16: return panel_sqnorm<16, tile_16x16>(a, lda, M, panel, k_step, j_step, K);
+    case 24: return panel_sqnorm<16, tile_16x24>(a, lda, M, panel, k_step, j_step, K);
+    default: std::abort();  // callers pass one of kFusedPanelWidths
+  }
 }
 
 }  // namespace fisher_ext

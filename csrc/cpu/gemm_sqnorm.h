@@ -1,7 +1,7 @@
 // Fused "GEMM, square, sum" for the CPU materialize path (AVX-512).
 //
-// For one panel of nr = fused_panel_width(M) columns it returns ||W||_F^2 with
-//   W[i][j] = sum_{k<K} a[k * lda + i] * panel[k * k_step + j * j_step],   i < M, j < nr,
+// For one panel of `width` columns it returns ||W||_F^2 with
+//   W[i][j] = sum_{k<K} a[k * lda + i] * panel[k * k_step + j * j_step],   i < M, j < width,
 // where a holds output gradients (i = output channel, contiguous) and the panel nr
 // columns of activations (im2col rows of a convolution, inputs of a linear layer).
 // W is formed tile by tile in registers, squared and summed there, never stored.
@@ -16,11 +16,12 @@ namespace fisher_ext {
 // so tests can cover the BLAS fallback in the same process).
 bool fused_gemm_sqnorm_available();
 
-// Panel width for M output channels.
+// The panel widths the kernel has register tiles for, and the best one for M output channels.
+constexpr int64_t kFusedPanelWidths[] = {12, 16, 24};
 int64_t fused_panel_width(int64_t M);
 
-// Needs fused_gemm_sqnorm_available().
+// Needs fused_gemm_sqnorm_available(); width is one of kFusedPanelWidths.
 double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step,
-                          int64_t j_step, int64_t K);
+                          int64_t j_step, int64_t K, int64_t width);
 
 }  // namespace fisher_ext

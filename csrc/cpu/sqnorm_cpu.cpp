@@ -21,7 +21,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <utility>
+#include <vector>
 
 namespace fisher_ext {
 namespace {
@@ -117,11 +120,11 @@ void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tens
         const float* gn = Gb.data_ptr<float>() + n * sh.T * sh.d_out;
         double total = 0;
         for (int64_t t = 0; t < full; ++t)
-          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, an + t * nr, sh.d_in, 1, sh.T);
+          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, an + t * nr, sh.d_in, 1, sh.T, nr);
         if (tail) {
           for (int64_t k = 0; k < sh.T; ++k)
             std::copy(an + k * sh.d_in + full * nr, an + (k + 1) * sh.d_in, tail_panel + k * nr);
-          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, tail_panel, nr, 1, sh.T);
+          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, tail_panel, nr, 1, sh.T, nr);
         }
         sp[n] = static_cast<float>(total);
       }
@@ -178,20 +181,22 @@ void pack_row(const scalar_t* xn, const std::array<int64_t, 5>& st, const ConvSh
   }
 }
 
-// g of one example, (C_out, P) through its strides, transposed into gt (P, C_out) as float,
-// 16 channels at a time (ATen's strided copy of the transpose is ~10x slower). Returns the
-// bias term ||sum_p g[:, p]||^2, summed on the way.
+// g of one example, (C_out, positions) through its strides, transposed into gt as float:
+// output position (oz, oh, ow) becomes row oz * pitch_z + oh * pitch_h + ow of C_out values
+// (rows between are left alone). 16 channels at a time: ATen's strided copy of the transpose
+// is ~10x slower. Returns the bias term ||sum_p g[:, p]||^2, summed on the way.
 template <typename scalar_t>
-double pack_transposed(const scalar_t* gn, const std::array<int64_t, 5>& st, const ConvShape& s, float* gt) {
+double pack_transposed(const scalar_t* gn, const std::array<int64_t, 5>& st, const ConvShape& s, int64_t pitch_h,
+                       int64_t pitch_z, float* gt) {
   constexpr int64_t kChannels = 16;
   double bias_sq = 0;
   for (int64_t o0 = 0; o0 < s.C_out; o0 += kChannels) {
     const int64_t width = std::min(kChannels, s.C_out - o0);
     double sums[kChannels] = {};
-    float* dst = gt + o0;
     for (int64_t oz = 0; oz < s.out[0]; ++oz)
       for (int64_t oh = 0; oh < s.out[1]; ++oh) {
         const scalar_t* src = gn + o0 * st[1] + oz * st[2] + oh * st[3];
+        float* dst = gt + (oz * pitch_z + oh * pitch_h) * s.C_out + o0;
         for (int64_t ow = 0; ow < s.out[2]; ++ow, dst += s.C_out)
           for (int64_t o = 0; o < width; ++o) {
             const float v = static_cast<float>(src[o * st[1] + ow * st[4]]);
@@ -217,16 +222,102 @@ void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool
   float* gt = scratch.get(1, {P * s.C_out}, opts).data_ptr<float>();
   for (int64_t n = 0; n < cnt; ++n) {
     const scalar_t* xn = x.data_ptr<scalar_t>() + (n0 + n) * xst[0];
-    const double bias_sq = pack_transposed<scalar_t>(g.data_ptr<scalar_t>() + (n0 + n) * gst[0], gst, s, gt);
+    const double bias_sq = pack_transposed<scalar_t>(g.data_ptr<scalar_t>() + (n0 + n) * gst[0], gst, s, s.out[2],
+                                                     s.out[1] * s.out[2], gt);
     double total = bias ? bias_sq : 0.0;
     for (int64_t gr = 0; gr < s.groups; ++gr) {
       for (int64_t r0 = 0; r0 < rows; r0 += nr) {
         const int64_t width = std::min(nr, rows - r0);
         for (int64_t j = 0; j < width; ++j) pack_row<scalar_t, float>(xn, xst, s, gr * rows + r0 + j, panel + j * P);
         std::fill(panel + width * P, panel + nr * P, 0.f);
-        total += fused_panel_sqnorm(gt + gr * s.cout_g, s.C_out, s.cout_g, panel, 1, P, P);
+        total += fused_panel_sqnorm(gt + gr * s.cout_g, s.C_out, s.cout_g, panel, 1, P, P, nr);
       }
     }
+    result[n] = static_cast<float>(total);
+  }
+}
+
+// Zero-copy implicit GEMM for stride-1 convolutions (fused path). Each example's input is
+// copied once, channels last, into a zero-padded grid of row pitch Wp and plane pitch Hp*Wp,
+// each group's channels padded to a multiple of the panel width. Every kernel offset is then
+// a plain shift of that grid, so each panel (group, offset, block of channels) is read in
+// place: position stride = all channels, column stride 1. The output gradient is laid on the
+// same pitch with zeros in the columns that wrap around rows, so those add nothing.
+struct ShiftPlan {
+  int64_t width, cpad, ctot, Hp, Wp, L, Lx;
+  std::vector<int64_t> offsets;
+};
+
+ShiftPlan plan_shift(const ConvShape& s) {
+  ShiftPlan p{};
+  p.width = kFusedPanelWidths[0];
+  for (int64_t w : kFusedPanelWidths)  // the width that pads the group's channels least
+    if ((s.cin_g + w - 1) / w * w < (s.cin_g + p.width - 1) / p.width * p.width) p.width = w;
+  p.cpad = (s.cin_g + p.width - 1) / p.width * p.width;
+  p.ctot = p.cpad * s.groups;
+  p.Hp = s.out[1] + (s.k[1] - 1) * s.dil[1];
+  p.Wp = s.out[2] + (s.k[2] - 1) * s.dil[2];
+  p.L = ((s.out[0] - 1) * p.Hp + (s.out[1] - 1)) * p.Wp + s.out[2];
+  for (int64_t kz = 0; kz < s.k[0]; ++kz)
+    for (int64_t kh = 0; kh < s.k[1]; ++kh)
+      for (int64_t kw = 0; kw < s.k[2]; ++kw)
+        p.offsets.push_back((kz * s.dil[0] * p.Hp + kh * s.dil[1]) * p.Wp + kw * s.dil[2]);
+  p.Lx = p.offsets.back() + p.L;
+  return p;
+}
+
+// Whether the shifted layout is cheaper than packing im2col panels: flops plus ~40 flops'
+// worth of time per element written while packing (measured: packing one element costs
+// about what the kernel does in 0.4 ns). The shifted kernel streams its whole grid and g
+// per panel, so it only pays while both stay in cache: measured on a Zen 4 core (1 MiB L2),
+// it won at 183 KiB (C6: 6.4 vs 7.5 ms) and lost at 312 KiB (C3: 64 vs 57 ms).
+bool prefer_shift(const ConvShape& s, const ShiftPlan& p) {
+  constexpr double kPackCost = 40;
+  constexpr int64_t kMaxShiftBytes = 256 << 10;
+  if ((p.Lx * p.ctot + p.L * s.C_out) * int64_t(sizeof(float)) > kMaxShiftBytes) return false;
+  const double P = s.out_vol(), rows = s.cin_g * s.k_vol(), nr = fused_panel_width(s.cout_g);
+  const double packed = 2 * P * std::ceil(rows / nr) * nr * s.cout_g * s.groups + kPackCost * rows * P * s.groups;
+  const double shifted = 2.0 * p.L * s.k_vol() * p.cpad * s.cout_g * s.groups +
+                         kPackCost * (double(p.Lx) * p.ctot + double(p.L) * s.C_out);
+  return shifted < packed;
+}
+
+template <typename scalar_t>
+void pack_shift_grid(const scalar_t* xn, const std::array<int64_t, 5>& st, const ConvShape& s, const ShiftPlan& p,
+                     float* grid) {
+  for (int64_t q = 0; q < p.Lx; ++q) {
+    const int64_t iz = q / (p.Hp * p.Wp) - s.pad[0], ih = (q / p.Wp) % p.Hp - s.pad[1], iw = q % p.Wp - s.pad[2];
+    float* dst = grid + q * p.ctot;
+    if (iz < 0 || iz >= s.in[0] || ih < 0 || ih >= s.in[1] || iw < 0 || iw >= s.in[2]) {
+      std::fill(dst, dst + p.ctot, 0.f);
+      continue;
+    }
+    const scalar_t* src = xn + iz * st[2] + ih * st[3] + iw * st[4];
+    for (int64_t gr = 0; gr < s.groups; ++gr, dst += p.cpad) {
+      for (int64_t c = 0; c < s.cin_g; ++c) dst[c] = static_cast<float>(src[(gr * s.cin_g + c) * st[1]]);
+      std::fill(dst + s.cin_g, dst + p.cpad, 0.f);
+    }
+  }
+}
+
+template <typename scalar_t>
+void conv_block_shifted(const Tensor& x, const Tensor& g, const ConvShape& s, const ShiftPlan& p, bool bias,
+                        int64_t n0, int64_t cnt, Scratch& scratch, float* result) {
+  const auto xst = strides5(x), gst = strides5(g);
+  const auto opts = x.options().dtype(at::kFloat);
+  float* grid = scratch.get(0, {p.Lx * p.ctot}, opts).data_ptr<float>();
+  float* gt = scratch.get(1, {p.L * s.C_out}, opts).data_ptr<float>();
+  for (int64_t n = 0; n < cnt; ++n) {
+    pack_shift_grid<scalar_t>(x.data_ptr<scalar_t>() + (n0 + n) * xst[0], xst, s, p, grid);
+    std::fill(gt, gt + p.L * s.C_out, 0.f);  // the wrap-around columns stay zero
+    const double bias_sq =
+        pack_transposed<scalar_t>(g.data_ptr<scalar_t>() + (n0 + n) * gst[0], gst, s, p.Wp, p.Hp * p.Wp, gt);
+    double total = bias ? bias_sq : 0.0;
+    for (int64_t gr = 0; gr < s.groups; ++gr)
+      for (int64_t off : p.offsets)
+        for (int64_t c0 = 0; c0 < p.cpad; c0 += p.width)
+          total += fused_panel_sqnorm(gt + gr * s.cout_g, s.C_out, s.cout_g, grid + off * p.ctot + gr * p.cpad + c0,
+                                      p.ctot, 1, p.L, p.width);
     result[n] = static_cast<float>(total);
   }
 }
@@ -259,6 +350,13 @@ void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g
   const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol();
   const Method m = choose_method(method, P, rows, s.cout_g);
   const bool fused = m == Method::Materialize && acc == at::kFloat && fused_gemm_sqnorm_available();
+  const bool unit_stride = s.stride[0] == 1 && s.stride[1] == 1 && s.stride[2] == 1;
+  const ShiftPlan shift = fused && unit_stride && P > 0 ? plan_shift(s) : ShiftPlan{};
+  // FISHER_EXT_CPU_CONV_LAYOUT=shift|panels overrides the cost model (tests, benchmarks).
+  const char* layout_env = std::getenv("FISHER_EXT_CPU_CONV_LAYOUT");
+  const std::string layout = layout_env ? layout_env : "auto";
+  const bool shifted =
+      fused && unit_stride && P > 0 && (layout == "shift" || (layout != "panels" && prefer_shift(s, shift)));
   const int64_t per_example = fused ? s.C_out * P
                                     : s.C_in * s.k_vol() * P + s.C_out * P +
                                           s.groups * (m == Method::Ghost ? 2 * P * P : s.cout_g * rows);
@@ -268,7 +366,10 @@ void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_sqnorm_cpu", [&] {
     for_each_block(s.N, nb, [&](int64_t n0, int64_t cnt, Scratch& scratch) {
       Tensor sb;
-      if (fused) {
+      if (shifted) {
+        sb = at::empty({cnt}, x.options().dtype(at::kFloat));
+        conv_block_shifted<scalar_t>(x, g, s, shift, bias, n0, cnt, scratch, sb.data_ptr<float>());
+      } else if (fused) {
         sb = at::empty({cnt}, x.options().dtype(at::kFloat));
         conv_block_fused<scalar_t>(x, g, s, bias, n0, cnt, scratch, sb.data_ptr<float>());
       } else {
