@@ -16,12 +16,15 @@ inline at::ScalarType result_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// 'auto' resolves by flop count: ghost ~ 2 T^2 (d_in + d_out), materialize ~ 2 T d_in d_out.
-inline Method choose_method(const std::string& method, int64_t T, int64_t d_in, int64_t d_out) {
+// 'auto' resolves by flop count: ghost ~ 2 T^2 (d_in + d_out), materialize ~ 2 T d_in d_out,
+// the latter weighted by materialize_cost, the time per flop of the backend's materialize
+// path relative to its Gram matrices.
+inline Method choose_method(const std::string& method, int64_t T, int64_t d_in, int64_t d_out,
+                            double materialize_cost = 1.0) {
   if (method == "ghost") return Method::Ghost;
   if (method == "materialize") return Method::Materialize;
   TORCH_CHECK(method == "auto", "method: expected 'auto', 'ghost' or 'materialize', got '", method, "'");
-  return T * (d_in + d_out) <= d_in * d_out ? Method::Ghost : Method::Materialize;
+  return double(T) * (d_in + d_out) <= materialize_cost * d_in * d_out ? Method::Ghost : Method::Materialize;
 }
 
 inline void check_inputs(const at::Tensor& a, const char* a_name, const at::Tensor& g) {
