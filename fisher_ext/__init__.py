@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _loader, reference
+from . import _loader, likelihoods, reference
 from ._schemas import SCHEMAS
+from .monitor import FisherTraceMonitor, FisherTraceResult, fisher_trace
 from .ops import conv_sqnorm, linear_sqnorm
 
-__all__ = ["linear_sqnorm", "conv_sqnorm", "build_info", "reference"]
+__all__ = ["linear_sqnorm", "conv_sqnorm", "fisher_trace", "FisherTraceMonitor", "FisherTraceResult", "build_info",
+           "likelihoods", "reference"]
 __version__ = "0.1.0"
 
 

@@ -1,0 +1,186 @@
+"""Per-example squared gradient norms of one module's own parameters, from its captured input
+and output gradient.
+
+Each rule returns ``{parameter name (local to the module): (N,) float32/float64 tensor}``.
+Linear and Conv use the fisher_ext ops; LayerNorm, GroupNorm, BatchNorm (eval) and
+Embedding have closed forms; every other module with trainable parameters goes through
+:func:`fallback_rule` (per-example vector-Jacobian products of that module alone, with
+torch.func). The gradient passed in is ``dl_n/d output`` of per-example losses (a *sum*
+over the batch), so no reduction rescaling is needed here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .ops import conv_sqnorm, linear_sqnorm
+from .reference import result_dtype
+
+Norms = dict[str, torch.Tensor]
+
+
+class UnsupportedModuleError(ValueError):
+    """A module whose per-example gradients cannot be computed exactly (e.g. BatchNorm in train mode)."""
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 for float64: the accumulation precision of DESIGN.md §2."""
+    return t.to(result_dtype(t.dtype))
+
+
+def _sqnorm_per_example(t: torch.Tensor) -> torch.Tensor:
+    return t.to(result_dtype(t.dtype)).reshape(t.shape[0], -1).square().sum(1)
+
+
+def _bias_norm(g: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """||sum over positions of g||^2 per example, channels on ``channel_dim``."""
+    g = g.to(result_dtype(g.dtype)).movedim(channel_dim, -1)
+    return g.reshape(g.shape[0], -1, g.shape[-1]).sum(1).square().sum(1)
+
+
+def linear_rule(module: nn.Linear, x: torch.Tensor, g: torch.Tensor) -> Norms:
+    out = {"weight": linear_sqnorm(x, g.to(x.dtype), bias=False)}
+    if module.bias is not None:
+        out["bias"] = _bias_norm(g, -1)
+    return out
+
+
+def conv_rule(module: nn.modules.conv._ConvNd, x: torch.Tensor, g: torch.Tensor) -> Norms:
+    out = {"weight": conv_sqnorm(x, g.to(x.dtype), kernel_size=module.kernel_size, stride=module.stride,
+                                 padding=module.padding, dilation=module.dilation, groups=module.groups,
+                                 bias=False)}
+    if module.bias is not None:
+        out["bias"] = _bias_norm(g, 1)
+    return out
+
+
+def _affine_norms(module: nn.Module, xhat: torch.Tensor, g: torch.Tensor, channel_dims: list[int]) -> Norms:
+    """Weight and bias of an elementwise affine ``y = xhat * w + b`` whose parameters span ``channel_dims``."""
+    acc = result_dtype(g.dtype)
+    g, xhat = g.to(acc), xhat.to(acc)
+    sum_dims = [d for d in range(1, g.dim()) if d not in channel_dims]
+    out = {}
+    if getattr(module, "weight", None) is not None:
+        out["weight"] = _sqnorm_per_example((g * xhat).sum(sum_dims) if sum_dims else g * xhat)
+    if getattr(module, "bias", None) is not None:
+        out["bias"] = _sqnorm_per_example(g.sum(sum_dims) if sum_dims else g)
+    return out
+
+
+def layer_norm_rule(module: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor) -> Norms:
+    xhat = F.layer_norm(_acc(x), module.normalized_shape, None, None, module.eps)
+    k = len(module.normalized_shape)
+    return _affine_norms(module, xhat, g, list(range(g.dim() - k, g.dim())))
+
+
+def group_norm_rule(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor) -> Norms:
+    xhat = F.group_norm(_acc(x), module.num_groups, None, None, module.eps)
+    return _affine_norms(module, xhat, g, [1])
+
+
+def batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, g: torch.Tensor) -> Norms:
+    if module.training or module.running_mean is None:
+        raise UnsupportedModuleError(
+            f"{type(module).__name__}: in train mode (or without running statistics) BatchNorm normalizes each "
+            "example with the batch's statistics, so examples are coupled and per-example gradients do not exist; "
+            "call model.eval() for the Fisher of the eval-mode model, or replace BatchNorm by GroupNorm")
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    x = _acc(x)
+    xhat = (x - module.running_mean.to(x.dtype).view(shape)) / torch.sqrt(
+        module.running_var.to(x.dtype).view(shape) + module.eps)
+    return _affine_norms(module, xhat, g, [1])
+
+
+def embedding_rule(module: nn.Embedding, idx: torch.Tensor, g: torch.Tensor) -> Norms:
+    if module.scale_grad_by_freq:
+        raise UnsupportedModuleError("Embedding(scale_grad_by_freq=True): the gradient is scaled by token counts "
+                                     "over the whole batch, which couples examples")
+    # ||sum_t onehot(i_t) g_t^T||^2 = sum_{t,s} [i_t == i_s] <g_t, g_s> (ghost form, T x T per example).
+    N = idx.shape[0]
+    tokens = idx.reshape(N, -1)
+    G = g.to(result_dtype(g.dtype)).reshape(N, tokens.shape[1], -1)
+    same = tokens.unsqueeze(2) == tokens.unsqueeze(1)
+    if module.padding_idx is not None:  # the padding row receives no gradient
+        keep = tokens != module.padding_idx
+        same = same & keep.unsqueeze(2) & keep.unsqueeze(1)
+    return {"weight": ((G @ G.mT) * same).sum((1, 2))}
+
+
+RULES: dict[type, Callable[[Any, torch.Tensor, torch.Tensor], Norms]] = {
+    nn.Linear: linear_rule,
+    nn.Conv1d: conv_rule,
+    nn.Conv2d: conv_rule,
+    nn.Conv3d: conv_rule,
+    nn.LayerNorm: layer_norm_rule,
+    nn.GroupNorm: group_norm_rule,
+    nn.BatchNorm1d: batch_norm_rule,
+    nn.BatchNorm2d: batch_norm_rule,
+    nn.BatchNorm3d: batch_norm_rule,
+    nn.Embedding: embedding_rule,
+}
+
+
+def rule_for(module: nn.Module) -> str:
+    """The name of the rule that handles this module's own parameters."""
+    kind = type(module)
+    if kind in RULES and not (isinstance(module, nn.modules.conv._ConvNd) and module.padding_mode != "zeros"):
+        return RULES[kind].__name__.removesuffix("_rule")
+    return "fallback"
+
+
+def closed_form_norms(module: nn.Module, args: tuple, grads: tuple) -> Norms:
+    return RULES[type(module)](module, args[0], grads[0])
+
+
+def batch_dim(module: nn.Module) -> int:
+    """The batch dimension of a module's tensors (nn.MultiheadAttention is sequence-first by default)."""
+    if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
+        return 1
+    return 0
+
+
+def fallback_rule(module: nn.Module, names: list[str], args: tuple, kwargs: dict, grads: tuple, n: int) -> Norms:
+    """Per-example gradients of the parameters ``names`` of ``module`` (its own, or descendants' it
+    uses directly, like nn.MultiheadAttention's out_proj) by torch.func: ``vmap`` over the batch of
+    ``grad`` of ``<module(x_n), g_n>``, re-running that module alone on each example's captured input.
+
+    Tensors whose batch dimension has size ``n`` are split per example; others (masks shared by
+    the batch) are passed whole. The module must treat examples independently and run
+    deterministically (no dropout in train mode inside it).
+    """
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
+            raise UnsupportedModuleError(
+                f"{type(module).__name__}: its parameters need the generic per-example fallback, which re-runs the "
+                "module per example and cannot replay its dropout masks; evaluate in eval mode")
+    bdim = batch_dim(module)
+    own = {k: p.detach() for k, p in module.named_parameters() if k in names}
+    rest = {k: v for k, v in list(module.named_parameters()) + list(module.named_buffers()) if k not in own}
+
+    def batched(t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() > bdim and t.shape[bdim] == n
+
+    arg_dims = tuple(bdim if batched(a) else None for a in args)
+    kw_names = sorted(kwargs)
+    kw_dims = tuple(bdim if batched(kwargs[k]) else None for k in kw_names)
+    grad_dims = tuple(bdim if g is not None else None for g in grads)
+
+    def inner(params, a, kw_values, gs):
+        a = tuple(t.unsqueeze(bdim) if d is not None else t for t, d in zip(a, arg_dims))
+        kw = {k: (v.unsqueeze(bdim) if d is not None else v) for k, v, d in zip(kw_names, kw_values, kw_dims)}
+        out = functional_call(module, {**rest, **params}, a, kw)
+        outs = out if isinstance(out, tuple) else (out,)
+        total = 0.0
+        for o, gn in zip(outs, gs):
+            if gn is not None and isinstance(o, torch.Tensor):
+                total = total + (_acc(o) * _acc(gn.unsqueeze(bdim))).sum()
+        return total
+
+    per_example = vmap(grad(inner), in_dims=(None, arg_dims, kw_dims, grad_dims))(
+        own, args, tuple(kwargs[k] for k in kw_names), grads)
+    return {k: _sqnorm_per_example(v.detach()) for k, v in per_example.items()}
