@@ -24,6 +24,9 @@ from .reference import result_dtype
 
 IntOrTuple = Union[int, Sequence[int]]
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Resolved once: looking an op up through torch.ops costs microseconds per call.
+_LINEAR, _LINEAR_ACC = torch.ops.fisher_ext.linear_sqnorm.default, torch.ops.fisher_ext.linear_sqnorm_accumulate_.default
+_CONV, _CONV_ACC = torch.ops.fisher_ext.conv_sqnorm.default, torch.ops.fisher_ext.conv_sqnorm_accumulate_.default
 
 
 def linear_sqnorm(
@@ -57,8 +60,7 @@ def linear_sqnorm(
         )
     _check_method(method)
     args = (a, g, bool(bias), method)
-    return _dispatch(torch.ops.fisher_ext.linear_sqnorm, torch.ops.fisher_ext.linear_sqnorm_accumulate_, args,
-                     accumulate)
+    return _dispatch(_LINEAR, _LINEAR_ACC, args, accumulate)
 
 
 def conv_sqnorm(
@@ -106,8 +108,7 @@ def conv_sqnorm(
         )
     _check_method(method)
     args = (x, g, list(ks), list(st), list(lead_pad), list(dil), groups, bool(bias), method)
-    return _dispatch(torch.ops.fisher_ext.conv_sqnorm, torch.ops.fisher_ext.conv_sqnorm_accumulate_, args,
-                     accumulate)
+    return _dispatch(_CONV, _CONV_ACC, args, accumulate)
 
 
 # ---- helpers ------------------------------------------------------------------
