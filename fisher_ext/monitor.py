@@ -65,6 +65,7 @@ class _Record:
     kwargs: dict
     outputs: tuple  # tensor outputs that require grad (None elsewhere)
     grads: list = field(default_factory=list)
+    versions: tuple = ()  # the outputs' version counters when produced (in-place use changes them)
 
 
 class _Capture:
@@ -99,8 +100,10 @@ class _Capture:
         if not self.owners:
             raise ValueError("model: expected at least one trainable parameter (requires_grad=True), found none")
         self.param_names = [full for names in self.owners.values() for _, full in names]
+        self._module_of = {full: m for m, names in self.owners.items() for _, full in names}
         by_name = dict(model.named_parameters(remove_duplicate=False))
         self.params = [by_name[name] for name in self.param_names]
+        self._param = dict(zip(self.param_names, self.params))
         self.records: dict[nn.Module, _Record] = {}
         self.recording = False
         self.collecting = False  # output hooks store gradients only during our own backward
@@ -130,6 +133,7 @@ class _Capture:
             record = _Record(args, kwargs, tuple(o if isinstance(o, torch.Tensor) and o.requires_grad else None
                                                  for o in outs))
             record.grads = [None] * len(outs)
+            record.versions = tuple(o._version if o is not None else 0 for o in record.outputs)
             for i, o in enumerate(record.outputs):
                 if o is not None:
                     o.register_hook(self._grad_slot(record, i))
@@ -154,15 +158,37 @@ class _Capture:
         """One backward of ``sum_n l_n``; returns ``{full parameter name: (N,) squared norms}``."""
         for record in self.records.values():
             record.grads = [None] * len(record.grads)
-        # Asking for the parameters' gradients makes the backward reach every module's output
-        # (the hooks fire there) and says which parameters the loss depends on.
+        # The backward asks for each module output's gradient directly, so it stops at the first
+        # layer's output and forms no weight gradient. An output modified in place since (e.g. by
+        # ReLU(inplace=True)) is no longer the value the module produced: there the module's
+        # parameters are asked for instead, and the output's tensor hook catches the gradient.
+        # Parameters of modules that did not run are asked for too, to learn whether they are used.
+        targets, slots = [], []
+        for module, record in self.records.items():
+            for i, o in enumerate(record.outputs):
+                if o is not None and o._version == record.versions[i]:
+                    targets.append(o)
+                    slots.append((record, i))
+                elif o is not None:
+                    for local, full in self.owners.get(module, []):
+                        targets.append(self._param[full])
+                        slots.append(None)
+        unrecorded = [(i, name) for i, name in enumerate(self.param_names) if self._module_of[name] not in self.records]
+        for i, _ in unrecorded:
+            targets.append(self.params[i])
+            slots.append(None)
         self.collecting = True
         try:
-            grads = torch.autograd.grad(per_example_loss_sum, self.params, retain_graph=retain_graph,
-                                        allow_unused=True)
+            grads = torch.autograd.grad(per_example_loss_sum, targets, retain_graph=retain_graph, allow_unused=True)
         finally:
             self.collecting = False
-        used = {name for name, g in zip(self.param_names, grads) if g is not None}
+        for slot, g in zip(slots, grads):
+            if slot is not None:
+                slot[0].grads[slot[1]] = g
+        used = {name for (_, name), g in zip(unrecorded, grads[len(grads) - len(unrecorded):]) if g is not None}
+        for module, record in self.records.items():
+            if any(g is not None for g in record.grads):
+                used.update(full for _, full in self.owners.get(module, []))
         del grads
         self.rules = {}
         todo: dict[nn.Module, list[str]] = {m: [] for m in self.records}  # fallback work per module

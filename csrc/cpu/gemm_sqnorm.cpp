@@ -20,7 +20,6 @@ namespace {
 // The accumulators are named variables, not an array: GCC keeps an array of __m512 in
 // memory and stores every accumulator on every k (seen in the assembly: 3x slower).
 #define FX_REP12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-#define FX_REP16(X) FX_REP12(X) X(12) X(13) X(14) X(15)
 #define FX_REP24(X) FX_REP12(X) X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19) X(20) X(21) X(22) X(23)
 
 // 32 channels x 12 columns: 24 accumulators.
@@ -48,38 +47,23 @@ FISHER_EXT_AVX512 float tile_32x12(const float* a, int64_t lda, __mmask16 mask0,
 #undef FX_SUM
 }
 
-// 16 channels x 24 columns: 24 accumulators.
-FISHER_EXT_AVX512 float tile_16x24(const float* a, int64_t lda, __mmask16 mask0, __mmask16,
-                                   const float* panel, int64_t ks, int64_t js, int64_t K) {
+// 16 channels x NR columns (NR <= 24): NR accumulators; the unused ones compile away.
+template <int NR>
+FISHER_EXT_AVX512 float tile_16xN(const float* a, int64_t lda, __mmask16 mask0, __mmask16, const float* panel,
+                                  int64_t ks, int64_t js, int64_t K) {
+  static_assert(NR <= 24, "at most 24 accumulators");
 #define FX_DECL(j) __m512 c_##j = _mm512_setzero_ps();
   FX_REP24(FX_DECL)
   for (int64_t k = 0; k < K; ++k, a += lda, panel += ks) {
     const __m512 a0 = _mm512_maskz_loadu_ps(mask0, a);
-#define FX_STEP(j) c_##j = _mm512_fmadd_ps(a0, _mm512_set1_ps(panel[j * js]), c_##j);
+#define FX_STEP(j) \
+  if (j < NR) c_##j = _mm512_fmadd_ps(a0, _mm512_set1_ps(panel[j * js]), c_##j);
     FX_REP24(FX_STEP)
   }
   __m512 s = _mm512_setzero_ps();
-#define FX_SUM(j) s = _mm512_fmadd_ps(c_##j, c_##j, s);
+#define FX_SUM(j) \
+  if (j < NR) s = _mm512_fmadd_ps(c_##j, c_##j, s);
   FX_REP24(FX_SUM)
-  return _mm512_reduce_add_ps(s);
-#undef FX_DECL
-#undef FX_STEP
-#undef FX_SUM
-}
-
-// 16 channels x 16 columns: 16 accumulators (for activations 16 channels wide).
-FISHER_EXT_AVX512 float tile_16x16(const float* a, int64_t lda, __mmask16 mask0, __mmask16,
-                                   const float* panel, int64_t ks, int64_t js, int64_t K) {
-#define FX_DECL(j) __m512 c_##j = _mm512_setzero_ps();
-  FX_REP16(FX_DECL)
-  for (int64_t k = 0; k < K; ++k, a += lda, panel += ks) {
-    const __m512 a0 = _mm512_maskz_loadu_ps(mask0, a);
-#define FX_STEP(j) c_##j = _mm512_fmadd_ps(a0, _mm512_set1_ps(panel[j * js]), c_##j);
-    FX_REP16(FX_STEP)
-  }
-  __m512 s = _mm512_setzero_ps();
-#define FX_SUM(j) s = _mm512_fmadd_ps(c_##j, c_##j, s);
-  FX_REP16(FX_SUM)
   return _mm512_reduce_add_ps(s);
 #undef FX_DECL
 #undef FX_STEP
@@ -112,8 +96,8 @@ double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* p
                           int64_t j_step, int64_t K, int64_t width) {
   switch (width) {
     case 12: return panel_sqnorm<32, tile_32x12>(a, lda, M, panel, k_step, j_step, K);
-    case 16: return panel_sqnorm<16, tile_16x16>(a, lda, M, panel, k_step, j_step, K);
-    case 24: return panel_sqnorm<16, tile_16x24>(a, lda, M, panel, k_step, j_step, K);
+    case 16: return panel_sqnorm<16, tile_16xN<16>>(a, lda, M, panel, k_step, j_step, K);
+    case 24: return panel_sqnorm<16, tile_16xN<24>>(a, lda, M, panel, k_step, j_step, K);
     default: std::abort();  // callers pass one of kFusedPanelWidths
   }
 }

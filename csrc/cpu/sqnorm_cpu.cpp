@@ -14,6 +14,7 @@
 // groups of all the block's examples as one batch. Either way there is no unfold
 // buffer of the whole batch.
 #include "../sqnorm_common.h"
+#include "../sqnorm_entry.h"
 #include "gemm_sqnorm.h"
 
 #include <ATen/Dispatch.h>
@@ -419,46 +420,8 @@ void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g
   });
 }
 
-// ---- op entry points ---------------------------------------------------------
-
-Tensor linear_sqnorm_cpu(const Tensor& a, const Tensor& g, bool bias, c10::string_view method) {
-  const LinearShape sh = linear_shape(a, g);
-  Tensor out = at::empty({sh.N}, a.options().dtype(result_dtype(a.scalar_type())));
-  linear_into(out, sh, a, g, bias, std::string(method), /*add=*/false);
-  return out;
-}
-
-void linear_sqnorm_accumulate_cpu(Tensor acc, const Tensor& a, const Tensor& g, bool bias,
-                                  c10::string_view method) {
-  const LinearShape sh = linear_shape(a, g);
-  check_accumulator(acc, a);
-  linear_into(acc, sh, a, g, bias, std::string(method), /*add=*/true);
-}
-
-Tensor conv_sqnorm_cpu(const Tensor& x, const Tensor& g, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool bias,
-                       c10::string_view method) {
-  const ConvShape s = conv_shape(x, g, kernel_size, stride, padding, dilation, groups);
-  Tensor out = at::empty({s.N}, x.options().dtype(result_dtype(x.scalar_type())));
-  conv_into(out, s, x, g, bias, std::string(method), /*add=*/false);
-  return out;
-}
-
-void conv_sqnorm_accumulate_cpu(Tensor acc, const Tensor& x, const Tensor& g, at::IntArrayRef kernel_size,
-                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                int64_t groups, bool bias, c10::string_view method) {
-  const ConvShape s = conv_shape(x, g, kernel_size, stride, padding, dilation, groups);
-  check_accumulator(acc, x);
-  conv_into(acc, s, x, g, bias, std::string(method), /*add=*/true);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisher_ext, CPU, m) {
-  m.impl("linear_sqnorm", &linear_sqnorm_cpu);
-  m.impl("linear_sqnorm_accumulate_", &linear_sqnorm_accumulate_cpu);
-  m.impl("conv_sqnorm", &conv_sqnorm_cpu);
-  m.impl("conv_sqnorm_accumulate_", &conv_sqnorm_accumulate_cpu);
-}
+TORCH_LIBRARY_IMPL(fisher_ext, CPU, m) { SqnormEntry<linear_into, conv_into>::register_all(m); }
 
 }  // namespace fisher_ext

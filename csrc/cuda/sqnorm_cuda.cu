@@ -9,6 +9,7 @@
 // The method argument is validated but this kernel has one algorithm; the tiled
 // tensor-core kernels are the CUDA issue's work.
 #include "../sqnorm_common.h"
+#include "../sqnorm_entry.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -139,57 +140,21 @@ Geometry conv_geometry(const ConvShape& s, const Tensor& x, const Tensor& g) {
 }
 
 void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
-                 c10::string_view method, bool add) {
-  choose_method(std::string(method), sh.T, sh.d_in, sh.d_out);  // validates the argument
+                 const std::string& method, bool add) {
+  choose_method(method, sh.T, sh.d_in, sh.d_out);  // validates the argument
   const Tensor A = a.reshape({sh.N, sh.T, sh.d_in});
   const Tensor G = g.reshape({sh.N, sh.T, sh.d_out});
   launch(out, A, G, linear_geometry(sh, A, G), sh.N, bias, add);
 }
 
 void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
-               c10::string_view method, bool add) {
-  choose_method(std::string(method), s.out_vol(), s.cin_g * s.k_vol(), s.cout_g);
+               const std::string& method, bool add) {
+  choose_method(method, s.out_vol(), s.cin_g * s.k_vol(), s.cout_g);
   launch(out, x, g, conv_geometry(s, x, g), s.N, bias, add);
-}
-
-Tensor linear_sqnorm_cuda(const Tensor& a, const Tensor& g, bool bias, c10::string_view method) {
-  const LinearShape sh = linear_shape(a, g);
-  Tensor out = at::empty({sh.N}, a.options().dtype(result_dtype(a.scalar_type())));
-  linear_into(out, sh, a, g, bias, method, /*add=*/false);
-  return out;
-}
-
-void linear_sqnorm_accumulate_cuda(Tensor acc, const Tensor& a, const Tensor& g, bool bias,
-                                   c10::string_view method) {
-  const LinearShape sh = linear_shape(a, g);
-  check_accumulator(acc, a);
-  linear_into(acc, sh, a, g, bias, method, /*add=*/true);
-}
-
-Tensor conv_sqnorm_cuda(const Tensor& x, const Tensor& g, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool bias,
-                        c10::string_view method) {
-  const ConvShape s = conv_shape(x, g, kernel_size, stride, padding, dilation, groups);
-  Tensor out = at::empty({s.N}, x.options().dtype(result_dtype(x.scalar_type())));
-  conv_into(out, s, x, g, bias, method, /*add=*/false);
-  return out;
-}
-
-void conv_sqnorm_accumulate_cuda(Tensor acc, const Tensor& x, const Tensor& g, at::IntArrayRef kernel_size,
-                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                 int64_t groups, bool bias, c10::string_view method) {
-  const ConvShape s = conv_shape(x, g, kernel_size, stride, padding, dilation, groups);
-  check_accumulator(acc, x);
-  conv_into(acc, s, x, g, bias, method, /*add=*/true);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisher_ext, CUDA, m) {
-  m.impl("linear_sqnorm", &linear_sqnorm_cuda);
-  m.impl("linear_sqnorm_accumulate_", &linear_sqnorm_accumulate_cuda);
-  m.impl("conv_sqnorm", &conv_sqnorm_cuda);
-  m.impl("conv_sqnorm_accumulate_", &conv_sqnorm_accumulate_cuda);
-}
+TORCH_LIBRARY_IMPL(fisher_ext, CUDA, m) { SqnormEntry<linear_into, conv_into>::register_all(m); }
 
 }  // namespace fisher_ext
