@@ -119,6 +119,15 @@ class _Capture:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.clear()
+
+    def clear(self) -> None:
+        """Drops the records. Each output's tensor hook refers to its record, which refers to the
+        output: emptying the records breaks that cycle, so a step's graph is freed at once rather
+        than by a later garbage collection (measured: otherwise memory grows and a ResNet-18
+        estimate slows from 1.0 to 2.0 s by the third step)."""
+        for record in self.records.values():
+            record.args, record.kwargs, record.outputs, record.grads = (), {}, (), []
         self.records = {}
 
     def _hook(self, module: nn.Module):
@@ -148,7 +157,7 @@ class _Capture:
         return store
 
     def start(self) -> None:
-        self.records = {}
+        self.clear()
         self.recording = True
 
     def stop(self) -> None:
