@@ -34,9 +34,20 @@ from fisher_ext.ops import _conv_padding  # noqa: E402
 from ops_cpu import LAYERS  # noqa: E402  (one layer list for every benchmark)
 
 
+DEVICE = "cuda"
+
+
 def cuda_time(fn, repeats: int) -> float:
     for _ in range(3):
         fn()
+    if DEVICE != "cuda":  # --smoke: the harness on the CPU, timed by the host clock
+        import time
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(repeats):
@@ -50,22 +61,23 @@ def cuda_time(fn, repeats: int) -> float:
 
 def machine_ceilings(dtype: torch.dtype) -> tuple[float, float]:
     """(bytes/s counting read + write of a large device copy, flop/s of a large GEMM in dtype)."""
-    src = torch.randn(1 << 28, device="cuda", dtype=torch.float32)
+    n, m = (1 << 28, 8192) if DEVICE == "cuda" else (1 << 20, 256)
+    src = torch.randn(n, device=DEVICE, dtype=torch.float32)
     dst = torch.empty_like(src)
     seconds = cuda_time(lambda: dst.copy_(src), 20)
     bandwidth = 2 * src.numel() * 4 / seconds
     del src, dst
-    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-    b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-    peak = 2 * 8192 ** 3 / cuda_time(lambda: a @ b, 10)
+    a = torch.randn(m, m, device=DEVICE, dtype=dtype)
+    b = torch.randn(m, m, device=DEVICE, dtype=dtype)
+    peak = 2 * m ** 3 / cuda_time(lambda: a @ b, 10)
     return bandwidth, peak
 
 
 def layer_case(lid: str, batch: int, dtype: torch.dtype, repeats: int, ceilings) -> dict:
     make, shape, _ = LAYERS[lid]
     torch.manual_seed(0)
-    layer = make().to("cuda", dtype)
-    x = torch.randn(batch, *shape, device="cuda", dtype=dtype)
+    layer = make().to(DEVICE, dtype)
+    x = torch.randn(batch, *shape, device=DEVICE, dtype=dtype)
     with torch.no_grad():
         gy = torch.randn_like(layer(x))
     bias = layer.bias is not None
@@ -122,8 +134,13 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--smoke", action="store_true", help="check the harness on the CPU (tiny sizes, no GPU)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.smoke:
+        global DEVICE
+        DEVICE = "cpu"
+        args.batches, args.layers, args.repeats = [4], ["L2", "C6"], 2
+    elif not torch.cuda.is_available():
         raise SystemExit("ops_gpu.py: no CUDA device is visible (torch.cuda.is_available() is False)")
     rows = []
     for dtype_name in args.dtypes:
@@ -141,8 +158,8 @@ def main() -> None:
                       f"{r['roofline']:.2f}x | err {row['max_rel_err_vs_func']:.1e}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "backend": fisher_ext.build_info()["backends"]["CUDA"]["conv_sqnorm"]}
+            "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (--smoke)", "torch": torch.__version__,
+            "backend": fisher_ext.build_info()["backends"][DEVICE.upper()]["conv_sqnorm"]}
     with open(os.path.join(args.out, "ops_gpu.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     cols = ["ours", "torch-best", "unfold", "func", "roofline"]
