@@ -11,7 +11,8 @@ over the batch), so no reduction rescaling is needed here.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +145,18 @@ def batch_dim(module: nn.Module) -> int:
     return 0
 
 
+def _check_replayable(module: nn.Module) -> None:
+    """The rules that re-run a module need it to be deterministic."""
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
+            raise UnsupportedModuleError(
+                f"{type(module).__name__}: its parameters have no closed-form rule, and the rules that re-run the "
+                "module cannot replay its dropout masks; evaluate in eval mode")
+    if isinstance(module, nn.MultiheadAttention) and module.training and module.dropout > 0:
+        raise UnsupportedModuleError("MultiheadAttention(dropout > 0) in train mode: its attention dropout cannot be "
+                                     "replayed by the rules that re-run the module; evaluate in eval mode")
+
+
 def fallback_rule(module: nn.Module, names: list[str], args: tuple, kwargs: dict, grads: tuple, n: int) -> Norms:
     """Per-example gradients of the parameters ``names`` of ``module`` (its own, or descendants' it
     uses directly, like nn.MultiheadAttention's out_proj) by torch.func: ``vmap`` over the batch of
@@ -153,11 +166,7 @@ def fallback_rule(module: nn.Module, names: list[str], args: tuple, kwargs: dict
     the batch) are passed whole. The module must treat examples independently and run
     deterministically (no dropout in train mode inside it).
     """
-    for sub in module.modules():
-        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
-            raise UnsupportedModuleError(
-                f"{type(module).__name__}: its parameters need the generic per-example fallback, which re-runs the "
-                "module per example and cannot replay its dropout masks; evaluate in eval mode")
+    _check_replayable(module)
     bdim = batch_dim(module)
     own = {k: p.detach() for k, p in module.named_parameters() if k in names}
     rest = {k: v for k, v in list(module.named_parameters()) + list(module.named_buffers()) if k not in own}
@@ -184,3 +193,111 @@ def fallback_rule(module: nn.Module, names: list[str], args: tuple, kwargs: dict
     per_example = vmap(grad(inner), in_dims=(None, arg_dims, kw_dims, grad_dims))(
         own, args, tuple(kwargs[k] for k in kw_names), grads)
     return {k: _sqnorm_per_example(v.detach()) for k, v in per_example.items()}
+
+
+@contextlib.contextmanager
+def _recording_linear_calls(tracked: dict[int, str]) -> Iterator[list]:
+    """Records every ``F.linear`` call whose weight or bias is (a view of) a tracked parameter.
+
+    ``torch.nn.functional.linear`` is swapped for a recording wrapper for the duration: Python
+    code that calls it by that name (nn.MultiheadAttention's projections, user modules
+    written with F.linear) is seen; a TorchFunctionMode would not see calls nested inside
+    other torch functions. Not thread-safe; used only while re-running one module.
+    """
+    original = F.linear
+    calls: list = []
+
+    def name_of(t):
+        if t is None:
+            return None
+        return tracked.get(id(t._base if t._base is not None else t))
+
+    def linear(input, weight, bias=None):
+        out = original(input, weight, bias)
+        w, b = name_of(weight), name_of(bias)
+        if w or b:
+            calls.append((input, weight, bias, out, w, b))
+        return out
+
+    F.linear = linear
+    try:
+        yield calls
+    finally:
+        F.linear = original
+
+
+def linear_calls_rule(module: nn.Module, names: list[str], args: tuple, kwargs: dict, grads: tuple,
+                      n: int) -> Norms | None:
+    """Parameters that ``module`` uses only as weights/biases of ``F.linear`` (e.g. the
+    projections of nn.MultiheadAttention): re-run the module once on the whole batch, take
+    each linear call's output gradient, and apply the Linear rule per call. Returns None (use
+    :func:`fallback_rule`) unless every parameter is covered by calls on disjoint slices with
+    an unambiguous batch dimension.
+    """
+    _check_replayable(module)
+    params = dict(module.named_parameters())
+    tracked = {id(params[k]): k for k in names}
+    with torch.enable_grad(), _recording_linear_calls(tracked) as calls:
+        out = module(*args, **kwargs)
+    outs = out if isinstance(out, tuple) else (out,)
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+    if not calls or not pairs:
+        return None
+    used: dict[str, list[tuple[int, int]]] = {}
+    for _, weight, bias, _, w, b in calls:
+        for name, t in ((w, weight), (b, bias)):
+            if name:
+                used.setdefault(name, []).append((t.storage_offset(), t.storage_offset() + t.numel()))
+    for spans in used.values():  # slices of one parameter must not overlap (their norms add)
+        spans.sort()
+        if any(a[1] > b[0] for a, b in zip(spans, spans[1:])) or any(s[1] - s[0] <= 0 for s in spans):
+            return None
+    if set(used) != set(names):
+        return None
+    targets, grad_outs = [o for o, _ in pairs], [g for _, g in pairs]
+    dys = torch.autograd.grad(targets, [c[3] for c in calls], grad_outs, allow_unused=True, retain_graph=True)
+    probe = None  # gradients from example 0 alone: tell where a call flattened the batch into its rows
+    norms: Norms = {}
+    for i, ((x, weight, bias, y, w, b), dy) in enumerate(zip(calls, dys)):
+        if dy is None:
+            continue
+        batch_dims = [d for d in range(y.dim() - 1) if y.shape[d] == n]
+        if len(batch_dims) == 1:
+            x_, dy_ = x.detach().movedim(batch_dims[0], 0), dy.movedim(batch_dims[0], 0)
+        else:
+            if probe is None:
+                bdim = batch_dim(module)
+                first = [torch.zeros_like(g).index_copy_(bdim, torch.tensor([0], device=g.device), g.narrow(bdim, 0, 1))
+                         for g in grad_outs]
+                probe = torch.autograd.grad(targets, [c[3] for c in calls], first, allow_unused=True,
+                                            retain_graph=True)
+            split = _split_examples(x.detach(), dy, probe[i], n)
+            if split is None:
+                return None  # cannot tell which rows hold which example
+            x_, dy_ = split
+        if w:
+            norms[w] = norms.get(w, 0) + linear_sqnorm(x_.to(dy_.dtype), dy_, bias=False)
+        if b:
+            norms[b] = norms.get(b, 0) + _bias_norm(dy_, -1)
+    return {k: v.detach() for k, v in norms.items()}
+
+
+def _split_examples(x: torch.Tensor, dy: torch.Tensor, probe: torch.Tensor | None, n: int):
+    """(N, rows, d) views of a linear call's input and output gradient whose leading dims hold
+    the batch flattened with other positions, either example-major or example-minor; which
+    one is read off ``probe``, the output gradient when only example 0 has a loss gradient."""
+    rows = dy[..., 0].numel()
+    if probe is None or rows % n:
+        return None
+    m = rows // n
+    hit = probe.reshape(rows, -1).abs().sum(1) != 0  # the rows example 0 reaches
+    if not hit.any():
+        return None
+    idx = torch.arange(rows, device=dy.device)
+    major, minor = idx < m, idx % n == 0  # example 0's rows in either layout
+    x2, dy2 = x.reshape(rows, x.shape[-1]), dy.reshape(rows, dy.shape[-1])
+    if not (hit & ~major).any() and (hit & ~minor).any():
+        return x2.reshape(n, m, -1), dy2.reshape(n, m, -1)
+    if not (hit & ~minor).any() and (hit & ~major).any():
+        return x2.reshape(m, n, -1).transpose(0, 1), dy2.reshape(m, n, -1).transpose(0, 1)
+    return None

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Union
 import torch
 from torch import nn
 
-from .layer_rules import (UnsupportedModuleError, batch_dim, closed_form_norms, fallback_rule, rule_for)
+from .layer_rules import UnsupportedModuleError, closed_form_norms, fallback_rule, linear_calls_rule, rule_for
 from .likelihoods import Likelihood, get_likelihood
 
 ESTIMATORS = ("mc", "exact", "empirical")
@@ -44,7 +44,8 @@ class FisherTraceResult:
             keyed like ``model.named_parameters()``; the values sum to ``trace``.
         coverage: ``{name: rule}``: which rule produced each parameter's share
             ('linear', 'conv', 'layer_norm', 'group_norm', 'batch_norm', 'embedding',
-            'fallback', or 'unused' for a parameter the loss does not depend on).
+            'linear_calls' (a parameter a module uses through F.linear, like nn.MultiheadAttention's
+            projections), 'fallback', or 'unused' for a parameter the loss does not depend on).
     """
 
     trace: float
@@ -220,10 +221,17 @@ class _Capture:
                 local = closed_form_norms(module, args, (record.grads[0],))
                 out.update({dict(self.owners[module])[k]: v for k, v in local.items()})
             if todo[module]:
-                local = fallback_rule(module, todo[module], args, _detach(record.kwargs), tuple(record.grads), n)
-                base = self.prefix[module]
-                out.update({(f"{base}.{k}" if base else k): v for k, v in local.items()})
+                kwargs = _detach(record.kwargs)
+                local = linear_calls_rule(module, todo[module], args, kwargs, tuple(record.grads), n)
+                if local is None:
+                    local = fallback_rule(module, todo[module], args, kwargs, tuple(record.grads), n)
+                else:
+                    self.rules.update({self._full(module, k): "linear_calls" for k in local})
+                out.update({self._full(module, k): v for k, v in local.items()})
         return out
+
+    def _full(self, module: nn.Module, local: str) -> str:
+        return f"{self.prefix[module]}.{local}" if self.prefix[module] else local
 
     def _closest_recorded(self, module: nn.Module, full: str) -> nn.Module:
         """The deepest module that ran in this forward and contains ``module``."""

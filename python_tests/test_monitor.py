@@ -131,10 +131,10 @@ def test_trace_matches_oracle(name):
 def test_coverage_names_every_rule():
     result = fisher_ext.fisher_trace(build("transformer"), inputs_for("transformer"))
     assert result.coverage == {
-        "embed.weight": "embedding", "attn.in_proj_weight": "fallback", "attn.in_proj_bias": "fallback",
+        "embed.weight": "embedding", "attn.in_proj_weight": "linear_calls", "attn.in_proj_bias": "linear_calls",
         # MultiheadAttention uses out_proj's parameters directly, never calling out_proj as a module:
-        # they go to attn's fallback with in_proj.
-        "attn.out_proj.weight": "fallback", "attn.out_proj.bias": "fallback", "norm.weight": "layer_norm",
+        # they go with in_proj to attn's re-run, which sees every projection as an F.linear call.
+        "attn.out_proj.weight": "linear_calls", "attn.out_proj.bias": "linear_calls", "norm.weight": "layer_norm",
         "norm.bias": "layer_norm", "head.weight": "linear", "head.bias": "linear"}
     gn = fisher_ext.fisher_trace(build("cnn_groupnorm"), inputs_for("cnn_groupnorm")).coverage
     assert gn["0.weight"] == "conv" and gn["1.weight"] == "group_norm" and gn["6.bias"] == "linear"
@@ -333,3 +333,36 @@ def test_estimate_without_watch_is_an_error():
     monitor = fisher_ext.FisherTraceMonitor(build("mlp"))
     with pytest.raises(RuntimeError, match="no watched forward"):
         monitor.estimate(torch.zeros(2, 5, requires_grad=True))
+
+
+class SeqFirstAttention(nn.Module):
+    """nn.MultiheadAttention in its default (T, N, E) layout with a key padding mask passed by keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 3)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x, mask):
+        h = self.attn(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), key_padding_mask=mask,
+                      need_weights=False)[0]
+        return self.head(h.transpose(0, 1).mean(1))
+
+
+@pytest.mark.parametrize("tokens", [5, 3], ids=["T==N", "T!=N"])
+def test_attention_seq_first_with_mask(tokens):
+    torch.manual_seed(0)
+    model = SeqFirstAttention().double()
+    x = torch.randn(5, tokens, 6, dtype=torch.float64)
+    mask = torch.zeros(5, tokens, dtype=torch.bool)
+    mask[1, -1] = True
+    y = torch.tensor([0, 1, 2, 3, 0])
+    result = fisher_ext.fisher_trace(model, (x, mask), labels=y)
+    want = {k: torch.zeros(5, dtype=torch.float64) for k, _ in model.named_parameters()}
+    for n in range(5):  # oracle: one example at a time, its own mask row
+        model.zero_grad()
+        Categorical().nll(model(x[n:n + 1], mask[n:n + 1]), y[n:n + 1]).sum().backward()
+        for k, p in model.named_parameters():
+            want[k][n] = p.grad.square().sum()
+    assert_matches(result, want)
+    assert result.coverage["attn.in_proj_weight"] == "linear_calls"
