@@ -12,8 +12,10 @@ from . import _loader, likelihoods, reference
 from ._schemas import SCHEMAS
 from .monitor import FisherTraceMonitor, FisherTraceResult, fisher_trace
 from .ops import conv_sqnorm, linear_sqnorm
+from .penalty import FisherPenalty, PenaltyResult
 
-__all__ = ["linear_sqnorm", "conv_sqnorm", "fisher_trace", "FisherTraceMonitor", "FisherTraceResult", "build_info",
+__all__ = ["linear_sqnorm", "conv_sqnorm", "fisher_trace", "FisherTraceMonitor", "FisherTraceResult", "FisherPenalty",
+           "PenaltyResult", "build_info",
            "likelihoods", "reference"]
 __version__ = "0.1.0"
 

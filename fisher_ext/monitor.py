@@ -196,10 +196,24 @@ class _Capture:
             if slot is not None:
                 slot[0].grads[slot[1]] = g
         used = {name for (_, name), g in zip(unrecorded, grads[len(grads) - len(unrecorded):]) if g is not None}
+        del grads
+        return self.norms_from_grads(n, used)
+
+    def norms_from_grads(self, n: int, used_unrecorded: set[str], scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """Per-example norms from the output gradients the hooks caught in the last backward.
+
+        ``used_unrecorded``: the parameters of modules that did not run which the loss depends on.
+        ``scale``: multiplies the caught gradients (e.g. N for a mean loss, DESIGN.md §2).
+        """
+        if scale != 1.0:
+            for record in self.records.values():
+                record.grads = [g * scale if g is not None else None for g in record.grads]
+        for record in self.records.values():  # the norms are values, never part of a graph
+            record.grads = [g.detach() if g is not None else None for g in record.grads]
+        used = set(used_unrecorded)
         for module, record in self.records.items():
             if any(g is not None for g in record.grads):
                 used.update(full for _, full in self.owners.get(module, []))
-        del grads
         self.rules = {}
         todo: dict[nn.Module, list[str]] = {m: [] for m in self.records}  # fallback work per module
         for module, names in self.owners.items():

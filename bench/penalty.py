@@ -1,0 +1,114 @@
+"""Time per training step with the Fisher Penalty, against plain SGD and the common public approach.
+
+    python bench/penalty.py [--batches 64 128] [--repeats 3] [--out bench/results]
+
+Models: the small CNN of fisher_ext.demo and the CIFAR ResNet-18 with GroupNorm of
+bench/monitor.py. Per step (median of --repeats after a warm-up), side by side in one process:
+  sgd            forward + backward + SGD update
+  db-k1, db-k10  + FisherPenalty(method='double_backward'), every step / every 10th step
+  fd-k1, fd-k10  + FisherPenalty(method='finite_difference')
+  public         the usual reimplementation: sampled labels, autograd.grad(create_graph=True) of
+                 the mean loss, alpha * ||gbar||^2 added to the loss, every step
+k=10 is timed over 10 consecutive steps and divided by 10. Ratios are to sgd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import fisher_ext  # noqa: E402
+from fisher_ext.demo import small_cnn  # noqa: E402
+from monitor import ResNet18  # noqa: E402
+
+MODELS = {"small-cnn": small_cnn, "resnet18-groupnorm": lambda: ResNet18(lambda c: torch.nn.GroupNorm(32, c))}
+METHODS = ["sgd", "db-k1", "db-k10", "fd-k1", "fd-k10", "public"]
+
+
+def make_step(model, x, y, method, alpha=0.01):
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every step sees the same model
+    penalty = None
+    if method.startswith(("db", "fd")):
+        penalty = fisher_ext.FisherPenalty(model, alpha, method="double_backward" if method.startswith("db")
+                                           else "finite_difference", every=int(method.split("-k")[1]))
+    params = list(model.parameters())
+
+    def step():
+        opt.zero_grad()
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        if method == "public":
+            yhat = torch.distributions.Categorical(logits=out.detach()).sample()
+            gbar = torch.autograd.grad(F.cross_entropy(out, yhat), params, create_graph=True)
+            loss = loss + alpha * sum(g.square().sum() for g in gbar)
+        loss.backward()
+        if penalty is not None:
+            penalty.backward(x)
+        opt.step()
+
+    return step
+
+
+def time_steps(step, repeats, per):
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(per):
+            step()
+        times.append((time.perf_counter() - start) / per)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args()
+    rows = []
+    for name in args.models:
+        for batch in args.batches:
+            torch.manual_seed(0)
+            model = MODELS[name]()
+            x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+            seconds = {}
+            for method in METHODS:
+                per = 10 if method.endswith("k10") else 1
+                seconds[method] = time_steps(make_step(model, x, y, method), args.repeats, per)
+                print(f"{name} B={batch} {method:7s} {seconds[method] * 1e3:9.1f} ms/step "
+                      f"({seconds[method] / seconds['sgd']:.2f}x sgd)", flush=True)
+            rows.append({"model": name, "batch": batch, "seconds": seconds,
+                         "ratio": {k: v / seconds["sgd"] for k, v in seconds.items()}})
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "repeats": args.repeats}
+    with open(os.path.join(args.out, "penalty.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    lines = ["# Fisher Penalty: time per training step (CPU)", "",
+             f"{meta['date']}; {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; median of "
+             f"{meta['repeats']} runs. Ratios to a plain SGD step. Bar: fd-k1 <= 2.2, fd-k10 <= 1.15, db-k1 <= public.",
+             "", "| model | batch | sgd ms | " + " | ".join(METHODS[1:]) + " |", "|" + "---|" * (len(METHODS) + 2)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['seconds']['sgd'] * 1e3:.1f} | "
+                     + " | ".join(f"{r['ratio'][m]:.2f}" for m in METHODS[1:]) + " |")
+    with open(os.path.join(args.out, "penalty.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

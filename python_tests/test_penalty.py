@@ -1,0 +1,165 @@
+"""Fisher Penalty gradients against a float64 autograd oracle built by hand with create_graph."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fisher_ext
+from fisher_ext.likelihoods import Categorical
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4))
+
+
+def cnn(norm):
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), norm(6), nn.ReLU(inplace=True), nn.Flatten(),
+                         nn.Linear(6 * 6 * 6, 4))
+
+
+MODELS = {
+    "mlp": (mlp, (8, 6)),
+    "cnn_batchnorm_train": (lambda: cnn(nn.BatchNorm2d), (8, 3, 6, 6)),
+    "cnn_groupnorm": (lambda: cnn(lambda c: nn.GroupNorm(2, c)), (8, 3, 6, 6)),
+}
+
+
+def build(name, seed=0):
+    make, shape = MODELS[name]
+    torch.manual_seed(seed)
+    model = make().double()
+    x = torch.randn(shape, dtype=torch.float64)
+    with torch.no_grad():
+        y = Categorical().sample(model(x), torch.Generator().manual_seed(1))
+    return model, x, y
+
+
+def oracle(model, x, y, alpha):
+    """(alpha ||gbar||^2, its gradient) by autograd.grad(create_graph=True) on a copy of the model."""
+    model = copy.deepcopy(model)
+    params = list(model.parameters())
+    loss = F.cross_entropy(model(x), y)
+    gbar = torch.autograd.grad(loss, params, create_graph=True)
+    value = alpha * sum(g.square().sum() for g in gbar)
+    return value.item(), [g.detach() for g in torch.autograd.grad(value, params)]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_double_backward_is_exact(name):
+    model, x, y = build(name)
+    value, want = oracle(model, x, y, alpha=0.3)
+    for p in model.parameters():  # the penalty adds on top of what the user's loss put there
+        p.grad = torch.ones_like(p)
+    result = fisher_ext.FisherPenalty(model, 0.3).backward(x, labels=y)
+    assert result.value == pytest.approx(value, rel=1e-10)
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad - 1, w, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_finite_difference_within_its_bound(name):
+    model, x, y = build(name)
+    _, want = oracle(model, x, y, alpha=0.3)
+    before = [p.detach().clone() for p in model.parameters()]
+    fisher_ext.FisherPenalty(model, 0.3, method="finite_difference").backward(x, labels=y)
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    ref = torch.cat([w.flatten() for w in want])
+    # float64 with r ~ 1e-6 (1 + ||theta||) / sqrt(P): truncation O(r) relative
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)  # parameters restored bit for bit
+
+
+def test_free_trace_equals_the_monitor():
+    model, x, y = build("mlp")
+    result = fisher_ext.FisherPenalty(model, 1.0).backward(x, labels=y)
+    want = fisher_ext.fisher_trace(model, x, labels=y)
+    assert result.trace == pytest.approx(want.trace, rel=1e-9)
+    torch.testing.assert_close(result.per_example.double(), want.per_example.double(), rtol=1e-9, atol=0)
+    # E||gbar||^2 ~ Tr(F)/B: here only checked for consistency of the two reported numbers
+    gbar = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    assert result.gbar_sqnorm == pytest.approx(float(sum(g.square().sum() for g in gbar)), rel=1e-10)
+
+
+def test_batchnorm_train_has_no_free_trace_but_a_penalty():
+    model, x, y = build("cnn_batchnorm_train")
+    result = fisher_ext.FisherPenalty(model, 1.0).backward(x, labels=y)
+    assert result.trace is None and result.value > 0
+
+
+def test_hygiene_batchnorm_stats_mode_and_rng():
+    model, x, y = build("cnn_batchnorm_train")
+    stats = [b.clone() for b in model[1].buffers()]
+    torch.manual_seed(5)
+    fisher_ext.FisherPenalty(model, 1.0, method="finite_difference").backward(x, labels=y)
+    after_penalty = torch.rand(3)
+    torch.manual_seed(5)
+    model(x)  # one ordinary forward advances the random stream as much (no dropout here: not at all)
+    assert torch.equal(torch.rand(3), after_penalty)
+    with torch.no_grad():
+        for b, s in zip(model[1].buffers(), stats):
+            b.copy_(s)
+    model.eval()
+    fisher_ext.FisherPenalty(model, 1.0).backward(x, labels=y)
+    assert not model.training
+    for b, s in zip(model[1].buffers(), stats):
+        assert torch.equal(b, s)
+
+
+def test_finite_difference_replays_dropout_masks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 4)).double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    y = torch.arange(8) % 4
+    twin = copy.deepcopy(model)
+    torch.manual_seed(7)
+    fisher_ext.FisherPenalty(model, 1.0).backward(x, labels=y)
+    torch.manual_seed(7)
+    fisher_ext.FisherPenalty(twin, 1.0, method="finite_difference").backward(x, labels=y)
+    exact = torch.cat([p.grad.flatten() for p in model.parameters()])
+    fd = torch.cat([p.grad.flatten() for p in twin.parameters()])
+    assert ((fd - exact).norm() / exact.norm()).item() < 1e-4  # different masks would be O(1) off
+
+
+def test_every_k_steps():
+    model, x, y = build("mlp")
+    penalty = fisher_ext.FisherPenalty(model, 1.0, every=3)
+    results = [penalty.backward(x, labels=y) for _ in range(4)]
+    assert [r is None for r in results] == [False, True, True, False]
+
+
+def test_penalty_lowers_the_trace_in_training():
+    def train(alpha):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 64), nn.Tanh(), nn.Linear(64, 5))
+        x, y = torch.randn(64, 10), torch.randint(0, 5, (64,))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        penalty = fisher_ext.FisherPenalty(model, alpha, generator=torch.Generator().manual_seed(0))
+        for _ in range(40):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if alpha:
+                penalty.backward(x)
+            opt.step()
+        return fisher_ext.fisher_trace(model, x, estimator="exact").trace
+
+    assert train(alpha=1.0) < 0.8 * train(alpha=0.0)
+
+
+def test_errors():
+    model = mlp()
+    with pytest.raises(ValueError, match="alpha: expected a number >= 0"):
+        fisher_ext.FisherPenalty(model, -1.0)
+    with pytest.raises(ValueError, match="every: expected an int >= 1"):
+        fisher_ext.FisherPenalty(model, 1.0, every=0)
+    with pytest.raises(ValueError, match="method: expected one of"):
+        fisher_ext.FisherPenalty(model, 1.0, method="adjoint")
+    with pytest.raises(ValueError, match="model: expected at least one trainable parameter"):
+        fisher_ext.FisherPenalty(mlp().requires_grad_(False), 1.0)
+    with pytest.raises(ValueError, match=r"output: expected logits"):
+        fisher_ext.FisherPenalty(nn.Sequential(nn.Linear(6, 4), nn.Flatten(0)), 1.0).backward(torch.randn(3, 6))
