@@ -5,8 +5,9 @@
 Models: the small CNN of fisher_ext.demo and the CIFAR ResNet-18 with GroupNorm of
 bench/monitor.py. Per step (median of --repeats after a warm-up), side by side in one process:
   sgd            forward + backward + SGD update
-  db-k1, db-k10  + FisherPenalty(method='double_backward'), every step / every 10th step
-  fd-k1, fd-k10  + FisherPenalty(method='finite_difference')
+  db-k1, db-k10  + FisherPenalty(method='double_backward') on the watched training forward
+                 (penalty.watch / from_output), every step / every 10th step
+  fd-k1, fd-k10  + FisherPenalty(method='finite_difference'), the same way
   public         the usual reimplementation: sampled labels, autograd.grad(create_graph=True) of
                  the mean loss, alpha * ||gbar||^2 added to the loss, every step
 k=10 is timed over 10 consecutive steps and divided by 10. Ratios are to sgd.
@@ -46,15 +47,18 @@ def make_step(model, x, y, method, alpha=0.01):
 
     def step():
         opt.zero_grad()
-        out = model(x)
+        if penalty is not None:
+            with penalty.watch():
+                out = model(x)
+            penalty.from_output(out)  # reuses the training forward
+        else:
+            out = model(x)
         loss = F.cross_entropy(out, y)
         if method == "public":
             yhat = torch.distributions.Categorical(logits=out.detach()).sample()
             gbar = torch.autograd.grad(F.cross_entropy(out, yhat), params, create_graph=True)
             loss = loss + alpha * sum(g.square().sum() for g in gbar)
         loss.backward()
-        if penalty is not None:
-            penalty.backward(x)
         opt.step()
 
     return step

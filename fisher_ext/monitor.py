@@ -199,17 +199,21 @@ class _Capture:
         del grads
         return self.norms_from_grads(n, used)
 
-    def norms_from_grads(self, n: int, used_unrecorded: set[str], scale: float = 1.0) -> dict[str, torch.Tensor]:
+    def norms_from_grads(self, n: int, used_unrecorded: set[str], scale: float = 1.0,
+                         differentiable: bool = False) -> dict[str, torch.Tensor]:
         """Per-example norms from the output gradients the hooks caught in the last backward.
 
         ``used_unrecorded``: the parameters of modules that did not run which the loss depends on.
         ``scale``: multiplies the caught gradients (e.g. N for a mean loss, DESIGN.md §2).
+        ``differentiable``: keep the graph (inputs and gradients caught with ``create_graph``), so
+        the norms can be differentiated w.r.t. the parameters; only closed-form rules allow it.
         """
         if scale != 1.0:
             for record in self.records.values():
                 record.grads = [g * scale if g is not None else None for g in record.grads]
-        for record in self.records.values():  # the norms are values, never part of a graph
-            record.grads = [g.detach() if g is not None else None for g in record.grads]
+        if not differentiable:  # the norms are values, not part of a graph
+            for record in self.records.values():
+                record.grads = [g.detach() if g is not None else None for g in record.grads]
         used = set(used_unrecorded)
         for module, record in self.records.items():
             if any(g is not None for g in record.grads):
@@ -230,7 +234,12 @@ class _Capture:
         for module, record in self.records.items():
             if all(g is None for g in record.grads):
                 continue  # the loss does not depend on this call's output
-            args = _detach(record.args)
+            args = record.args if differentiable else _detach(record.args)
+            if todo[module] and differentiable:
+                raise UnsupportedModuleError(
+                    f"{type(module).__name__} ({self.prefix[module] or 'the model'}): differentiating per-example "
+                    "norms needs closed-form rules (Linear, Conv, LayerNorm, GroupNorm, BatchNorm-eval, Embedding); "
+                    f"parameters {todo[module]} have none")
             if rule_for(module) != "fallback" and any(self.rules.get(full) for _, full in self.owners[module]):
                 local = closed_form_norms(module, args, (record.grads[0],))
                 out.update({dict(self.owners[module])[k]: v for k, v in local.items()})

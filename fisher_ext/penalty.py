@@ -15,10 +15,11 @@ loss:
 The sampled-label backward that forms ``gbar`` also yields every example's squared gradient
 norm through the monitor's hooks, so each step reports a Tr(F) estimate at no extra pass.
 
-Hygiene: the penalty's passes do not update BatchNorm running statistics (they are restored;
-the user's own forward is the one that counts), the finite-difference pass replays the first
-pass's random state (same dropout masks) and restores the parameters bit for bit, and the
-model's train/eval mode is left as it was.
+Hygiene: the penalty's own forwards run BatchNorm on scratch copies of its running statistics
+(the user's forward is the one that counts, and the real buffers are never touched in place),
+the finite-difference pass replays the first pass's random state (same dropout masks) and runs
+on shifted copies of the parameters (the model's own are never modified), and the model's
+train/eval mode is left as it was.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .likelihoods import Likelihood, get_likelihood
 from .monitor import _Capture
 
 METHODS = ("double_backward", "finite_difference")
+MODES = ("batch", "trace")
 
 
 @dataclass
@@ -43,7 +45,7 @@ class PenaltyResult:
 
     Attributes:
         value: ``alpha * ||gbar||^2`` (the term added to the loss).
-        gbar_sqnorm: ``||gbar||^2``.
+        gbar_sqnorm: ``||gbar||^2`` (NaN in mode 'trace', which does not form gbar).
         trace: the batch's Tr(F) estimate ``(1/B) sum_i ||g_i||^2`` from the same backward
             (None where the per-example rules do not apply, e.g. BatchNorm in train mode).
         per_example: ``(B,)`` the ``||g_i||^2`` (or None, as ``trace``).
@@ -56,20 +58,27 @@ class PenaltyResult:
 
 
 class FisherPenalty:
-    """The Fisher Penalty as a drop-in for an ordinary training loop::
+    """The Fisher Penalty as a drop-in for an ordinary training loop, reusing its forward::
 
         penalty = fisher_ext.FisherPenalty(model, alpha=0.1)
         for x, y in loader:
             opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            result = penalty.backward(x)       # adds 2 alpha H gbar into .grad
+            with penalty.watch():
+                logits = model(x)
+            result = penalty.from_output(logits)   # adds 2 alpha H gbar into .grad
+            F.cross_entropy(logits, y).backward()
             opt.step()
+
+    or, with a forward of its own, ``penalty.backward(x)`` anywhere before ``opt.step()``.
 
     Args:
         model: the model; its parameters with ``requires_grad`` are penalized.
         alpha: the penalty weight (>= 0).
         likelihood: as in :func:`fisher_ext.fisher_trace`.
-        method: 'double_backward' (exact) or 'finite_difference'.
+        method: 'double_backward' (exact) or 'finite_difference' (mode 'batch' only).
+        mode: 'batch', the paper's ``alpha ||gbar||^2``; or 'trace', ``alpha (1/B) sum_i ||g_i||^2``,
+            the batch estimate of Tr(F) itself, differentiated exactly through the differentiable
+            per-example-norm ops (layers with closed-form rules only; BatchNorm in eval mode).
         every: apply on every k-th call of :meth:`backward` (the paper's cost-saving k=10). The
             gradient is *not* rescaled by k: on the steps it runs it is the penalty's gradient.
         radius: the finite-difference step r (default above); ignored by 'double_backward'.
@@ -77,12 +86,18 @@ class FisherPenalty:
     """
 
     def __init__(self, model: nn.Module, alpha: float, *, likelihood: Union[str, Likelihood] = "categorical",
-                 method: str = "double_backward", every: int = 1, radius: float | None = None,
+                 method: str = "double_backward", mode: str = "batch", every: int = 1, radius: float | None = None,
                  generator: torch.Generator | None = None):
         if not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"alpha: expected a number >= 0, got {alpha!r}")
         if method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if mode == "trace" and method != "double_backward":
+            raise ValueError("method: mode='trace' is differentiated exactly; expected 'double_backward', got "
+                             f"{method!r}")
+        self.mode = mode
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected an int >= 1, got {every!r}")
         if radius is not None and not radius > 0:
@@ -95,68 +110,104 @@ class FisherPenalty:
         self.generator = generator
         self._names = {id(p): k for k, p in model.named_parameters()}
         self._calls = 0
+        self._watched: tuple | None = None  # (capture, random state) of the last watched forward
 
     def backward(self, inputs: Union[torch.Tensor, tuple], labels: torch.Tensor | None = None) -> PenaltyResult | None:
-        """Adds the penalty's gradient into the parameters' ``.grad`` and returns the step's
-        :class:`PenaltyResult` (None on the steps skipped by ``every``).
+        """Runs its own forward on ``inputs``, adds the penalty's gradient into the parameters'
+        ``.grad`` and returns the step's :class:`PenaltyResult` (None on steps skipped by ``every``).
 
         ``labels`` fixes the labels (tests); by default they are sampled from the model.
+        See :meth:`watch` / :meth:`from_output` to reuse the training forward instead.
         """
-        self._calls += 1
-        if (self._calls - 1) % self.every:
+        if not self._due():
             return None
         args = inputs if isinstance(inputs, tuple) else (inputs,)
-        buffers = _norm_buffers(self.model)
-        rng = _rng_state(args)
-        try:
-            with torch.enable_grad():
-                grads, gbar_sq, result = self._first_pass(args, labels)
-                if self.method == "double_backward":
-                    penalty_grads = torch.autograd.grad(self.alpha * gbar_sq, self.params, allow_unused=True)
-                else:
-                    after = _rng_state(args)
-                    penalty_grads = self._finite_difference(args, grads, rng)
-                    _set_rng_state(after)  # the random stream goes on as after one pass
-        finally:
-            _restore_buffers(buffers)
-        for p, g in zip(self.params, penalty_grads):
-            if g is None:
-                continue
-            p.grad = g.detach().clone() if p.grad is None else p.grad.add_(g.detach())
-        return result
-
-    # ---- passes ---------------------------------------------------------------------------
-
-    def _first_pass(self, args: tuple, labels: torch.Tensor | None):
-        try:
-            capture = _Capture(self.model)  # hooks for the free per-example norms
-        except ValueError:  # e.g. weight sharing: the penalty itself needs no per-example gradients
-            capture = None
-        with capture if capture is not None else contextlib.nullcontext():
+        rng, capture = _rng_state(), self._new_capture()
+        with torch.enable_grad(), _scratch_norm_stats(self.model), (
+                capture if capture is not None else contextlib.nullcontext()):
             if capture is not None:
                 capture.start()
             output = self.model(*args)
             if capture is not None:
                 capture.stop()
+            return self._apply(output, capture, args, rng, labels, retain_graph=False)
+
+    def watch(self) -> contextlib.AbstractContextManager:
+        """Context manager around the training forward whose output :meth:`from_output` will use:
+        it records the random state (the finite difference replays the forward's dropout masks)
+        and the inputs, and hooks the layers for the free per-example norms."""
+        return _Watch(self)
+
+    def from_output(self, output: torch.Tensor, labels: torch.Tensor | None = None) -> PenaltyResult | None:
+        """The penalty from the output of the last watched forward: no extra forward for
+        'double_backward' and 'trace', one (at the shifted parameters) for 'finite_difference'.
+        The graph is kept for the caller's own backward."""
+        if self._watched is None:
+            raise RuntimeError("from_output: no watched forward; run the model inside `with penalty.watch():` first")
+        capture, rng = self._watched
+        self._watched = None
+        if not self._due():
+            if capture is not None:
+                capture.clear()
+            return None
+        args = capture.records[self.model].args if capture is not None else None
+        if args is None and self.method == "finite_difference":
+            raise RuntimeError("from_output: the watched forward's inputs were not recorded")
+        try:
+            with torch.enable_grad():
+                return self._apply(output, capture, args, rng, labels, retain_graph=True)
+        finally:
+            if capture is not None:
+                capture.clear()
+
+    # ---- passes ---------------------------------------------------------------------------
+
+    def _due(self) -> bool:
+        self._calls += 1
+        return (self._calls - 1) % self.every == 0
+
+    def _new_capture(self) -> _Capture | None:
+        try:
+            return _Capture(self.model)  # hooks for the free per-example norms
+        except ValueError:  # e.g. weight sharing: the batch penalty itself needs no per-example gradients
+            if self.mode == "trace":
+                raise
+            return None
+
+    def _apply(self, output, capture, args, rng, labels, retain_graph: bool) -> PenaltyResult:
+        self.likelihood.check(output)
+        if labels is None:
+            labels = self.likelihood.sample(output, self.generator)
+        n = output.shape[0]
+        if self.mode == "trace":
+            penalty_grads, result = self._trace(output, capture, labels, n, retain_graph)
+        else:
+            db = self.method == "double_backward"
+            if capture is not None:
                 capture.collecting = True  # the hooks catch dl/d(output) during the gbar backward
-            self.likelihood.check(output)
-            if labels is None:
-                labels = self.likelihood.sample(output, self.generator)
-            self._labels = labels
-            loss = self.likelihood.nll(output, labels).mean()
             try:
-                raw = torch.autograd.grad(loss, self.params, create_graph=self.method == "double_backward",
-                                          allow_unused=True)
+                raw = torch.autograd.grad(self.likelihood.nll(output, labels).mean(), self.params, create_graph=db,
+                                          retain_graph=retain_graph or db, allow_unused=True)
             finally:
                 if capture is not None:
                     capture.collecting = False
-            per_example = self._free_norms(capture, raw, output.shape[0]) if capture is not None else None
-        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(raw, self.params)]
-        gbar_sq = sum(g.square().sum() for g in grads)
-        value = float(gbar_sq.detach())
-        result = PenaltyResult(self.alpha * value, value,
-                               float(per_example.mean()) if per_example is not None else None, per_example)
-        return grads, gbar_sq, result
+            per_example = self._free_norms(capture, raw, n) if capture is not None else None
+            grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(raw, self.params)]
+            gbar_sq = sum(g.square().sum() for g in grads)
+            value = float(gbar_sq.detach())
+            result = PenaltyResult(self.alpha * value, value,
+                                   float(per_example.mean()) if per_example is not None else None, per_example)
+            if db:
+                penalty_grads = torch.autograd.grad(self.alpha * gbar_sq, self.params, retain_graph=retain_graph,
+                                                    allow_unused=True)
+            else:
+                after = _rng_state()
+                penalty_grads = self._finite_difference(args, grads, rng, labels)
+                _set_rng_state(after)  # the random stream goes on as after one pass
+        for p, g in zip(self.params, penalty_grads):
+            if g is not None:
+                p.grad = g.detach().clone() if p.grad is None else p.grad.add_(g.detach())
+        return result
 
     def _free_norms(self, capture: _Capture, raw: tuple, n: int) -> torch.Tensor | None:
         """Per-example squared norms from the gradients the hooks caught (the mean loss gives
@@ -169,24 +220,36 @@ class FisherPenalty:
             return None
         return torch.stack(list(norms.values())).sum(0).detach() if norms else None
 
-    def _finite_difference(self, args: tuple, grads: list, rng) -> list:
+    def _trace(self, output, capture: _Capture, labels, n: int, retain_graph: bool):
+        """alpha (1/B) sum_i ||g_i||^2 and its exact gradient: per-example norms with their graph."""
+        capture.collecting = True
+        try:  # the per-example loss sum: the hooks catch dl_n/dy, with their graph
+            raw = torch.autograd.grad(self.likelihood.nll(output, labels).sum(), self.params, create_graph=True,
+                                      allow_unused=True)
+        finally:
+            capture.collecting = False
+        used = {self._names[id(p)] for p, g in zip(self.params, raw) if g is not None}
+        unrecorded = {k for k in used if capture._module_of[k] not in capture.records}
+        per_example = torch.stack(list(capture.norms_from_grads(n, unrecorded, differentiable=True).values())).sum(0)
+        value = self.alpha * per_example.mean()
+        grads = torch.autograd.grad(value, self.params, retain_graph=retain_graph, allow_unused=True)
+        return grads, PenaltyResult(float(value.detach()), float("nan"), float(per_example.detach().mean()),
+                                    per_example.detach())
+
+    def _finite_difference(self, args: tuple, grads: list, rng, labels) -> list:
         norm = math.sqrt(sum(float(g.detach().double().square().sum()) for g in grads))
         if norm == 0.0:
             return [torch.zeros_like(p) for p in self.params]
         r = self.radius if self.radius is not None else self.default_radius()
-        saved = [p.detach().clone() for p in self.params]
-        try:
-            with torch.no_grad():
-                for p, g in zip(self.params, grads):
-                    p.add_(g.detach(), alpha=r / norm)
-            _set_rng_state(rng)  # the same dropout masks as the first pass
-            output = self.model(*args)
-            loss = self.likelihood.nll(output, self._labels).mean()
-            shifted = torch.autograd.grad(loss, self.params, allow_unused=True)
-        finally:
-            with torch.no_grad():
-                for p, s in zip(self.params, saved):
-                    p.copy_(s)  # bit for bit
+        # The shifted parameters are new tensors passed by functional_call: the model's own are
+        # never modified (the caller's graph may have saved them), so nothing needs restoring.
+        shifted = {self._names[id(p)]: (p.detach() + g.detach() * (r / norm)).requires_grad_()
+                   for p, g in zip(self.params, grads)}
+        _set_rng_state(rng)  # the same dropout masks as the first pass
+        with _scratch_norm_stats(self.model):  # the caller's forward counted once; this one must not
+            output = torch.func.functional_call(self.model, shifted, args)
+        loss = self.likelihood.nll(output, labels).mean()
+        shifted = torch.autograd.grad(loss, list(shifted.values()), allow_unused=True)
         scale = 2 * self.alpha * norm / r
         return [(gs - g.detach()) * scale if gs is not None else torch.zeros_like(g)
                 for gs, g in zip(shifted, grads)]
@@ -199,30 +262,55 @@ class FisherPenalty:
         return base * (1 + theta) / math.sqrt(count)
 
 
-def _norm_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Copies of the BatchNorm running statistics, to undo the penalty passes' updates."""
-    out = []
+@contextlib.contextmanager
+def _scratch_norm_stats(model: nn.Module):
+    """Gives every BatchNorm scratch copies of its running statistics for the penalty's own
+    forwards, so the real ones are neither updated a second time nor modified in place (the
+    caller's graph may have saved them for its backward)."""
+    saved = []
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
-            for b in (m.running_mean, m.running_var, m.num_batches_tracked):
-                if b is not None:
-                    out.append((b, b.detach().clone()))
-    return out
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                buf = getattr(m, name)
+                if buf is not None:
+                    saved.append((m, name, buf))
+                    setattr(m, name, buf.clone())
+    try:
+        yield
+    finally:
+        for m, name, buf in saved:
+            setattr(m, name, buf)
 
 
-def _restore_buffers(saved) -> None:
-    with torch.no_grad():
-        for buf, copy in saved:
-            buf.copy_(copy)
-
-
-def _rng_state(args: tuple):
-    devices = sorted({a.device.index or 0 for a in args if isinstance(a, torch.Tensor) and a.is_cuda})
-    return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in devices]
+def _rng_state():
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
 
 
 def _set_rng_state(state) -> None:
     cpu, cuda = state
     torch.set_rng_state(cpu)
-    for d, s in cuda:
-        torch.cuda.set_rng_state(s, d)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class _Watch:
+    def __init__(self, penalty: FisherPenalty):
+        self.penalty = penalty
+
+    def __enter__(self):
+        p = self.penalty
+        capture = p._new_capture()
+        if capture is not None:
+            capture.__enter__()
+            capture.start()
+        p._watched = (capture, _rng_state())
+        return p
+
+    def __exit__(self, *exc):
+        capture = self.penalty._watched[0]
+        if capture is not None:
+            capture.stop()
+            for h in capture._handles:  # hooks off; the records stay for from_output()
+                h.remove()
+            capture._handles = []

@@ -163,3 +163,52 @@ def test_errors():
         fisher_ext.FisherPenalty(mlp().requires_grad_(False), 1.0)
     with pytest.raises(ValueError, match=r"output: expected logits"):
         fisher_ext.FisherPenalty(nn.Sequential(nn.Linear(6, 4), nn.Flatten(0)), 1.0).backward(torch.randn(3, 6))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_groupnorm"])
+def test_trace_mode_is_exact(name):
+    """mode='trace': alpha (1/B) sum_i ||g_i||^2 differentiated through the per-example-norm ops."""
+    model, x, y = build(name)
+    oracle_model = copy.deepcopy(model)
+    params = list(oracle_model.parameters())
+    value = 0.0
+    for n in range(x.shape[0]):  # oracle: each example's gradient with create_graph
+        g = torch.autograd.grad(F.cross_entropy(oracle_model(x[n:n + 1]), y[n:n + 1], reduction="sum"), params,
+                                create_graph=True)
+        value = value + sum(gi.square().sum() for gi in g)
+    value = 0.5 * value / x.shape[0]
+    want = torch.autograd.grad(value, params)
+    result = fisher_ext.FisherPenalty(model, 0.5, mode="trace").backward(x, labels=y)
+    assert result.value == pytest.approx(value.item(), rel=1e-9)
+    assert result.trace == pytest.approx(value.item() / 0.5, rel=1e-9)
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-6, atol=1e-12)
+
+
+def test_trace_mode_errors():
+    with pytest.raises(ValueError, match="method: mode='trace' is differentiated exactly"):
+        fisher_ext.FisherPenalty(mlp(), 1.0, mode="trace", method="finite_difference")
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        fisher_ext.FisherPenalty(mlp(), 1.0, mode="layerwise")
+
+
+@pytest.mark.parametrize("method", ["double_backward", "finite_difference"])
+def test_from_output_reuses_the_training_forward(method):
+    model, x, y = build("cnn_batchnorm_train")
+    twin = copy.deepcopy(model)
+    true = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    _, want = oracle(model, x, y, alpha=0.3)
+    penalty = fisher_ext.FisherPenalty(model, 0.3, method=method)
+    with penalty.watch():
+        out = model(x)
+    result = penalty.from_output(out, labels=y)
+    F.cross_entropy(out, true).backward()  # the caller's own backward still works
+    F.cross_entropy(twin(x), true).backward()
+    got = torch.cat([(p.grad - q.grad).flatten() for p, q in zip(model.parameters(), twin.parameters())])
+    ref = torch.cat([w.flatten() for w in want])
+    assert ((got - ref).norm() / ref.norm()).item() < (1e-4 if method == "finite_difference" else 1e-9)
+    for b, c in zip(model.buffers(), twin.buffers()):  # statistics updated once, by the caller's forward
+        assert torch.equal(b, c)
+    assert result.value > 0
+    with pytest.raises(RuntimeError, match="no watched forward"):
+        penalty.from_output(out)
