@@ -5,9 +5,10 @@
 Models: the small CNN of fisher_ext.demo and the CIFAR ResNet-18 with GroupNorm of
 bench/monitor.py. Per step (median of --repeats after a warm-up), side by side in one process:
   sgd            forward + backward + SGD update
-  db-k1, db-k10  + FisherPenalty(method='double_backward') on the watched training forward
-                 (penalty.watch / from_output), every step / every 10th step
-  fd-k1, fd-k10  + FisherPenalty(method='finite_difference'), the same way
+  db-k1, db-k10  + FisherPenalty(method='double_backward'): penalty.penalty_term on the watched
+                 training forward, added to the loss; every step / every 10th step
+  fd-k1, fd-k10  + FisherPenalty(method='finite_difference'): penalty.from_output on the watched
+                 training forward
   public         the usual reimplementation: sampled labels, autograd.grad(create_graph=True) of
                  the mean loss, alpha * ||gbar||^2 added to the loss, every step
 k=10 is timed over 10 consecutive steps and divided by 10. Ratios are to sgd.
@@ -50,10 +51,14 @@ def make_step(model, x, y, method, alpha=0.01):
         if penalty is not None:
             with penalty.watch():
                 out = model(x)
-            penalty.from_output(out)  # reuses the training forward
         else:
             out = model(x)
         loss = F.cross_entropy(out, y)
+        if method.startswith("db"):  # the penalty term joins the loss: one backward for both
+            term = penalty.penalty_term(out)
+            loss = loss + term if term is not None else loss
+        elif method.startswith("fd"):
+            penalty.from_output(out)  # reuses the training forward
         if method == "public":
             yhat = torch.distributions.Categorical(logits=out.detach()).sample()
             gbar = torch.autograd.grad(F.cross_entropy(out, yhat), params, create_graph=True)
@@ -100,6 +105,7 @@ def main() -> None:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
             "threads": torch.get_num_threads(), "repeats": args.repeats}
+    # ours also reports Tr(F) every step it runs (per-example norms from the gbar backward); public does not
     with open(os.path.join(args.out, "penalty.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = ["# Fisher Penalty: time per training step (CPU)", "",

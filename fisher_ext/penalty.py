@@ -111,6 +111,7 @@ class FisherPenalty:
         self._names = {id(p): k for k, p in model.named_parameters()}
         self._calls = 0
         self._watched: tuple | None = None  # (capture, random state) of the last watched forward
+        self.last_result: PenaltyResult | None = None
 
     def backward(self, inputs: Union[torch.Tensor, tuple], labels: torch.Tensor | None = None) -> PenaltyResult | None:
         """Runs its own forward on ``inputs``, adds the penalty's gradient into the parameters'
@@ -174,39 +175,78 @@ class FisherPenalty:
                 raise
             return None
 
-    def _apply(self, output, capture, args, rng, labels, retain_graph: bool) -> PenaltyResult:
+    def penalty_term(self, output: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The penalty as a differentiable scalar to add to the loss, from the output of the last
+        watched forward (one backward then serves both: the cheapest exact form)::
+
+            with penalty.watch():
+                logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            term = penalty.penalty_term(logits)
+            (loss + term if term is not None else loss).backward()
+
+        Needs method='double_backward'. None on the steps skipped by ``every``; the step's
+        :class:`PenaltyResult` is in ``penalty.last_result``.
+        """
+        if self.method != "double_backward":
+            raise ValueError("method: penalty_term differentiates the penalty; expected 'double_backward', got "
+                             f"{self.method!r} (use from_output for finite differences)")
+        if self._watched is None:
+            raise RuntimeError("penalty_term: no watched forward; run the model inside `with penalty.watch():` first")
+        capture, _ = self._watched
+        self._watched = None
+        try:
+            if not self._due():
+                return None
+            with torch.enable_grad():
+                value, _, self.last_result = self._value(output, capture, labels, keep_graph=True)
+            return value
+        finally:
+            if capture is not None:
+                capture.clear()
+
+    def _value(self, output, capture, labels, keep_graph: bool):
+        """The penalty value (a tensor with graph when differentiable), gbar's parts, and the result."""
         self.likelihood.check(output)
         if labels is None:
             labels = self.likelihood.sample(output, self.generator)
+        self._labels = labels
         n = output.shape[0]
         if self.mode == "trace":
-            penalty_grads, result = self._trace(output, capture, labels, n, retain_graph)
-        else:
-            db = self.method == "double_backward"
+            per_example = self._differentiable_norms(output, capture, labels, n)
+            value = self.alpha * per_example.mean()
+            trace = float(per_example.detach().mean())
+            return value, None, PenaltyResult(float(value.detach()), float("nan"), trace, per_example.detach())
+        db = self.method == "double_backward"
+        if capture is not None:
+            capture.collecting = True  # the hooks catch dl/d(output) during the gbar backward
+        try:
+            raw = torch.autograd.grad(self.likelihood.nll(output, labels).mean(), self.params, create_graph=db,
+                                      retain_graph=keep_graph or db, allow_unused=True)
+        finally:
             if capture is not None:
-                capture.collecting = True  # the hooks catch dl/d(output) during the gbar backward
-            try:
-                raw = torch.autograd.grad(self.likelihood.nll(output, labels).mean(), self.params, create_graph=db,
-                                          retain_graph=retain_graph or db, allow_unused=True)
-            finally:
-                if capture is not None:
-                    capture.collecting = False
-            per_example = self._free_norms(capture, raw, n) if capture is not None else None
-            grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(raw, self.params)]
-            gbar_sq = sum(g.square().sum() for g in grads)
-            value = float(gbar_sq.detach())
-            result = PenaltyResult(self.alpha * value, value,
-                                   float(per_example.mean()) if per_example is not None else None, per_example)
-            if db:
-                penalty_grads = torch.autograd.grad(self.alpha * gbar_sq, self.params, retain_graph=retain_graph,
-                                                    allow_unused=True)
-            else:
-                after = _rng_state()
-                penalty_grads = self._finite_difference(args, grads, rng, labels)
-                _set_rng_state(after)  # the random stream goes on as after one pass
+                capture.collecting = False
+        per_example = self._free_norms(capture, raw, n) if capture is not None else None
+        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(raw, self.params)]
+        gbar_sq = sum(g.square().sum() for g in grads)
+        value = float(gbar_sq.detach())
+        result = PenaltyResult(self.alpha * value, value,
+                               float(per_example.mean()) if per_example is not None else None, per_example)
+        return self.alpha * gbar_sq, grads, result
+
+    def _apply(self, output, capture, args, rng, labels, retain_graph: bool) -> PenaltyResult:
+        value, grads, result = self._value(output, capture, labels, keep_graph=retain_graph)
+        if self.method == "double_backward":
+            penalty_grads = torch.autograd.grad(value, self.params, retain_graph=retain_graph, allow_unused=True)
+        else:
+            after = _rng_state()
+            penalty_grads = self._finite_difference(args, grads, rng, self._labels)
+            _set_rng_state(after)  # the random stream goes on as after one pass
         for p, g in zip(self.params, penalty_grads):
-            if g is not None:
-                p.grad = g.detach().clone() if p.grad is None else p.grad.add_(g.detach())
+            if g is not None:  # in the parameter's own layout (the gradient layout contract)
+                g = g.detach()
+                p.grad = torch.empty_like(p).copy_(g) if p.grad is None else p.grad.add_(g)
+        self.last_result = result
         return result
 
     def _free_norms(self, capture: _Capture, raw: tuple, n: int) -> torch.Tensor | None:
@@ -220,8 +260,8 @@ class FisherPenalty:
             return None
         return torch.stack(list(norms.values())).sum(0).detach() if norms else None
 
-    def _trace(self, output, capture: _Capture, labels, n: int, retain_graph: bool):
-        """alpha (1/B) sum_i ||g_i||^2 and its exact gradient: per-example norms with their graph."""
+    def _differentiable_norms(self, output, capture: _Capture, labels, n: int) -> torch.Tensor:
+        """(B,) per-example squared norms with their graph (mode 'trace')."""
         capture.collecting = True
         try:  # the per-example loss sum: the hooks catch dl_n/dy, with their graph
             raw = torch.autograd.grad(self.likelihood.nll(output, labels).sum(), self.params, create_graph=True,
@@ -230,11 +270,7 @@ class FisherPenalty:
             capture.collecting = False
         used = {self._names[id(p)] for p, g in zip(self.params, raw) if g is not None}
         unrecorded = {k for k in used if capture._module_of[k] not in capture.records}
-        per_example = torch.stack(list(capture.norms_from_grads(n, unrecorded, differentiable=True).values())).sum(0)
-        value = self.alpha * per_example.mean()
-        grads = torch.autograd.grad(value, self.params, retain_graph=retain_graph, allow_unused=True)
-        return grads, PenaltyResult(float(value.detach()), float("nan"), float(per_example.detach().mean()),
-                                    per_example.detach())
+        return torch.stack(list(capture.norms_from_grads(n, unrecorded, differentiable=True).values())).sum(0)
 
     def _finite_difference(self, args: tuple, grads: list, rng, labels) -> list:
         norm = math.sqrt(sum(float(g.detach().double().square().sum()) for g in grads))

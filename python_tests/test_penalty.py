@@ -212,3 +212,23 @@ def test_from_output_reuses_the_training_forward(method):
     assert result.value > 0
     with pytest.raises(RuntimeError, match="no watched forward"):
         penalty.from_output(out)
+
+
+@pytest.mark.parametrize("mode", ["batch", "trace"])
+def test_penalty_term_in_one_backward(mode):
+    model, x, y = build("mlp")
+    twin = copy.deepcopy(model)
+    true = torch.arange(8) % 4
+    a = fisher_ext.FisherPenalty(model, 0.2, mode=mode)
+    with a.watch():
+        out = model(x)
+    term = a.penalty_term(out, labels=y)
+    (F.cross_entropy(out, true) + term).backward()
+    b = fisher_ext.FisherPenalty(twin, 0.2, mode=mode)
+    F.cross_entropy(twin(x), true).backward()
+    b.backward(x, labels=y)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
+    assert a.last_result.value == pytest.approx(b.last_result.value, rel=1e-12)
+    with pytest.raises(ValueError, match="penalty_term differentiates the penalty"):
+        fisher_ext.FisherPenalty(model, 0.2, method="finite_difference").penalty_term(out)
