@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Union
+from dataclasses import dataclass, field
+from typing import Any, Union
 
 import torch
 from torch import nn
 
 from .likelihoods import Likelihood, get_likelihood
-from .monitor import _Capture
+from .monitor import _Capture, _Record
 
 METHODS = ("double_backward", "finite_difference")
 MODES = ("batch", "trace")
@@ -49,12 +49,27 @@ class PenaltyResult:
         trace: the batch's Tr(F) estimate ``(1/B) sum_i ||g_i||^2`` from the same backward
             (None where the per-example rules do not apply, e.g. BatchNorm in train mode).
         per_example: ``(B,)`` the ``||g_i||^2`` (or None, as ``trace``).
+
+    ``trace`` and ``per_example`` are computed on first access, from the layer inputs and
+    output gradients the hooks caught during the gbar backward (held until then): a step
+    that never reads them pays only for the hooks.
     """
 
     value: float
     gbar_sqnorm: float
-    trace: float | None
-    per_example: torch.Tensor | None
+    _norms: Any = field(default=None, repr=False)  # a tensor, or a callable that computes it
+    _done: bool = field(default=False, repr=False)
+
+    @property
+    def per_example(self) -> torch.Tensor | None:
+        if not self._done:
+            self._norms = self._norms() if callable(self._norms) else self._norms
+            self._done = True
+        return self._norms
+
+    @property
+    def trace(self) -> float | None:
+        return float(self.per_example.mean()) if self.per_example is not None else None
 
 
 class FisherPenalty:
@@ -215,8 +230,7 @@ class FisherPenalty:
         if self.mode == "trace":
             per_example = self._differentiable_norms(output, capture, labels, n)
             value = self.alpha * per_example.mean()
-            trace = float(per_example.detach().mean())
-            return value, None, PenaltyResult(float(value.detach()), float("nan"), trace, per_example.detach())
+            return value, None, PenaltyResult(float(value.detach()), float("nan"), per_example.detach())
         db = self.method == "double_backward"
         if capture is not None:
             capture.collecting = True  # the hooks catch dl/d(output) during the gbar backward
@@ -226,12 +240,11 @@ class FisherPenalty:
         finally:
             if capture is not None:
                 capture.collecting = False
-        per_example = self._free_norms(capture, raw, n) if capture is not None else None
+        norms = self._free_norms(capture, raw, n) if capture is not None else None
         grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(raw, self.params)]
         gbar_sq = sum(g.square().sum() for g in grads)
         value = float(gbar_sq.detach())
-        result = PenaltyResult(self.alpha * value, value,
-                               float(per_example.mean()) if per_example is not None else None, per_example)
+        result = PenaltyResult(self.alpha * value, value, norms)
         return self.alpha * gbar_sq, grads, result
 
     def _apply(self, output, capture, args, rng, labels, retain_graph: bool) -> PenaltyResult:
@@ -249,16 +262,28 @@ class FisherPenalty:
         self.last_result = result
         return result
 
-    def _free_norms(self, capture: _Capture, raw: tuple, n: int) -> torch.Tensor | None:
-        """Per-example squared norms from the gradients the hooks caught (the mean loss gives
-        them (1/B) dl_n/dy: scaled by B), or None where the per-example rules do not apply."""
+    def _free_norms(self, capture: _Capture, raw: tuple, n: int):
+        """A callable giving the per-example squared norms from the gradients the hooks caught
+        (the mean loss gives them (1/B) dl_n/dy: scaled by B), or None where the per-example
+        rules do not apply. The capture's outputs are dropped now (that frees the graph); its
+        inputs and caught gradients stay until the norms are computed."""
         used = {self._names[id(p)] for p, g in zip(self.params, raw) if g is not None}
         unrecorded = {k for k in used if capture._module_of[k] not in capture.records}
-        try:
-            norms = capture.norms_from_grads(n, unrecorded, scale=float(n))
-        except ValueError:  # e.g. BatchNorm in train mode couples the examples
-            return None
-        return torch.stack(list(norms.values())).sum(0).detach() if norms else None
+        records = {m: _Record(r.args, r.kwargs, tuple(None for _ in r.outputs),
+                              [g.detach() if g is not None else None for g in r.grads], r.versions)
+                   for m, r in capture.records.items()}  # a copy that outlives the capture's clear()
+
+        def compute() -> torch.Tensor | None:
+            capture.records = records
+            try:
+                norms = capture.norms_from_grads(n, unrecorded, scale=float(n))
+            except ValueError:  # e.g. BatchNorm in train mode couples the examples
+                return None
+            finally:
+                capture.clear()
+            return torch.stack(list(norms.values())).sum(0).detach() if norms else None
+
+        return compute
 
     def _differentiable_norms(self, output, capture: _Capture, labels, n: int) -> torch.Tensor:
         """(B,) per-example squared norms with their graph (mode 'trace')."""
