@@ -1,13 +1,13 @@
-"""Demo of the ops: Tr(F) of a small CNN from one backward pass, checked against torch.func.
+"""Demo: Tr(F) of a small CNN from one backward pass, checked against torch.func.
 
     python -m fisher_ext.demo [--batch 64] [--seed 0] [--device cpu]
 
 Labels are sampled from the model's own predictive distribution (the Fisher,
-DESIGN.md §2); module hooks capture each layer's input and output gradient,
-and linear_sqnorm / conv_sqnorm add every layer's per-example squared gradient
-norm into one (N,) buffer. Tr(F) is that buffer's mean. The same numbers are
-then computed by materializing all per-example gradients with torch.func, and
-both timings are printed. (The Tr(F) monitor of a later release wraps this.)
+DESIGN.md §2); fisher_trace's module hooks capture each layer's input and output
+gradient, and the per-example-norm ops turn them into every example's squared
+gradient norm. Tr(F) is their mean. The same numbers are then computed by
+materializing all per-example gradients with torch.func, and both timings are
+printed.
 """
 
 from __future__ import annotations
@@ -32,34 +32,8 @@ def small_cnn(num_classes: int = 10) -> nn.Sequential:
 
 
 def per_example_sqnorms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """||grad_theta l_n||^2 for every example, from one batched backward and the fisher_ext ops."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    inputs: dict[nn.Module, torch.Tensor] = {}
-    total = torch.zeros(x.shape[0], device=x.device)
-
-    def save_input(module, args):
-        inputs[module] = args[0].detach()
-
-    def add_norm(module, grad_input, grad_output):
-        g = grad_output[0].detach()
-        if isinstance(module, nn.Linear):
-            fisher_ext.linear_sqnorm(inputs[module], g, bias=module.bias is not None, accumulate=total)
-        else:
-            fisher_ext.conv_sqnorm(inputs[module], g, kernel_size=module.kernel_size, stride=module.stride,
-                                   padding=module.padding, dilation=module.dilation, groups=module.groups,
-                                   bias=module.bias is not None, accumulate=total)
-
-    handles = [h for m in layers for h in (m.register_forward_pre_hook(save_input),
-                                           m.register_full_backward_hook(add_norm))]
-    try:
-        # reduction='sum': the hooks see dl_n/dy_n itself, no 1/N^2 rescaling needed.
-        loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
-        grads = torch.autograd.grad(loss, [p for p in model.parameters()])
-    finally:
-        for h in handles:
-            h.remove()
-    del grads
-    return total
+    """||grad_theta l_n||^2 for every example: one forward and one backward, with the fisher_ext ops."""
+    return fisher_ext.fisher_trace(model, x, labels=y).per_example
 
 
 def per_example_sqnorms_torch_func(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
