@@ -36,7 +36,8 @@ from .likelihoods import Likelihood, get_likelihood
 from .monitor import _Capture, _Record
 
 METHODS = ("double_backward", "finite_difference")
-MODES = ("batch", "trace")
+MODES = ("batch", "trace", "input")
+TARGETS = ("sampled", "true", "random")
 
 
 @dataclass
@@ -91,9 +92,14 @@ class FisherPenalty:
         alpha: the penalty weight (>= 0).
         likelihood: as in :func:`fisher_ext.fisher_trace`.
         method: 'double_backward' (exact) or 'finite_difference' (mode 'batch' only).
-        mode: 'batch', the paper's ``alpha ||gbar||^2``; or 'trace', ``alpha (1/B) sum_i ||g_i||^2``,
+        mode: 'batch', the paper's ``alpha ||gbar||^2``; 'trace', ``alpha (1/B) sum_i ||g_i||^2``,
             the batch estimate of Tr(F) itself, differentiated exactly through the differentiable
-            per-example-norm ops (layers with closed-form rules only; BatchNorm in eval mode).
+            per-example-norm ops (layers with closed-form rules only; BatchNorm in eval mode); or
+            'input' (the paper's GPx baseline), ``alpha (1/B) sum_i ||d l_i / d x_i||^2``, with
+            :meth:`backward` only.
+        target: the labels of ``l``: 'sampled' from the model (the Fisher Penalty), 'true' (the
+            paper's GP baseline: pass the labels to each call), or 'random' (GPr: uniform
+            random classes, categorical likelihood).
         every: apply on every k-th call of :meth:`backward` (the paper's cost-saving k=10). The
             gradient is *not* rescaled by k: on the steps it runs it is the penalty's gradient.
         radius: the finite-difference step r (default above); ignored by 'double_backward'.
@@ -101,7 +107,8 @@ class FisherPenalty:
     """
 
     def __init__(self, model: nn.Module, alpha: float, *, likelihood: Union[str, Likelihood] = "categorical",
-                 method: str = "double_backward", mode: str = "batch", every: int = 1, radius: float | None = None,
+                 method: str = "double_backward", mode: str = "batch", target: str = "sampled", every: int = 1,
+                 radius: float | None = None,
                  generator: torch.Generator | None = None):
         if not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"alpha: expected a number >= 0, got {alpha!r}")
@@ -109,6 +116,12 @@ class FisherPenalty:
             raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if target not in TARGETS:
+            raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
+        if mode == "input" and method != "double_backward":
+            raise ValueError(f"method: mode='input' is differentiated exactly; expected 'double_backward', got "
+                             f"{method!r}")
+        self.target = target
         if mode == "trace" and method != "double_backward":
             raise ValueError("method: mode='trace' is differentiated exactly; expected 'double_backward', got "
                              f"{method!r}")
@@ -138,6 +151,8 @@ class FisherPenalty:
         if not self._due():
             return None
         args = inputs if isinstance(inputs, tuple) else (inputs,)
+        if self.mode == "input":
+            return self._input_penalty(args, labels)
         rng, capture = _rng_state(), self._new_capture()
         with torch.enable_grad(), _scratch_norm_stats(self.model), (
                 capture if capture is not None else contextlib.nullcontext()):
@@ -158,6 +173,8 @@ class FisherPenalty:
         """The penalty from the output of the last watched forward: no extra forward for
         'double_backward' and 'trace', one (at the shifted parameters) for 'finite_difference'.
         The graph is kept for the caller's own backward."""
+        if self.mode == "input":
+            raise ValueError("mode: 'input' (GPx) differentiates w.r.t. the inputs; use backward(x, labels)")
         if self._watched is None:
             raise RuntimeError("from_output: no watched forward; run the model inside `with penalty.watch():` first")
         capture, rng = self._watched
@@ -206,6 +223,8 @@ class FisherPenalty:
         if self.method != "double_backward":
             raise ValueError("method: penalty_term differentiates the penalty; expected 'double_backward', got "
                              f"{self.method!r} (use from_output for finite differences)")
+        if self.mode == "input":
+            raise ValueError("mode: 'input' (GPx) differentiates w.r.t. the inputs; use backward(x, labels)")
         if self._watched is None:
             raise RuntimeError("penalty_term: no watched forward; run the model inside `with penalty.watch():` first")
         capture, _ = self._watched
@@ -220,11 +239,23 @@ class FisherPenalty:
             if capture is not None:
                 capture.clear()
 
+    def _labels_for(self, output: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The step's labels: given, or drawn once per step for the target."""
+        self.likelihood.check(output)
+        if labels is not None:
+            return labels
+        if self.target == "true":
+            raise ValueError("labels: target='true' (the GP baseline) needs the true labels, got None")
+        if self.target == "random":
+            if output.dim() < 2 or not hasattr(self.likelihood, "class_probabilities"):
+                raise ValueError("target: 'random' draws uniform classes; it needs a categorical likelihood")
+            return torch.randint(output.shape[-1], output.shape[:-1], generator=self.generator,
+                                 device=output.device)
+        return self.likelihood.sample(output, self.generator)
+
     def _value(self, output, capture, labels, keep_graph: bool):
         """The penalty value (a tensor with graph when differentiable), gbar's parts, and the result."""
-        self.likelihood.check(output)
-        if labels is None:
-            labels = self.likelihood.sample(output, self.generator)
+        labels = self._labels_for(output, labels)
         self._labels = labels
         n = output.shape[0]
         if self.mode == "trace":
@@ -255,12 +286,31 @@ class FisherPenalty:
             after = _rng_state()
             penalty_grads = self._finite_difference(args, grads, rng, self._labels)
             _set_rng_state(after)  # the random stream goes on as after one pass
-        for p, g in zip(self.params, penalty_grads):
+        self._add_to_grads(penalty_grads)
+        self.last_result = result
+        return result
+
+    def _add_to_grads(self, grads) -> None:
+        for p, g in zip(self.params, grads):
             if g is not None:  # in the parameter's own layout (the gradient layout contract)
                 g = g.detach()
                 p.grad = torch.empty_like(p).copy_(g) if p.grad is None else p.grad.add_(g)
-        self.last_result = result
-        return result
+
+    def _input_penalty(self, args: tuple, labels: torch.Tensor | None) -> PenaltyResult:
+        """GPx: alpha (1/B) sum_i ||d l_i / d x_i||^2 (the first input), exact by double backward.
+        The per-example input gradients are one backward of sum_i l_i, as l_i depends on x_i alone
+        (BatchNorm in train mode couples examples: use eval mode)."""
+        x = args[0].detach().requires_grad_()
+        with torch.enable_grad(), _scratch_norm_stats(self.model):
+            output = self.model(x, *args[1:])
+            labels = self._labels_for(output, labels)
+            (gx,) = torch.autograd.grad(self.likelihood.nll(output, labels).sum(), x, create_graph=True)
+            per_example = gx.reshape(gx.shape[0], -1).square().sum(1)
+            value = self.alpha * per_example.mean()
+            grads = torch.autograd.grad(value, self.params, allow_unused=True)
+        self._add_to_grads(grads)
+        self.last_result = PenaltyResult(float(value.detach()), float("nan"), None)
+        return self.last_result
 
     def _free_norms(self, capture: _Capture, raw: tuple, n: int):
         """A callable giving the per-example squared norms from the gradients the hooks caught

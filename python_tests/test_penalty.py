@@ -232,3 +232,36 @@ def test_penalty_term_in_one_backward(mode):
     assert a.last_result.value == pytest.approx(b.last_result.value, rel=1e-12)
     with pytest.raises(ValueError, match="penalty_term differentiates the penalty"):
         fisher_ext.FisherPenalty(model, 0.2, method="finite_difference").penalty_term(out)
+
+
+def test_gradient_penalty_baselines():
+    """GP (true labels), GPr (random labels) and GPx (input gradients) under the same interface."""
+    model, x, _ = build("mlp")
+    true = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    _, want = oracle(model, x, true, alpha=0.4)
+    gp = copy.deepcopy(model)
+    fisher_ext.FisherPenalty(gp, 0.4, target="true").backward(x, labels=true)
+    for p, w in zip(gp.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match="labels: target='true'"):
+        fisher_ext.FisherPenalty(gp, 0.4, target="true").backward(x)
+
+    gpr = copy.deepcopy(model)
+    fisher_ext.FisherPenalty(gpr, 0.4, target="random", generator=torch.Generator().manual_seed(3)).backward(x)
+    random = torch.randint(4, (8,), generator=torch.Generator().manual_seed(3))
+    _, want = oracle(model, x, random, alpha=0.4)
+    for p, w in zip(gpr.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-6, atol=1e-12)
+
+    gpx = copy.deepcopy(model)
+    result = fisher_ext.FisherPenalty(gpx, 0.4, mode="input").backward(x, labels=true)
+    ref = copy.deepcopy(model)
+    xr = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(F.cross_entropy(ref(xr), true, reduction="sum"), xr, create_graph=True)
+    value = 0.4 * gx.square().sum() / 8
+    want = torch.autograd.grad(value, list(ref.parameters()))
+    assert result.value == pytest.approx(value.item(), rel=1e-10)
+    for p, w in zip(gpx.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match="mode: 'input' \\(GPx\\)"):
+        fisher_ext.FisherPenalty(gpx, 0.4, mode="input").from_output(torch.zeros(2, 4))
