@@ -108,8 +108,7 @@ class FisherPenalty:
 
     def __init__(self, model: nn.Module, alpha: float, *, likelihood: Union[str, Likelihood] = "categorical",
                  method: str = "double_backward", mode: str = "batch", target: str = "sampled", every: int = 1,
-                 radius: float | None = None,
-                 generator: torch.Generator | None = None):
+                 radius: float | None = None, generator: torch.Generator | None = None):
         if not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"alpha: expected a number >= 0, got {alpha!r}")
         if method not in METHODS:
@@ -118,14 +117,9 @@ class FisherPenalty:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         if target not in TARGETS:
             raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
-        if mode == "input" and method != "double_backward":
-            raise ValueError(f"method: mode='input' is differentiated exactly; expected 'double_backward', got "
+        if mode in ("trace", "input") and method != "double_backward":
+            raise ValueError(f"method: mode={mode!r} is differentiated exactly; expected 'double_backward', got "
                              f"{method!r}")
-        self.target = target
-        if mode == "trace" and method != "double_backward":
-            raise ValueError("method: mode='trace' is differentiated exactly; expected 'double_backward', got "
-                             f"{method!r}")
-        self.mode = mode
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected an int >= 1, got {every!r}")
         if radius is not None and not radius > 0:
@@ -134,6 +128,7 @@ class FisherPenalty:
         if not self.params:
             raise ValueError("model: expected at least one trainable parameter (requires_grad=True), found none")
         self.model, self.alpha, self.method, self.every, self.radius = model, float(alpha), method, every, radius
+        self.mode, self.target = mode, target
         self.likelihood = get_likelihood(likelihood)
         self.generator = generator
         self._names = {id(p): k for k, p in model.named_parameters()}
