@@ -168,12 +168,7 @@ class FisherPenalty:
         """The penalty from the output of the last watched forward: no extra forward for
         'double_backward' and 'trace', one (at the shifted parameters) for 'finite_difference'.
         The graph is kept for the caller's own backward."""
-        if self.mode == "input":
-            raise ValueError("mode: 'input' (GPx) differentiates w.r.t. the inputs; use backward(x, labels)")
-        if self._watched is None:
-            raise RuntimeError("from_output: no watched forward; run the model inside `with penalty.watch():` first")
-        capture, rng = self._watched
-        self._watched = None
+        capture, rng = self._take_watched("from_output")
         if not self._due():
             if capture is not None:
                 capture.clear()
@@ -189,6 +184,15 @@ class FisherPenalty:
                 capture.clear()
 
     # ---- passes ---------------------------------------------------------------------------
+
+    def _take_watched(self, caller: str) -> tuple:
+        """The (capture, random state) of the last watched forward, used once."""
+        if self.mode == "input":
+            raise ValueError("mode: 'input' (GPx) differentiates w.r.t. the inputs; use backward(x, labels)")
+        if self._watched is None:
+            raise RuntimeError(f"{caller}: no watched forward; run the model inside `with penalty.watch():` first")
+        watched, self._watched = self._watched, None
+        return watched
 
     def _due(self) -> bool:
         self._calls += 1
@@ -218,12 +222,7 @@ class FisherPenalty:
         if self.method != "double_backward":
             raise ValueError("method: penalty_term differentiates the penalty; expected 'double_backward', got "
                              f"{self.method!r} (use from_output for finite differences)")
-        if self.mode == "input":
-            raise ValueError("mode: 'input' (GPx) differentiates w.r.t. the inputs; use backward(x, labels)")
-        if self._watched is None:
-            raise RuntimeError("penalty_term: no watched forward; run the model inside `with penalty.watch():` first")
-        capture, _ = self._watched
-        self._watched = None
+        capture, _ = self._take_watched("penalty_term")
         try:
             if not self._due():
                 return None
