@@ -23,11 +23,14 @@ namespace {
 #define FX_REP24(X) FX_REP12(X) X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19) X(20) X(21) X(22) X(23)
 
 // 32 channels x 12 columns: 24 accumulators.
-FISHER_EXT_AVX512 float tile_32x12(const float* a, int64_t lda, __mmask16 mask0, __mmask16 mask1,
-                                   const float* panel, int64_t ks, int64_t js, int64_t K) {
+FISHER_EXT_AVX512 float tile_32x12(const float* a_base, int64_t lda, __mmask16 mask0, __mmask16 mask1,
+                                   const float* panel_base, int64_t ks, int64_t js, PositionRuns K) {
 #define FX_DECL(j) __m512 c0_##j = _mm512_setzero_ps(), c1_##j = _mm512_setzero_ps();
   FX_REP12(FX_DECL)
-  for (int64_t k = 0; k < K; ++k, a += lda, panel += ks) {
+  for (int64_t r = 0; r < K.count; ++r) {
+    const float* a = a_base + r * K.stride * lda;
+    const float* panel = panel_base + r * K.stride * ks;
+  for (int64_t k = 0; k < K.length; ++k, a += lda, panel += ks) {
     const __m512 a0 = _mm512_maskz_loadu_ps(mask0, a);
     const __m512 a1 = _mm512_maskz_loadu_ps(mask1, a + 16);
 #define FX_STEP(j)                                      \
@@ -37,6 +40,7 @@ FISHER_EXT_AVX512 float tile_32x12(const float* a, int64_t lda, __mmask16 mask0,
     c1_##j = _mm512_fmadd_ps(a1, b, c1_##j);            \
   }
     FX_REP12(FX_STEP)
+  }
   }
   __m512 s = _mm512_setzero_ps();
 #define FX_SUM(j) s = _mm512_fmadd_ps(c0_##j, c0_##j, s); s = _mm512_fmadd_ps(c1_##j, c1_##j, s);
@@ -49,16 +53,20 @@ FISHER_EXT_AVX512 float tile_32x12(const float* a, int64_t lda, __mmask16 mask0,
 
 // 16 channels x NR columns (NR <= 24): NR accumulators; the unused ones compile away.
 template <int NR>
-FISHER_EXT_AVX512 float tile_16xN(const float* a, int64_t lda, __mmask16 mask0, __mmask16, const float* panel,
-                                  int64_t ks, int64_t js, int64_t K) {
+FISHER_EXT_AVX512 float tile_16xN(const float* a_base, int64_t lda, __mmask16 mask0, __mmask16, const float* panel_base,
+                                  int64_t ks, int64_t js, PositionRuns K) {
   static_assert(NR <= 24, "at most 24 accumulators");
 #define FX_DECL(j) __m512 c_##j = _mm512_setzero_ps();
   FX_REP24(FX_DECL)
-  for (int64_t k = 0; k < K; ++k, a += lda, panel += ks) {
+  for (int64_t r = 0; r < K.count; ++r) {
+    const float* a = a_base + r * K.stride * lda;
+    const float* panel = panel_base + r * K.stride * ks;
+  for (int64_t k = 0; k < K.length; ++k, a += lda, panel += ks) {
     const __m512 a0 = _mm512_maskz_loadu_ps(mask0, a);
 #define FX_STEP(j) \
   if (j < NR) c_##j = _mm512_fmadd_ps(a0, _mm512_set1_ps(panel[j * js]), c_##j);
     FX_REP24(FX_STEP)
+  }
   }
   __m512 s = _mm512_setzero_ps();
 #define FX_SUM(j) \
@@ -74,9 +82,10 @@ inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
-template <int MR, float (*tile)(const float*, int64_t, __mmask16, __mmask16, const float*, int64_t, int64_t, int64_t)>
+template <int MR, float (*tile)(const float*, int64_t, __mmask16, __mmask16, const float*, int64_t, int64_t,
+                                PositionRuns)>
 FISHER_EXT_AVX512 double panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t ks,
-                                      int64_t js, int64_t K) {
+                                      int64_t js, PositionRuns K) {
   double total = 0;
   for (int64_t i0 = 0; i0 < M; i0 += MR) total += tile(a + i0, lda, lanes(M - i0), lanes(M - i0 - 16), panel, ks, js, K);
   return total;
@@ -93,7 +102,7 @@ bool fused_gemm_sqnorm_available() {
 int64_t fused_panel_width(int64_t M) { return M <= 16 ? 24 : 12; }
 
 double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step,
-                          int64_t j_step, int64_t K, int64_t width) {
+                          int64_t j_step, PositionRuns K, int64_t width) {
   switch (width) {
     case 12: return panel_sqnorm<32, tile_32x12>(a, lda, M, panel, k_step, j_step, K);
     case 16: return panel_sqnorm<16, tile_16xN<16>>(a, lda, M, panel, k_step, j_step, K);

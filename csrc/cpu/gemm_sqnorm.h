@@ -1,7 +1,7 @@
 // Fused "GEMM, square, sum" for the CPU materialize path (AVX-512).
 //
 // For one panel of `width` columns it returns ||W||_F^2 with
-//   W[i][j] = sum_{k<K} a[k * lda + i] * panel[k * k_step + j * j_step],   i < M, j < width,
+//   W[i][j] = sum_{k in K} a[k * lda + i] * panel[k * k_step + j * j_step],   i < M, j < width,
 // where a holds output gradients (i = output channel, contiguous) and the panel nr
 // columns of activations (im2col rows of a convolution, inputs of a linear layer).
 // W is formed tile by tile in registers, squared and summed there, never stored.
@@ -20,8 +20,15 @@ bool fused_gemm_sqnorm_available();
 constexpr int64_t kFusedPanelWidths[] = {12, 16, 24};
 int64_t fused_panel_width(int64_t M);
 
+// The positions K the kernel sums over: `count` runs of `length` consecutive positions, run r
+// starting at position r * stride. {1, n, n} is simply the positions 0..n-1; runs let the
+// shifted convolution layout skip the padding columns between output rows.
+struct PositionRuns {
+  int64_t count, length, stride;
+};
+
 // Needs fused_gemm_sqnorm_available(); width is one of kFusedPanelWidths.
 double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step,
-                          int64_t j_step, int64_t K, int64_t width);
+                          int64_t j_step, PositionRuns K, int64_t width);
 
 }  // namespace fisher_ext

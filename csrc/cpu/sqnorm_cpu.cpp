@@ -160,11 +160,11 @@ void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tens
         const float* gn = Gb.data_ptr<float>() + n * sh.T * sh.d_out;
         double total = 0;
         for (int64_t t = 0; t < full; ++t)
-          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, an + t * nr, sh.d_in, 1, sh.T, nr);
+          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, an + t * nr, sh.d_in, 1, {1, sh.T, sh.T}, nr);
         if (tail) {
           for (int64_t k = 0; k < sh.T; ++k)
             std::copy(an + k * sh.d_in + full * nr, an + (k + 1) * sh.d_in, tail_panel + k * nr);
-          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, tail_panel, nr, 1, sh.T, nr);
+          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, tail_panel, nr, 1, {1, sh.T, sh.T}, nr);
         }
         sp[n] = static_cast<float>(total);
       }
@@ -270,7 +270,7 @@ void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool
         const int64_t width = std::min(nr, rows - r0);
         for (int64_t j = 0; j < width; ++j) pack_row<scalar_t, float>(xn, xst, s, gr * rows + r0 + j, panel + j * P);
         std::fill(panel + width * P, panel + nr * P, 0.f);
-        total += fused_panel_sqnorm(gt + gr * s.cout_g, s.C_out, s.cout_g, panel, 1, P, P, nr);
+        total += fused_panel_sqnorm(gt + gr * s.cout_g, s.C_out, s.cout_g, panel, 1, P, {1, P, P}, nr);
       }
     }
     result[n] = static_cast<float>(total);
@@ -285,6 +285,7 @@ void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool
 // same pitch with zeros in the columns that wrap around rows, so those add nothing.
 struct ShiftPlan {
   int64_t width, cpad, ctot, Hp, Wp, L, Lx;
+  PositionRuns runs;  // the output positions: for a 2-d output, its rows without the padding between
   std::vector<int64_t> offsets;
 };
 
@@ -303,6 +304,7 @@ ShiftPlan plan_shift(const ConvShape& s) {
       for (int64_t kw = 0; kw < s.k[2]; ++kw)
         p.offsets.push_back((kz * s.dil[0] * p.Hp + kh * s.dil[1]) * p.Wp + kw * s.dil[2]);
   p.Lx = p.offsets.back() + p.L;
+  p.runs = s.out[0] == 1 ? PositionRuns{s.out[1], s.out[2], p.Wp} : PositionRuns{1, p.L, p.L};
   return p;
 }
 
@@ -317,7 +319,7 @@ bool prefer_shift(const ConvShape& s, const ShiftPlan& p) {
   if ((p.Lx * p.ctot + p.L * s.C_out) * int64_t(sizeof(float)) > kMaxShiftBytes) return false;
   const double P = s.out_vol(), rows = s.cin_g * s.k_vol(), nr = fused_panel_width(s.cout_g);
   const double packed = 2 * P * std::ceil(rows / nr) * nr * s.cout_g * s.groups + kPackCost * rows * P * s.groups;
-  const double shifted = 2.0 * p.L * s.k_vol() * p.cpad * s.cout_g * s.groups +
+  const double shifted = 2.0 * p.runs.count * p.runs.length * s.k_vol() * p.cpad * s.cout_g * s.groups +
                          kPackCost * (double(p.Lx) * p.ctot + double(p.L) * s.C_out);
   return shifted < packed;
 }
@@ -357,7 +359,7 @@ void conv_block_shifted(const Tensor& x, const Tensor& g, const ConvShape& s, co
       for (int64_t off : p.offsets)
         for (int64_t c0 = 0; c0 < p.cpad; c0 += p.width)
           total += fused_panel_sqnorm(gt + gr * s.cout_g, s.C_out, s.cout_g, grid + off * p.ctot + gr * p.cpad + c0,
-                                      p.ctot, 1, p.L, p.width);
+                                      p.ctot, 1, p.runs, p.width);
     result[n] = static_cast<float>(total);
   }
 }
