@@ -21,6 +21,7 @@ from torch.func import functional_call, grad, vmap
 
 from .ops import conv_sqnorm, linear_sqnorm
 from .reference import result_dtype
+from .reference import to_accumulation_dtype as _acc  # float32, float64 for float64
 
 Norms = dict[str, torch.Tensor]
 
@@ -29,18 +30,13 @@ class UnsupportedModuleError(ValueError):
     """A module whose per-example gradients cannot be computed exactly (e.g. BatchNorm in train mode)."""
 
 
-def _acc(t: torch.Tensor) -> torch.Tensor:
-    """float32, or float64 for float64: the accumulation precision of DESIGN.md §2."""
-    return t.to(result_dtype(t.dtype))
-
-
 def _sqnorm_per_example(t: torch.Tensor) -> torch.Tensor:
-    return t.to(result_dtype(t.dtype)).reshape(t.shape[0], -1).square().sum(1)
+    return _acc(t).reshape(t.shape[0], -1).square().sum(1)
 
 
 def _bias_norm(g: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """||sum over positions of g||^2 per example, channels on ``channel_dim``."""
-    g = g.to(result_dtype(g.dtype)).movedim(channel_dim, -1)
+    g = _acc(g).movedim(channel_dim, -1)
     return g.reshape(g.shape[0], -1, g.shape[-1]).sum(1).square().sum(1)
 
 
@@ -104,7 +100,7 @@ def embedding_rule(module: nn.Embedding, idx: torch.Tensor, g: torch.Tensor) -> 
     # ||sum_t onehot(i_t) g_t^T||^2 = sum_{t,s} [i_t == i_s] <g_t, g_s> (ghost form, T x T per example).
     N = idx.shape[0]
     tokens = idx.reshape(N, -1)
-    G = g.to(result_dtype(g.dtype)).reshape(N, tokens.shape[1], -1)
+    G = _acc(g).reshape(N, tokens.shape[1], -1)
     same = tokens.unsqueeze(2) == tokens.unsqueeze(1)
     if module.padding_idx is not None:  # the padding row receives no gradient
         keep = tokens != module.padding_idx

@@ -21,6 +21,8 @@ from typing import Protocol, Union, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from .reference import to_accumulation_dtype as _acc
+
 
 @runtime_checkable
 class Likelihood(Protocol):
@@ -29,11 +31,6 @@ class Likelihood(Protocol):
     def sample(self, output: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor: ...
 
     def nll(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
-
-
-def _acc(t: torch.Tensor) -> torch.Tensor:
-    """float32, or float64 for float64 outputs."""
-    return t.double() if t.dtype == torch.float64 else t.float()
 
 
 def _check_batched(output, what: str, min_dim: int) -> None:

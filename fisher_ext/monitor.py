@@ -117,10 +117,15 @@ class _Capture:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.unhook()
+        self.clear()
+
+    def unhook(self) -> None:
+        """Stops recording and removes the forward hooks; the records stay."""
+        self.recording = False
         for h in self._handles:
             h.remove()
         self._handles = []
-        self.clear()
 
     def clear(self) -> None:
         """Drops the records. Each output's tensor hook refers to its record, which refers to the
@@ -470,8 +475,4 @@ class _Watch:
         return monitor
 
     def __exit__(self, *exc):
-        capture = self.monitor._capture
-        capture.stop()
-        for h in capture._handles:  # hooks off; the records stay for estimate()
-            h.remove()
-        capture._handles = []
+        self.monitor._capture.unhook()  # the records stay for estimate()

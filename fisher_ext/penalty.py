@@ -306,13 +306,17 @@ class FisherPenalty:
         self.last_result = PenaltyResult(float(value.detach()), float("nan"), None)
         return self.last_result
 
+    def _unrecorded_used(self, capture: _Capture, raw: tuple) -> set[str]:
+        """Parameters the loss depends on (a gradient in ``raw``) whose own module did not run."""
+        used = {self._names[id(p)] for p, g in zip(self.params, raw) if g is not None}
+        return {k for k in used if capture._module_of[k] not in capture.records}
+
     def _free_norms(self, capture: _Capture, raw: tuple, n: int):
         """A callable giving the per-example squared norms from the gradients the hooks caught
         (the mean loss gives them (1/B) dl_n/dy: scaled by B), or None where the per-example
         rules do not apply. The capture's outputs are dropped now (that frees the graph); its
         inputs and caught gradients stay until the norms are computed."""
-        used = {self._names[id(p)] for p, g in zip(self.params, raw) if g is not None}
-        unrecorded = {k for k in used if capture._module_of[k] not in capture.records}
+        unrecorded = self._unrecorded_used(capture, raw)
         records = {m: _Record(r.args, r.kwargs, tuple(None for _ in r.outputs),
                               [g.detach() if g is not None else None for g in r.grads], r.versions)
                    for m, r in capture.records.items()}  # a copy that outlives the capture's clear()
@@ -337,8 +341,7 @@ class FisherPenalty:
                                       allow_unused=True)
         finally:
             capture.collecting = False
-        used = {self._names[id(p)] for p, g in zip(self.params, raw) if g is not None}
-        unrecorded = {k for k in used if capture._module_of[k] not in capture.records}
+        unrecorded = self._unrecorded_used(capture, raw)
         return torch.stack(list(capture.norms_from_grads(n, unrecorded, differentiable=True).values())).sum(0)
 
     def _finite_difference(self, args: tuple, grads: list, rng, labels) -> list:
@@ -415,7 +418,4 @@ class _Watch:
     def __exit__(self, *exc):
         capture = self.penalty._watched[0]
         if capture is not None:
-            capture.stop()
-            for h in capture._handles:  # hooks off; the records stay for from_output()
-                h.remove()
-            capture._handles = []
+            capture.unhook()  # the records stay for from_output() / penalty_term()

@@ -29,6 +29,11 @@ def result_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def to_accumulation_dtype(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in its accumulation dtype: float32, or float64 for float64."""
+    return t.to(result_dtype(t.dtype))
+
+
 def choose_method(method: str, T: int, d_in: int, d_out: int) -> str:
     """Resolve ``'auto'`` by flop count: ghost costs ~2T^2(d_in+d_out), materialize ~2T d_in d_out."""
     if method not in METHODS:
