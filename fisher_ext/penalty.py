@@ -12,6 +12,13 @@ loss:
   ``v``; the default ``r = 1e-3 * (1 + ||theta||) / sqrt(P)`` (float32) keeps it near the
   float32 rounding of the two gradients' difference.
 
+With :meth:`FisherPenalty.backward_with_loss` the finite difference is fused with the training
+loss: the shifted pass backpropagates ``loss + c L_s`` (``c = 2 alpha ||gbar|| / r``) in one
+backward, so the step costs two forwards and two backwards instead of two and three. The price
+is that the training gradient is taken at ``theta + r v`` instead of ``theta``: an added error
+``g_train(theta + r v) - g_train(theta) = r H_train v + O(r^2)``, with ``r`` at its default
+``~1e-3 ||theta|| / sqrt(P)`` far below any optimizer step.
+
 The sampled-label backward that forms ``gbar`` also yields every example's squared gradient
 norm through the monitor's hooks, so each step reports a Tr(F) estimate at no extra pass.
 
@@ -27,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
 from torch import nn
@@ -85,7 +92,10 @@ class FisherPenalty:
             F.cross_entropy(logits, y).backward()
             opt.step()
 
-    or, with a forward of its own, ``penalty.backward(x)`` anywhere before ``opt.step()``.
+    or, with a forward of its own, ``penalty.backward(x)`` anywhere before ``opt.step()``; or the
+    whole step's backward in one call (the cheapest form of each method)::
+
+        loss, result = penalty.backward_with_loss(x, lambda logits: F.cross_entropy(logits, y))
 
     Args:
         model: the model; its parameters with ``requires_grad`` are penalized.
@@ -157,6 +167,55 @@ class FisherPenalty:
             if capture is not None:
                 capture.stop()
             return self._apply(output, capture, args, rng, labels, retain_graph=False)
+
+    def backward_with_loss(self, inputs: Union[torch.Tensor, tuple], loss: Callable[[torch.Tensor], torch.Tensor],
+                           labels: torch.Tensor | None = None) -> tuple[torch.Tensor, PenaltyResult | None]:
+        """The step's whole backward in one call: one forward on ``inputs``, then the gradient of
+        ``loss(output)`` plus the penalty's, added into the parameters' ``.grad``.
+
+        This forward is the training forward (BatchNorm updates its running statistics once, as in
+        a plain step). 'double_backward' and the modes 'trace' and 'input' backpropagate
+        ``loss + penalty`` in one backward (exact). 'finite_difference' fuses the training loss into
+        the shifted pass (see the module docstring): two forwards and two backwards in all, with the
+        training gradient taken at ``theta + r v``. On steps skipped by ``every`` it is a plain step.
+
+        Returns:
+            The training loss (detached) and the step's :class:`PenaltyResult` (None when skipped).
+        """
+        if not callable(loss):
+            raise TypeError(f"loss: expected a callable taking the model's output and returning a scalar loss, "
+                            f"got {type(loss).__name__}")
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        if not self._due():
+            with torch.enable_grad():
+                train_loss = _scalar_loss(loss, self.model(*args))
+                self._add_to_grads(torch.autograd.grad(train_loss, self.params, allow_unused=True))
+            return train_loss.detach(), None
+        if self.mode == "input":
+            args = (args[0].detach().requires_grad_(),) + args[1:]
+        rng = _rng_state()
+        capture = self._new_capture() if self.mode != "input" else None
+        with torch.enable_grad(), (capture if capture is not None else contextlib.nullcontext()):
+            if capture is not None:
+                capture.start()
+            output = self.model(*args)
+            if capture is not None:
+                capture.stop()
+            train_loss = _scalar_loss(loss, output)
+            if self.mode == "input":
+                value, result = self._input_value(args[0], output, labels)
+            elif self.method == "double_backward":
+                value, _, result = self._value(output, capture, labels, keep_graph=True)
+            else:
+                _, grads, result = self._value(output, capture, labels, keep_graph=False)
+                after = _rng_state()
+                self._add_to_grads(self._finite_difference(args, grads, rng, self._labels, loss=loss))
+                _set_rng_state(after)
+                self.last_result = result
+                return train_loss.detach(), result
+            self._add_to_grads(torch.autograd.grad(train_loss + value, self.params, allow_unused=True))
+        self.last_result = result
+        return train_loss.detach(), result
 
     def watch(self) -> contextlib.AbstractContextManager:
         """Context manager around the training forward whose output :meth:`from_output` will use:
@@ -291,20 +350,23 @@ class FisherPenalty:
                 p.grad = torch.empty_like(p).copy_(g) if p.grad is None else p.grad.add_(g)
 
     def _input_penalty(self, args: tuple, labels: torch.Tensor | None) -> PenaltyResult:
-        """GPx: alpha (1/B) sum_i ||d l_i / d x_i||^2 (the first input), exact by double backward.
-        The per-example input gradients are one backward of sum_i l_i, as l_i depends on x_i alone
-        (BatchNorm in train mode couples examples: use eval mode)."""
+        """GPx from a forward of its own (BatchNorm on scratch statistics)."""
         x = args[0].detach().requires_grad_()
         with torch.enable_grad(), _scratch_norm_stats(self.model):
-            output = self.model(x, *args[1:])
-            labels = self._labels_for(output, labels)
-            (gx,) = torch.autograd.grad(self.likelihood.nll(output, labels).sum(), x, create_graph=True)
-            per_example = gx.reshape(gx.shape[0], -1).square().sum(1)
-            value = self.alpha * per_example.mean()
+            value, result = self._input_value(x, self.model(x, *args[1:]), labels)
             grads = torch.autograd.grad(value, self.params, allow_unused=True)
         self._add_to_grads(grads)
-        self.last_result = PenaltyResult(float(value.detach()), float("nan"), None)
-        return self.last_result
+        self.last_result = result
+        return result
+
+    def _input_value(self, x: torch.Tensor, output: torch.Tensor, labels: torch.Tensor | None):
+        """GPx: alpha (1/B) sum_i ||d l_i / d x_i||^2 (the first input, a leaf requiring grad), with
+        its graph for an exact double backward. The per-example input gradients are one backward of
+        sum_i l_i, as l_i depends on x_i alone (BatchNorm in train mode couples examples: use eval mode)."""
+        labels = self._labels_for(output, labels)
+        (gx,) = torch.autograd.grad(self.likelihood.nll(output, labels).sum(), x, create_graph=True)
+        value = self.alpha * gx.reshape(gx.shape[0], -1).square().sum(1).mean()
+        return value, PenaltyResult(float(value.detach()), float("nan"), None)
 
     def _unrecorded_used(self, capture: _Capture, raw: tuple) -> set[str]:
         """Parameters the loss depends on (a gradient in ``raw``) whose own module did not run."""
@@ -344,23 +406,26 @@ class FisherPenalty:
         unrecorded = self._unrecorded_used(capture, raw)
         return torch.stack(list(capture.norms_from_grads(n, unrecorded, differentiable=True).values())).sum(0)
 
-    def _finite_difference(self, args: tuple, grads: list, rng, labels) -> list:
+    def _finite_difference(self, args: tuple, grads: list, rng, labels, loss=None) -> list:
+        """``2 alpha H gbar`` from the gradient at ``theta + r v``; with ``loss``, plus the
+        gradient of ``loss`` there, from the same backward (the fused form)."""
         norm = math.sqrt(sum(float(g.detach().double().square().sum()) for g in grads))
-        if norm == 0.0:
-            return [torch.zeros_like(p) for p in self.params]
         r = self.radius if self.radius is not None else self.default_radius()
+        step = r / norm if norm > 0 else 0.0  # gbar = 0: no shift, and the penalty's gradient is 0
         # The shifted parameters are new tensors passed by functional_call: the model's own are
         # never modified (the caller's graph may have saved them), so nothing needs restoring.
-        shifted = {self._names[id(p)]: (p.detach() + g.detach() * (r / norm)).requires_grad_()
+        shifted = {self._names[id(p)]: (p.detach() + g.detach() * step).requires_grad_()
                    for p, g in zip(self.params, grads)}
         _set_rng_state(rng)  # the same dropout masks as the first pass
         with _scratch_norm_stats(self.model):  # the caller's forward counted once; this one must not
             output = torch.func.functional_call(self.model, shifted, args)
-        loss = self.likelihood.nll(output, labels).mean()
-        shifted = torch.autograd.grad(loss, list(shifted.values()), allow_unused=True)
         scale = 2 * self.alpha * norm / r
-        return [(gs - g.detach()) * scale if gs is not None else torch.zeros_like(g)
-                for gs, g in zip(shifted, grads)]
+        objective = scale * self.likelihood.nll(output, labels).mean()
+        if loss is not None:
+            objective = objective + _scalar_loss(loss, output)
+        at_shift = torch.autograd.grad(objective, list(shifted.values()), allow_unused=True)
+        return [(gs if gs is not None else torch.zeros_like(g)) - g.detach() * scale
+                for gs, g in zip(at_shift, grads)]
 
     def default_radius(self) -> float:
         """``1e-3 * (1 + ||theta||) / sqrt(P)`` for float32 parameters (1e-6 for float64)."""
@@ -388,6 +453,15 @@ def _scratch_norm_stats(model: nn.Module):
     finally:
         for m, name, buf in saved:
             setattr(m, name, buf)
+
+
+def _scalar_loss(loss: Callable, output: torch.Tensor) -> torch.Tensor:
+    value = loss(output)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.requires_grad:
+        got = f"a tensor of shape {tuple(value.shape)}, requires_grad={value.requires_grad}" \
+            if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"loss: expected the callable to return a scalar tensor with a graph to the output, got {got}")
+    return value.reshape(())
 
 
 def _rng_state():

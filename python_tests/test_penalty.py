@@ -265,3 +265,85 @@ def test_gradient_penalty_baselines():
         torch.testing.assert_close(p.grad, w, rtol=1e-6, atol=1e-12)
     with pytest.raises(ValueError, match="mode: 'input' \\(GPx\\)"):
         fisher_ext.FisherPenalty(gpx, 0.4, mode="input").from_output(torch.zeros(2, 4))
+
+
+def training_gradient(model, x, labels, at=None):
+    """float64 gradient of the cross-entropy with the given labels, at the model's parameters or ``at``."""
+    params = dict(model.named_parameters()) if at is None else at
+    out = torch.func.functional_call(model, params, (x,)) if at is not None else model(x)
+    return torch.autograd.grad(F.cross_entropy(out, labels), list(params.values()))
+
+
+@pytest.mark.parametrize("method", ["double_backward", "finite_difference"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_backward_with_loss_is_the_whole_step(name, method):
+    """Training loss + penalty from one call: the sum of the two gradients (the oracle's), the
+    training loss at theta, and BatchNorm statistics updated once, as by a plain forward."""
+    model, x, y = build(name)
+    true = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    twin = copy.deepcopy(model)
+    _, penalty_grad = oracle(model, x, y, alpha=0.3)
+    want_loss = F.cross_entropy(twin(x), true)  # a plain forward: the statistics' reference
+    train_grad = training_gradient(copy.deepcopy(model), x, true)
+    loss, result = fisher_ext.FisherPenalty(model, 0.3, method=method).backward_with_loss(
+        x, lambda out: F.cross_entropy(out, true), labels=y)
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-12) and not loss.requires_grad
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    ref = torch.cat([(t + w).flatten() for t, w in zip(train_grad, penalty_grad)])
+    # float64: exact to rounding; the fused finite difference within its O(r) bound (r ~ 1e-6 here)
+    assert ((got - ref).norm() / ref.norm()).item() < (1e-4 if method == "finite_difference" else 1e-10)
+    for b, c in zip(model.buffers(), twin.buffers()):
+        assert torch.equal(b, c)
+    assert result.value > 0
+
+
+def test_fused_finite_difference_error_is_r_H_train_v():
+    """The documented price of the fused form: the training gradient is taken at theta + r v,
+    so it differs from the unfused one by r H_train v + O(r^2)."""
+    model, x, y = build("cnn_groupnorm")
+    true = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    r = 1e-3
+    fused, unfused = copy.deepcopy(model), copy.deepcopy(model)
+    fisher_ext.FisherPenalty(fused, 0.3, method="finite_difference", radius=r).backward_with_loss(
+        x, lambda out: F.cross_entropy(out, true), labels=y)
+    F.cross_entropy(unfused(x), true).backward()
+    fisher_ext.FisherPenalty(unfused, 0.3, method="finite_difference", radius=r).backward(x, labels=y)
+    diff = torch.cat([(p.grad - q.grad).flatten() for p, q in zip(fused.parameters(), unfused.parameters())])
+    # oracle: r H_train v with v = gbar / ||gbar||, by double backward in float64
+    params = list(model.parameters())
+    gbar = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    norm = torch.cat([g.flatten() for g in gbar]).norm()
+    g_train = torch.autograd.grad(F.cross_entropy(model(x), true), params, create_graph=True)
+    hv = torch.autograd.grad(sum((g * v).sum() for g, v in zip(g_train, gbar)), params)
+    want = torch.cat([h.flatten() for h in hv]) * (r / norm)
+    assert ((diff - want).norm() / want.norm()).item() < 1e-2  # the O(r^2) rest, relative O(r)
+    assert want.norm() > 1e-3 * torch.cat([g.flatten() for g in g_train]).norm()  # the check has teeth
+
+
+@pytest.mark.parametrize("mode", ["trace", "input"])
+def test_backward_with_loss_in_the_other_modes(mode):
+    model, x, y = build("mlp")
+    true = torch.arange(8) % 4
+    twin = copy.deepcopy(model)
+    fisher_ext.FisherPenalty(model, 0.2, mode=mode).backward_with_loss(x, lambda o: F.cross_entropy(o, true),
+                                                                       labels=y)
+    F.cross_entropy(twin(x), true).backward()
+    fisher_ext.FisherPenalty(twin, 0.2, mode=mode).backward(x, labels=y)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_backward_with_loss_skipped_steps_and_errors():
+    model, x, y = build("mlp")
+    penalty = fisher_ext.FisherPenalty(model, 0.2, every=2)
+    penalty.backward_with_loss(x, lambda o: F.cross_entropy(o, y))
+    model.zero_grad()
+    loss, result = penalty.backward_with_loss(x, lambda o: F.cross_entropy(o, y))
+    assert result is None
+    want = training_gradient(copy.deepcopy(model), x, y)
+    for p, w in zip(model.parameters(), want):  # a plain step: the training gradient alone
+        torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=0)
+    with pytest.raises(TypeError, match="loss: expected a callable"):
+        penalty.backward_with_loss(x, F.cross_entropy(model(x), y))
+    with pytest.raises(ValueError, match=r"loss: expected the callable to return a scalar tensor.*shape \(8,\)"):
+        penalty.backward_with_loss(x, lambda o: F.cross_entropy(o, y, reduction="none"))
