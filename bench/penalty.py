@@ -11,6 +11,9 @@ bench/monitor.py. Per step (median of --repeats after a warm-up), side by side i
                  training forward, then the caller's backward (two forwards, three backwards)
   fdl-k1, fdl-k10  finite_difference through penalty.backward_with_loss: the training loss fused
                  into the shifted pass (two forwards, two backwards)
+  db-k1+tr, fdl-k1+tr  the same with report_trace=True: each step's per-example norms and Tr(F)
+                 from the gbar backward (the columns above run with report_trace=False, like the
+                 public approach, which gives no Tr(F))
   public         the usual reimplementation: sampled labels, autograd.grad(create_graph=True) of
                  the mean loss, alpha * ||gbar||^2 added to the loss, every step
 k=10 is timed over 10 consecutive steps and divided by 10. The methods take turns within each
@@ -38,15 +41,17 @@ from fisher_ext.demo import small_cnn  # noqa: E402
 from monitor import ResNet18  # noqa: E402
 
 MODELS = {"small-cnn": small_cnn, "resnet18-groupnorm": lambda: ResNet18(lambda c: torch.nn.GroupNorm(32, c))}
-METHODS = ["sgd", "db-k1", "db-k10", "fd-k1", "fd-k10", "fdl-k1", "fdl-k10", "public"]
+METHODS = ["sgd", "db-k1", "db-k10", "fd-k1", "fd-k10", "fdl-k1", "fdl-k10", "public", "db-k1+tr", "fdl-k1+tr"]
 
 
 def make_step(model, x, y, method, alpha=0.01):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every step sees the same model
     penalty = None
     if method.startswith(("db", "fd")):
+        every = int(method.split("-k")[1].split("+")[0])
         penalty = fisher_ext.FisherPenalty(model, alpha, method="double_backward" if method.startswith("db")
-                                           else "finite_difference", every=int(method.split("-k")[1]))
+                                           else "finite_difference", every=every,
+                                           report_trace=method.endswith("+tr"))
     params = list(model.parameters())
 
     def step():
@@ -79,7 +84,7 @@ def make_step(model, x, y, method, alpha=0.01):
 def time_methods(steps: dict, repeats: int) -> dict:
     """Median seconds per step of each method; the methods take turns within each repeat, so a
     slow spell of this noisy machine falls on all of them alike."""
-    per = {m: 10 if m.endswith("k10") else 1 for m in steps}
+    per = {m: 10 if "-k10" in m else 1 for m in steps}
     for step in steps.values():
         step()  # warm-up
     times = {m: [] for m in steps}

@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from dataclasses import dataclass
+from typing import Callable, Union
 
 import torch
 from torch import nn
 
 from .likelihoods import Likelihood, get_likelihood
-from .monitor import _Capture, _Record
+from .monitor import _Capture
 
 METHODS = ("double_backward", "finite_difference")
 MODES = ("batch", "trace", "input")
@@ -54,29 +54,17 @@ class PenaltyResult:
     Attributes:
         value: ``alpha * ||gbar||^2`` (the term added to the loss).
         gbar_sqnorm: ``||gbar||^2`` (NaN in mode 'trace', which does not form gbar).
-        trace: the batch's Tr(F) estimate ``(1/B) sum_i ||g_i||^2`` from the same backward
-            (None where the per-example rules do not apply, e.g. BatchNorm in train mode).
-        per_example: ``(B,)`` the ``||g_i||^2`` (or None, as ``trace``).
-
-    ``trace`` and ``per_example`` are computed on first access, from the layer inputs and
-    output gradients the hooks caught during the gbar backward (held until then): a step
-    that never reads them pays only for the hooks.
+        per_example: ``(B,)`` the ``||g_i||^2`` from the gbar backward, or None (``report_trace``
+            off, or where the per-example rules do not apply, e.g. BatchNorm in train mode).
     """
 
     value: float
     gbar_sqnorm: float
-    _norms: Any = field(default=None, repr=False)  # a tensor, or a callable that computes it
-    _done: bool = field(default=False, repr=False)
-
-    @property
-    def per_example(self) -> torch.Tensor | None:
-        if not self._done:
-            self._norms = self._norms() if callable(self._norms) else self._norms
-            self._done = True
-        return self._norms
+    per_example: torch.Tensor | None = None
 
     @property
     def trace(self) -> float | None:
+        """The batch's Tr(F) estimate ``(1/B) sum_i ||g_i||^2`` (None as ``per_example``)."""
         return float(self.per_example.mean()) if self.per_example is not None else None
 
 
@@ -114,11 +102,15 @@ class FisherPenalty:
             gradient is *not* rescaled by k: on the steps it runs it is the penalty's gradient.
         radius: the finite-difference step r (default above); ignored by 'double_backward'.
         generator: random generator for the label sampling.
+        report_trace: give each step's per-example ``||g_i||^2`` and Tr(F) estimate, from the
+            gbar backward (no extra pass; the norm kernels run right after it, and the layer
+            inputs and output gradients they need are released before the rest of the step).
+            False leaves the model unhooked (mode 'trace' always computes them).
     """
 
     def __init__(self, model: nn.Module, alpha: float, *, likelihood: Union[str, Likelihood] = "categorical",
                  method: str = "double_backward", mode: str = "batch", target: str = "sampled", every: int = 1,
-                 radius: float | None = None, generator: torch.Generator | None = None):
+                 radius: float | None = None, generator: torch.Generator | None = None, report_trace: bool = True):
         if not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"alpha: expected a number >= 0, got {alpha!r}")
         if method not in METHODS:
@@ -141,9 +133,10 @@ class FisherPenalty:
         self.mode, self.target = mode, target
         self.likelihood = get_likelihood(likelihood)
         self.generator = generator
+        self.report_trace = bool(report_trace)
         self._names = {id(p): k for k, p in model.named_parameters()}
         self._calls = 0
-        self._watched: tuple | None = None  # (capture, random state) of the last watched forward
+        self._watched: tuple | None = None  # (capture, random state, [inputs]) of the last watched forward
         self.last_result: PenaltyResult | None = None
 
     def backward(self, inputs: Union[torch.Tensor, tuple], labels: torch.Tensor | None = None) -> PenaltyResult | None:
@@ -186,10 +179,10 @@ class FisherPenalty:
             raise TypeError(f"loss: expected a callable taking the model's output and returning a scalar loss, "
                             f"got {type(loss).__name__}")
         args = inputs if isinstance(inputs, tuple) else (inputs,)
-        if not self._due():
+        if not self._due():  # a plain step
             with torch.enable_grad():
                 train_loss = _scalar_loss(loss, self.model(*args))
-                self._add_to_grads(torch.autograd.grad(train_loss, self.params, allow_unused=True))
+                train_loss.backward()
             return train_loss.detach(), None
         if self.mode == "input":
             args = (args[0].detach().requires_grad_(),) + args[1:]
@@ -227,14 +220,14 @@ class FisherPenalty:
         """The penalty from the output of the last watched forward: no extra forward for
         'double_backward' and 'trace', one (at the shifted parameters) for 'finite_difference'.
         The graph is kept for the caller's own backward."""
-        capture, rng = self._take_watched("from_output")
+        capture, rng, inputs = self._take_watched("from_output")
         if not self._due():
             if capture is not None:
                 capture.clear()
             return None
-        args = capture.records[self.model].args if capture is not None else None
-        if args is None and self.method == "finite_difference":
-            raise RuntimeError("from_output: the watched forward's inputs were not recorded")
+        if not inputs and self.method == "finite_difference":
+            raise RuntimeError("from_output: the watched forward did not call the model")
+        args = inputs[0] if inputs else None
         try:
             with torch.enable_grad():
                 return self._apply(output, capture, args, rng, labels, retain_graph=True)
@@ -245,7 +238,7 @@ class FisherPenalty:
     # ---- passes ---------------------------------------------------------------------------
 
     def _take_watched(self, caller: str) -> tuple:
-        """The (capture, random state) of the last watched forward, used once."""
+        """The (capture, random state, [inputs]) of the last watched forward, used once."""
         if self.mode == "input":
             raise ValueError("mode: 'input' (GPx) differentiates w.r.t. the inputs; use backward(x, labels)")
         if self._watched is None:
@@ -258,6 +251,8 @@ class FisherPenalty:
         return (self._calls - 1) % self.every == 0
 
     def _new_capture(self) -> _Capture | None:
+        if not self.report_trace and self.mode != "trace":
+            return None
         try:
             return _Capture(self.model)  # hooks for the free per-example norms
         except ValueError:  # e.g. weight sharing: the batch penalty itself needs no per-example gradients
@@ -281,7 +276,7 @@ class FisherPenalty:
         if self.method != "double_backward":
             raise ValueError("method: penalty_term differentiates the penalty; expected 'double_backward', got "
                              f"{self.method!r} (use from_output for finite differences)")
-        capture, _ = self._take_watched("penalty_term")
+        capture, _, _ = self._take_watched("penalty_term")
         try:
             if not self._due():
                 return None
@@ -344,10 +339,18 @@ class FisherPenalty:
         return result
 
     def _add_to_grads(self, grads) -> None:
+        """Adds into ``.grad`` in the parameter's own layout (the gradient layout contract); a
+        fresh gradient of that layout is taken over without a copy, as autograd's own does."""
         for p, g in zip(self.params, grads):
-            if g is not None:  # in the parameter's own layout (the gradient layout contract)
-                g = g.detach()
-                p.grad = torch.empty_like(p).copy_(g) if p.grad is None else p.grad.add_(g)
+            if g is None:
+                continue
+            g = g.detach()
+            if p.grad is not None:
+                p.grad.add_(g)
+            elif g.stride() == p.stride() and g.dtype == p.dtype:
+                p.grad = g
+            else:
+                p.grad = torch.empty_like(p).copy_(g)
 
     def _input_penalty(self, args: tuple, labels: torch.Tensor | None) -> PenaltyResult:
         """GPx from a forward of its own (BatchNorm on scratch statistics)."""
@@ -373,27 +376,18 @@ class FisherPenalty:
         used = {self._names[id(p)] for p, g in zip(self.params, raw) if g is not None}
         return {k for k in used if capture._module_of[k] not in capture.records}
 
-    def _free_norms(self, capture: _Capture, raw: tuple, n: int):
-        """A callable giving the per-example squared norms from the gradients the hooks caught
-        (the mean loss gives them (1/B) dl_n/dy: scaled by B), or None where the per-example
-        rules do not apply. The capture's outputs are dropped now (that frees the graph); its
-        inputs and caught gradients stay until the norms are computed."""
-        unrecorded = self._unrecorded_used(capture, raw)
-        records = {m: _Record(r.args, r.kwargs, tuple(None for _ in r.outputs),
-                              [g.detach() if g is not None else None for g in r.grads], r.versions)
-                   for m, r in capture.records.items()}  # a copy that outlives the capture's clear()
-
-        def compute() -> torch.Tensor | None:
-            capture.records = records
-            try:
-                norms = capture.norms_from_grads(n, unrecorded, scale=float(n))
-            except ValueError:  # e.g. BatchNorm in train mode couples the examples
-                return None
-            finally:
-                capture.clear()
-            return torch.stack(list(norms.values())).sum(0).detach() if norms else None
-
-        return compute
+    def _free_norms(self, capture: _Capture, raw: tuple, n: int) -> torch.Tensor | None:
+        """The per-example squared norms from the gradients the hooks caught in the gbar backward
+        (the mean loss gives them (1/B) dl_n/dy: scaled by B), or None where the per-example rules
+        do not apply. Clears the capture: its inputs and gradients are not held past this call."""
+        try:
+            with torch.no_grad():
+                norms = capture.norms_from_grads(n, self._unrecorded_used(capture, raw), scale=float(n))
+        except ValueError:  # e.g. BatchNorm in train mode couples the examples
+            return None
+        finally:
+            capture.clear()
+        return torch.stack(list(norms.values())).sum(0) if norms else None
 
     def _differentiable_norms(self, output, capture: _Capture, labels, n: int) -> torch.Tensor:
         """(B,) per-example squared norms with their graph (mode 'trace')."""
@@ -477,6 +471,9 @@ def _set_rng_state(state) -> None:
 
 
 class _Watch:
+    """Records the watched forward: the capture's hooks (free norms), the random state, and the
+    model's inputs (a pre-hook, kept even without a capture: the finite difference re-runs them)."""
+
     def __init__(self, penalty: FisherPenalty):
         self.penalty = penalty
 
@@ -486,10 +483,13 @@ class _Watch:
         if capture is not None:
             capture.__enter__()
             capture.start()
-        p._watched = (capture, _rng_state())
+        inputs: list = []
+        self._pre = p.model.register_forward_pre_hook(lambda m, args: inputs.append(args) if not inputs else None)
+        p._watched = (capture, _rng_state(), inputs)
         return p
 
     def __exit__(self, *exc):
+        self._pre.remove()
         capture = self.penalty._watched[0]
         if capture is not None:
             capture.unhook()  # the records stay for from_output() / penalty_term()

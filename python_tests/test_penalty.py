@@ -86,6 +86,19 @@ def test_free_trace_equals_the_monitor():
     assert result.gbar_sqnorm == pytest.approx(float(sum(g.square().sum() for g in gbar)), rel=1e-10)
 
 
+def test_report_trace_off_leaves_the_model_unhooked():
+    model, x, y = build("mlp")
+    twin = copy.deepcopy(model)
+    fisher_ext.FisherPenalty(model, 1.0).backward(x, labels=y)
+    penalty = fisher_ext.FisherPenalty(twin, 1.0, report_trace=False)
+    calls = []
+    twin.register_forward_hook(lambda *a: calls.append(len(twin._forward_hooks)))
+    result = penalty.backward(x, labels=y)
+    assert result.trace is None and result.per_example is None and calls == [1]  # only the test's hook
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
+
+
 def test_batchnorm_train_has_no_free_trace_but_a_penalty():
     model, x, y = build("cnn_batchnorm_train")
     result = fisher_ext.FisherPenalty(model, 1.0).backward(x, labels=y)
@@ -192,13 +205,14 @@ def test_trace_mode_errors():
         fisher_ext.FisherPenalty(mlp(), 1.0, mode="layerwise")
 
 
+@pytest.mark.parametrize("report_trace", [True, False])
 @pytest.mark.parametrize("method", ["double_backward", "finite_difference"])
-def test_from_output_reuses_the_training_forward(method):
+def test_from_output_reuses_the_training_forward(method, report_trace):
     model, x, y = build("cnn_batchnorm_train")
     twin = copy.deepcopy(model)
     true = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     _, want = oracle(model, x, y, alpha=0.3)
-    penalty = fisher_ext.FisherPenalty(model, 0.3, method=method)
+    penalty = fisher_ext.FisherPenalty(model, 0.3, method=method, report_trace=report_trace)
     with penalty.watch():
         out = model(x)
     result = penalty.from_output(out, labels=y)
