@@ -17,7 +17,7 @@ bench/monitor.py. Per step (median of --repeats after a warm-up), side by side i
   public         the usual reimplementation: sampled labels, autograd.grad(create_graph=True) of
                  the mean loss, alpha * ||gbar||^2 added to the loss, every step
 k=10 is timed over 10 consecutive steps and divided by 10. The methods take turns within each
-repeat. Ratios are to sgd.
+repeat; a ratio is the median over repeats of (method / sgd in the same repeat).
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def make_step(model, x, y, method, alpha=0.01):
 
 
 def time_methods(steps: dict, repeats: int) -> dict:
-    """Median seconds per step of each method; the methods take turns within each repeat, so a
-    slow spell of this noisy machine falls on all of them alike."""
+    """Seconds per step of each method in each repeat; the methods take turns within a repeat,
+    so a slow spell of this noisy machine falls on all of them alike."""
     per = {m: 10 if "-k10" in m else 1 for m in steps}
     for step in steps.values():
         step()  # warm-up
@@ -94,7 +94,7 @@ def time_methods(steps: dict, repeats: int) -> dict:
             for _ in range(per[m]):
                 step()
             times[m].append((time.perf_counter() - start) / per[m])
-    return {m: statistics.median(t) for m, t in times.items()}
+    return times
 
 
 def main() -> None:
@@ -110,12 +110,14 @@ def main() -> None:
             torch.manual_seed(0)
             model = MODELS[name]()
             x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-            seconds = time_methods({m: make_step(model, x, y, m) for m in METHODS}, args.repeats)
+            times = time_methods({m: make_step(model, x, y, m) for m in METHODS}, args.repeats)
+            seconds = {m: statistics.median(t) for m, t in times.items()}
+            # the ratio within each repeat, then its median: slow drifts of the machine cancel
+            ratio = {m: statistics.median(a / b for a, b in zip(t, times["sgd"])) for m, t in times.items()}
             for method in METHODS:
-                print(f"{name} B={batch} {method:7s} {seconds[method] * 1e3:9.1f} ms/step "
-                      f"({seconds[method] / seconds['sgd']:.2f}x sgd)", flush=True)
-            rows.append({"model": name, "batch": batch, "seconds": seconds,
-                         "ratio": {k: v / seconds["sgd"] for k, v in seconds.items()}})
+                print(f"{name} B={batch} {method:9s} {seconds[method] * 1e3:9.1f} ms/step "
+                      f"({ratio[method]:.2f}x sgd)", flush=True)
+            rows.append({"model": name, "batch": batch, "seconds": seconds, "ratio": ratio, "times": times})
     os.makedirs(args.out, exist_ok=True)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
@@ -124,8 +126,8 @@ def main() -> None:
     with open(os.path.join(args.out, "penalty.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = ["# Fisher Penalty: time per training step (CPU)", "",
-             f"{meta['date']}; {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; median of "
-             f"{meta['repeats']} runs. Ratios to a plain SGD step. Bar: finite difference at k=1 <= 2.2, at k=10 <= 1.15; db-k1 <= public.",
+             f"{meta['date']}; {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; medians over "
+             f"{meta['repeats']} repeats in which the methods take turns. Ratios to a plain SGD step. Bar: finite difference at k=1 <= 2.2, at k=10 <= 1.15; db-k1 <= public.",
              "", "| model | batch | sgd ms | " + " | ".join(METHODS[1:]) + " |", "|" + "---|" * (len(METHODS) + 2)]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['seconds']['sgd'] * 1e3:.1f} | "
