@@ -52,12 +52,16 @@ step "3. compute-sanitizer"
 cat > "$OUT/sanitize_case.py" <<'PY'
 import torch, fisher_ext
 torch.manual_seed(0)
-for dtype in (torch.float32, torch.bfloat16):
-    a = torch.randn(3, 5, 37, device="cuda", dtype=dtype); g = torch.randn(3, 5, 19, device="cuda", dtype=dtype)
-    fisher_ext.linear_sqnorm(a, g, bias=True)
-    x = torch.randn(2, 6, 9, 7, device="cuda", dtype=dtype); gy = torch.randn(2, 4, 5, 4, device="cuda", dtype=dtype)
-    acc = torch.zeros(2, device="cuda")
-    fisher_ext.conv_sqnorm(x, gy, kernel_size=3, stride=2, padding=1, groups=2, bias=True, accumulate=acc)
+# every program (materialize, ghost, row norm) and engine (FFMA, tensor cores), tiles cut at the edges
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for method in ("materialize", "ghost"):
+        a = torch.randn(3, 70, 37, device="cuda", dtype=dtype); g = torch.randn(3, 70, 19, device="cuda", dtype=dtype)
+        fisher_ext.linear_sqnorm(a, g, bias=True, method=method)
+        fisher_ext.linear_sqnorm(a[:, :1], g[:, :1], bias=True, method=method)
+        x = torch.randn(2, 6, 9, 7, device="cuda", dtype=dtype); gy = torch.randn(2, 70, 5, 4, device="cuda", dtype=dtype)
+        acc = torch.zeros(2, device="cuda", dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        fisher_ext.conv_sqnorm(x, gy, kernel_size=3, stride=2, padding=1, groups=2, bias=True, accumulate=acc,
+                               method=method)
 torch.cuda.synchronize()
 print("sanitize case done")
 PY

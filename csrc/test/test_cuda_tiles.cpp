@@ -1,0 +1,148 @@
+// The CUDA kernels' block programs (csrc/cuda/sqnorm_tiles.h), run on CPU threads and checked
+// against naive double loops (naive.h). Each emulated block has tiles::kThreads threads that
+// share one tiles::Shared and meet at a std::barrier wherever the GPU code calls
+// __syncthreads(), so tile indexing, implicit im2col, the bias column, groups, staging order,
+// edge tiles and the reductions are all exercised as the GPU runs them (the sqnorm_cuda.cu
+// launch plan included: tiles::plan_for and the geometry builders are the kernel's own).
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <barrier>
+#include <thread>
+
+#include "../cuda/tiles_host.h"
+#include "naive.h"
+
+using namespace fisher_ext;
+using namespace fisher_ext_test;
+
+namespace {
+
+struct HostBlock {
+  int tid;
+  std::barrier<>* bar;
+  void sync() const { bar->arrive_and_wait(); }
+};
+
+// s[n] for every example, as sqnorm_cuda.cu's launch() computes it with the given engine.
+template <typename scalar_t, class Engine, typename acc_t = typename Engine::acc_t>
+at::Tensor emulate(const at::Tensor& x, const at::Tensor& g, const tiles::Geometry& geo, const tiles::Plan& plan) {
+  const int64_t N = x.size(0), blocks = N * plan.per_example;
+  at::Tensor partial = at::full({blocks}, std::nan(""), at::CppTypeToScalarType<acc_t>::value);
+  at::Tensor out = at::full({N}, 0.5, partial.options());
+  auto* sm = new tiles::Shared<Engine>;
+  const tiles::Problem<scalar_t> problem{x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), geo};
+  std::barrier<> bar(tiles::kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < tiles::kThreads; ++t)
+    threads.emplace_back([&, t] {
+      const HostBlock b{t, &bar};
+      for (int64_t block = 0; block < blocks; ++block)
+        tiles::run_program(plan.program, b, *sm, problem, block, plan.per_example, partial.data_ptr<acc_t>());
+    });
+  for (auto& th : threads) th.join();
+  delete sm;
+  for (int64_t n = 0; n < N; ++n)  // add=true onto 0.5: the accumulate form
+    tiles::finish_example(n, partial.data_ptr<acc_t>(), plan.per_example, out.data_ptr<acc_t>(), 1, true);
+  return out - 0.5;
+}
+
+// The engine the GPU uses for the dtype (on sm_80+), or FFMA for every dtype.
+at::Tensor emulate_any(const at::Tensor& x, const at::Tensor& g, const tiles::Geometry& geo, const tiles::Plan& plan,
+                       bool fma) {
+  switch (x.scalar_type()) {
+    case at::kDouble: return emulate<double, tiles::FmaEngine<double>>(x, g, geo, plan);
+    case at::kHalf:
+      return fma ? emulate<c10::Half, tiles::FmaEngine<float>>(x, g, geo, plan)
+                 : emulate<c10::Half, tiles::MmaEngine<c10::Half>>(x, g, geo, plan);
+    case at::kBFloat16:
+      return fma ? emulate<c10::BFloat16, tiles::FmaEngine<float>>(x, g, geo, plan)
+                 : emulate<c10::BFloat16, tiles::MmaEngine<c10::BFloat16>>(x, g, geo, plan);
+    default: return emulate<float, tiles::FmaEngine<float>>(x, g, geo, plan);
+  }
+}
+
+const char* engine_name(at::ScalarType t, bool fma) {
+  return (t == at::kHalf || t == at::kBFloat16) && !fma ? " tensor-core" : " ffma";
+}
+
+const char* program_name(tiles::Program p) {
+  return p == tiles::Program::Materialize ? "materialize" : p == tiles::Program::Ghost ? "ghost" : "row-norm";
+}
+
+double tolerance(at::ScalarType t) { return t == at::kDouble ? 1e-10 : 1e-4; }
+
+struct ConvCase {
+  int64_t N, C_in, C_out, H, W, k, stride, pad, dil, groups;
+  bool bias, channels_last;
+};
+
+void conv_case(const ConvCase& c, at::ScalarType dtype, const char* method, bool fma = false) {
+  const int64_t Ho = (c.H + 2 * c.pad - c.dil * (c.k - 1) - 1) / c.stride + 1;
+  const int64_t Wo = (c.W + 2 * c.pad - c.dil * (c.k - 1) - 1) / c.stride + 1;
+  at::Tensor x = at::randn({c.N, c.C_in, c.H, c.W}).to(dtype);
+  at::Tensor g = at::randn({c.N, c.C_out, Ho, Wo}).to(dtype);
+  if (c.channels_last) {
+    x = x.contiguous(at::MemoryFormat::ChannelsLast);
+    g = g.contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  const auto want = naive_conv2d(x, g, c.k, c.stride, c.pad, c.dil, c.groups, c.bias);
+  const ConvShape s = conv_shape(x, g, {c.k, c.k}, {c.stride, c.stride}, {c.pad, c.pad}, {c.dil, c.dil}, c.groups);
+  const tiles::Geometry geo = tiles::conv_geometry(s, x, g, c.bias);
+  const tiles::Plan plan = tiles::plan_for(method, geo);
+  check(max_rel_err(emulate_any(x, g, geo, plan, fma), want) < tolerance(dtype),
+        std::string("conv2d ") + program_name(plan.program) + engine_name(dtype, fma) + " C_in=" + std::to_string(c.C_in) + " C_out=" +
+            std::to_string(c.C_out) + " out=" + std::to_string(Ho) + "x" + std::to_string(Wo) + " stride=" +
+            std::to_string(c.stride) + " dil=" + std::to_string(c.dil) + " groups=" + std::to_string(c.groups) +
+            (c.bias ? " bias" : "") + (c.channels_last ? " channels_last " : " ") + c10::toString(dtype));
+}
+
+void linear_case(int64_t N, int64_t T, int64_t d_in, int64_t d_out, bool bias, bool transposed, at::ScalarType dtype,
+                 const char* method, bool fma = false) {
+  at::Tensor a = at::randn({N, T, d_in}).to(dtype), g = at::randn({N, T, d_out}).to(dtype);
+  if (transposed) {  // non-contiguous: (N, d, T) storage seen as (N, T, d)
+    a = at::randn({N, d_in, T}).to(dtype).transpose(1, 2);
+    g = at::randn({N, d_out, T}).to(dtype).transpose(1, 2);
+  }
+  const auto want = naive_linear(a, g, bias);
+  const LinearShape sh = linear_shape(a, g);
+  const tiles::Geometry geo = tiles::linear_geometry(sh, a, g, bias);
+  const tiles::Plan plan = tiles::plan_for(method, geo);
+  check(max_rel_err(emulate_any(a, g, geo, plan, fma), want) < tolerance(dtype),
+        std::string("linear ") + program_name(plan.program) + engine_name(dtype, fma) + " T=" + std::to_string(T) + " d_in=" +
+            std::to_string(d_in) + " d_out=" + std::to_string(d_out) + (bias ? " bias" : "") +
+            (transposed ? " transposed " : " ") + c10::toString(dtype));
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  const ConvCase convs[] = {
+      {3, 6, 4, 9, 7, 3, 2, 1, 1, 2, true, false},     // stride, groups, odd sizes
+      {2, 8, 70, 10, 10, 3, 1, 2, 2, 1, true, false},  // dilation; 2 row tiles, 73 columns: 2 column tiles
+      {2, 8, 6, 12, 9, 3, 1, 1, 1, 1, false, true},    // channels_last, no bias, 108 positions: 2 ghost tiles
+      {2, 4, 6, 3, 3, 3, 1, 0, 1, 2, true, false},     // one output position: the row norm under ghost
+  };
+  for (const auto& c : convs)
+    for (const char* method : {"materialize", "ghost"})
+      for (auto dtype : {at::kFloat, at::kDouble}) conv_case(c, dtype, method);
+  for (auto dtype : {at::kHalf, at::kBFloat16})
+    for (const auto& c : convs)
+      for (const char* method : {"materialize", "ghost"}) conv_case(c, dtype, method);
+  conv_case(convs[1], at::kHalf, "materialize", /*fma=*/true);  // float16 / bfloat16 before sm_80
+  conv_case(convs[2], at::kBFloat16, "ghost", /*fma=*/true);
+
+  for (const char* method : {"materialize", "ghost", "auto"}) {
+    linear_case(3, 1, 67, 9, true, false, at::kFloat, method);  // T = 1: row norm (ghost, auto)
+    linear_case(2, 70, 13, 66, false, false, at::kFloat, method);
+    linear_case(2, 5, 40, 3, true, true, at::kDouble, method);
+  }
+  for (const char* method : {"materialize", "ghost"}) {
+    linear_case(2, 70, 13, 66, true, false, at::kHalf, method);
+    linear_case(2, 5, 40, 3, true, true, at::kBFloat16, method);
+  }
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}
