@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -81,12 +82,16 @@ def make_step(model, x, y, method, alpha=0.01):
     return step
 
 
-def time_methods(steps: dict, repeats: int) -> dict:
+def time_methods(steps: dict, repeats: int, min_seconds: float = 2.0) -> dict:
     """Seconds per step of each method in each repeat; the methods take turns within a repeat,
-    so a slow spell of this noisy machine falls on all of them alike."""
+    so a slow spell of this noisy machine falls on all of them alike. Short steps get more
+    repeats: at least ``min_seconds`` of plain steps in all."""
     per = {m: 10 if "-k10" in m else 1 for m in steps}
     for step in steps.values():
         step()  # warm-up
+    start = time.perf_counter()
+    steps["sgd"]()
+    repeats = max(repeats, math.ceil(min_seconds / (time.perf_counter() - start)))
     times = {m: [] for m in steps}
     for _ in range(repeats):
         for m, step in steps.items():
@@ -127,7 +132,7 @@ def main() -> None:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = ["# Fisher Penalty: time per training step (CPU)", "",
              f"{meta['date']}; {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; medians over "
-             f"{meta['repeats']} repeats in which the methods take turns. Ratios to a plain SGD step. Bar: finite difference at k=1 <= 2.2, at k=10 <= 1.15; db-k1 <= public.",
+             f"{meta['repeats']} or more repeats (2 s of plain steps at least) in which the methods take turns. Ratios to a plain SGD step. Bar: finite difference at k=1 <= 2.2, at k=10 <= 1.15; db-k1 <= public.",
              "", "| model | batch | sgd ms | " + " | ".join(METHODS[1:]) + " |", "|" + "---|" * (len(METHODS) + 2)]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['seconds']['sgd'] * 1e3:.1f} | "

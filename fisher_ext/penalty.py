@@ -202,7 +202,8 @@ class FisherPenalty:
             else:
                 _, grads, result = self._value(output, capture, labels, keep_graph=False)
                 after = _rng_state()
-                self._add_to_grads(self._finite_difference(args, grads, rng, self._labels, loss=loss))
+                fd = self._finite_difference(args, grads, result.gbar_sqnorm, rng, self._labels, loss=loss)
+                self._add_to_grads(fd)
                 _set_rng_state(after)
                 self.last_result = result
                 return train_loss.detach(), result
@@ -332,7 +333,7 @@ class FisherPenalty:
             penalty_grads = torch.autograd.grad(value, self.params, retain_graph=retain_graph, allow_unused=True)
         else:
             after = _rng_state()
-            penalty_grads = self._finite_difference(args, grads, rng, self._labels)
+            penalty_grads = self._finite_difference(args, grads, result.gbar_sqnorm, rng, self._labels)
             _set_rng_state(after)  # the random stream goes on as after one pass
         self._add_to_grads(penalty_grads)
         self.last_result = result
@@ -400,30 +401,32 @@ class FisherPenalty:
         unrecorded = self._unrecorded_used(capture, raw)
         return torch.stack(list(capture.norms_from_grads(n, unrecorded, differentiable=True).values())).sum(0)
 
-    def _finite_difference(self, args: tuple, grads: list, rng, labels, loss=None) -> list:
+    def _finite_difference(self, args: tuple, grads: list, gbar_sqnorm: float, rng, labels, loss=None) -> list:
         """``2 alpha H gbar`` from the gradient at ``theta + r v``; with ``loss``, plus the
-        gradient of ``loss`` there, from the same backward (the fused form)."""
-        norm = math.sqrt(sum(float(g.detach().double().square().sum()) for g in grads))
+        gradient of ``loss`` there, from the same backward (the fused form). The rounding of
+        ``||gbar||`` cancels: it scales the shift and the difference inversely."""
+        norm = math.sqrt(gbar_sqnorm)
         r = self.radius if self.radius is not None else self.default_radius()
         step = r / norm if norm > 0 else 0.0  # gbar = 0: no shift, and the penalty's gradient is 0
+        grads = [g.detach() for g in grads]
         # The shifted parameters are new tensors passed by functional_call: the model's own are
         # never modified (the caller's graph may have saved them), so nothing needs restoring.
-        shifted = {self._names[id(p)]: (p.detach() + g.detach() * step).requires_grad_()
-                   for p, g in zip(self.params, grads)}
+        shifted = torch._foreach_add([p.detach() for p in self.params], grads, alpha=step)
         _set_rng_state(rng)  # the same dropout masks as the first pass
         with _scratch_norm_stats(self.model):  # the caller's forward counted once; this one must not
-            output = torch.func.functional_call(self.model, shifted, args)
+            output = torch.func.functional_call(
+                self.model, {self._names[id(p)]: q.requires_grad_() for p, q in zip(self.params, shifted)}, args)
         scale = 2 * self.alpha * norm / r
         objective = scale * self.likelihood.nll(output, labels).mean()
         if loss is not None:
             objective = objective + _scalar_loss(loss, output)
-        at_shift = torch.autograd.grad(objective, list(shifted.values()), allow_unused=True)
-        return [(gs if gs is not None else torch.zeros_like(g)) - g.detach() * scale
-                for gs, g in zip(at_shift, grads)]
+        at_shift = torch.autograd.grad(objective, shifted, allow_unused=True)
+        at_shift = [gs if gs is not None else torch.zeros_like(g) for gs, g in zip(at_shift, grads)]
+        return torch._foreach_add(at_shift, grads, alpha=-scale)
 
     def default_radius(self) -> float:
         """``1e-3 * (1 + ||theta||) / sqrt(P)`` for float32 parameters (1e-6 for float64)."""
-        theta = math.sqrt(sum(float(p.detach().double().square().sum()) for p in self.params))
+        theta = float(torch.stack(torch._foreach_norm([p.detach() for p in self.params])).norm())
         count = sum(p.numel() for p in self.params)
         base = 1e-6 if self.params[0].dtype == torch.float64 else 1e-3
         return base * (1 + theta) / math.sqrt(count)
