@@ -4,8 +4,9 @@
 #   2. the test suite on the GPU (every device-parametrized test runs on CUDA there)
 #   3. compute-sanitizer memcheck and racecheck on a small case of each op
 #   4. the GPU kernel benchmark (bench/ops_gpu.py)
-# Logs, the report (gpu_check.md) and the benchmark's markdown + JSON go to $OUT (the device
-# tool returns that folder; commit its report under bench/results/). A short table is printed last.
+# Seven files go to $OUT (the device tool returns at most 8): the report gpu_check.md, build.log,
+# tests.log, sanitizer.log, bench.log and the benchmark's ops_gpu.md + ops_gpu.json; commit the
+# report under bench/results/. A short table is printed last.
 # Without a GPU it stops at step 0 with exit code 2 and says why.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,8 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 report="$OUT/gpu_check.md"
 status=0
-step() { echo "== $1" | tee -a "$OUT/steps.log"; }
+work=$(mktemp -d)  # scratch that does not come back: the device tool returns at most 8 files from $OUT
+step() { echo "== $1"; }
 record() {  # name, exit code, log file
   local result="ok"
   [ "$2" -eq 0 ] || { result="FAILED (exit $2; see $(basename "$3"))"; status=1; }
@@ -49,7 +51,7 @@ record "pytest (CPU and CUDA)" $? "$OUT/tests.log"
 tail -3 "$OUT/tests.log"
 
 step "3. compute-sanitizer"
-cat > "$OUT/sanitize_case.py" <<'PY'
+cat > "$work/sanitize_case.py" <<'PY'
 import torch, fisher_ext
 torch.manual_seed(0)
 # every program (materialize, ghost, row norm) and engine (FFMA, tensor cores), tiles cut at the edges
@@ -66,8 +68,9 @@ torch.cuda.synchronize()
 print("sanitize case done")
 PY
 for tool in memcheck racecheck; do
-  timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 3 $PY "$OUT/sanitize_case.py" > "$OUT/sanitizer_$tool.log" 2>&1
-  record "compute-sanitizer $tool" $? "$OUT/sanitizer_$tool.log"
+  echo "== compute-sanitizer --tool $tool" >> "$OUT/sanitizer.log"
+  timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 3 $PY "$work/sanitize_case.py" >> "$OUT/sanitizer.log" 2>&1
+  record "compute-sanitizer $tool" $? "$OUT/sanitizer.log"
 done
 
 step "4. benchmark"
