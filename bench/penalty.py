@@ -4,7 +4,9 @@
 
 Models: the small CNN of fisher_ext.demo and the CIFAR ResNet-18 with GroupNorm of
 bench/monitor.py. Per step (median of --repeats after a warm-up), side by side in one process:
-  sgd            forward + backward + SGD update
+  sgd            forward + backward + SGD update; sgd-k10 the same over 10 consecutive steps,
+                 the baseline of the k=10 columns (consecutive steps are not always as fast as
+                 one step alone on this machine)
   db-k1, db-k10  + FisherPenalty(method='double_backward'): penalty.penalty_term on the watched
                  training forward, added to the loss; every step / every 10th step
   fd-k1, fd-k10  + FisherPenalty(method='finite_difference'): penalty.from_output on the watched
@@ -17,7 +19,7 @@ bench/monitor.py. Per step (median of --repeats after a warm-up), side by side i
   public         the usual reimplementation: sampled labels, autograd.grad(create_graph=True) of
                  the mean loss, alpha * ||gbar||^2 added to the loss, every step
 k=10 is timed over 10 consecutive steps and divided by 10. The methods take turns within each
-repeat; a ratio is the median over repeats of (method / sgd in the same repeat).
+repeat; a ratio is the median over repeats of (method / its baseline in the same repeat).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from fisher_ext.demo import small_cnn  # noqa: E402
 from monitor import ResNet18  # noqa: E402
 
 MODELS = {"small-cnn": small_cnn, "resnet18-groupnorm": lambda: ResNet18(lambda c: torch.nn.GroupNorm(32, c))}
-METHODS = ["sgd", "db-k1", "db-k10", "fd-k1", "fd-k10", "fdl-k1", "fdl-k10", "public", "db-k1+tr", "fdl-k1+tr"]
+METHODS = ["sgd", "sgd-k10", "db-k1", "db-k10", "fd-k1", "fd-k10", "fdl-k1", "fdl-k10", "public", "db-k1+tr",
+           "fdl-k1+tr"]
 
 
 def make_step(model, x, y, method, alpha=0.01):
@@ -82,6 +85,10 @@ def make_step(model, x, y, method, alpha=0.01):
     return step
 
 
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def time_methods(steps: dict, repeats: int, min_seconds: float = 2.0) -> dict:
     """Seconds per step of each method in each repeat; the methods take turns within a repeat,
     so a slow spell of this noisy machine falls on all of them alike. Short steps get more
@@ -108,6 +115,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of the report in --out that this run does not measure again")
     args = parser.parse_args()
     rows = []
     for name in args.models:
@@ -118,25 +127,37 @@ def main() -> None:
             times = time_methods({m: make_step(model, x, y, m) for m in METHODS}, args.repeats)
             seconds = {m: statistics.median(t) for m, t in times.items()}
             # the ratio within each repeat, then its median: slow drifts of the machine cancel
-            ratio = {m: statistics.median(a / b for a, b in zip(t, times["sgd"])) for m, t in times.items()}
+            base = {m: times["sgd-k10" if "-k10" in m else "sgd"] for m in times}
+            ratio = {m: statistics.median(a / b for a, b in zip(t, base[m])) for m, t in times.items()}
             for method in METHODS:
                 print(f"{name} B={batch} {method:9s} {seconds[method] * 1e3:9.1f} ms/step "
-                      f"({ratio[method]:.2f}x sgd)", flush=True)
-            rows.append({"model": name, "batch": batch, "seconds": seconds, "ratio": ratio, "times": times})
+                      f"({ratio[method]:.2f}x its baseline)", flush=True)
+            rows.append({"model": name, "batch": batch, "date": now(), "seconds": seconds, "ratio": ratio,
+                         "times": times})
     os.makedirs(args.out, exist_ok=True)
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+    path = os.path.join(args.out, "penalty.json")
+    if args.merge and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        kept = [dict(r, date=r.get("date", old["meta"]["date"])) for r in old["rows"]
+                if (r["model"], r["batch"]) not in {(n["model"], n["batch"]) for n in rows}]
+        rows = sorted(kept + rows, key=lambda r: (list(MODELS).index(r["model"]), r["batch"]))
+    meta = {"date": now(), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
             "threads": torch.get_num_threads(), "repeats": args.repeats}
-    # ours also reports Tr(F) every step it runs (per-example norms from the gbar backward); public does not
-    with open(os.path.join(args.out, "penalty.json"), "w") as f:
+    # the +tr columns also report Tr(F) each step they run; public does not
+    with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = ["# Fisher Penalty: time per training step (CPU)", "",
              f"{meta['date']}; {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; medians over "
-             f"{meta['repeats']} or more repeats (2 s of plain steps at least) in which the methods take turns. Ratios to a plain SGD step. Bar: finite difference at k=1 <= 2.2, at k=10 <= 1.15; db-k1 <= public.",
-             "", "| model | batch | sgd ms | " + " | ".join(METHODS[1:]) + " |", "|" + "---|" * (len(METHODS) + 2)]
+             f"{meta['repeats']} or more repeats (2 s of plain steps at least) in which the methods take turns. "
+             "Ratios to a plain SGD step (k=10 columns: to 10 consecutive plain steps). "
+             "Bar: finite difference at k=1 <= 2.2, at k=10 <= 1.15; db-k1 <= public.",
+             "", "| model | batch | measured | sgd ms | sgd-k10 ms/step | " + " | ".join(METHODS[2:]) + " |",
+             "|" + "---|" * (len(METHODS) + 3)]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['seconds']['sgd'] * 1e3:.1f} | "
-                     + " | ".join(f"{r['ratio'][m]:.2f}" for m in METHODS[1:]) + " |")
+        lines.append(f"| {r['model']} | {r['batch']} | {r['date'][5:]} | {r['seconds']['sgd'] * 1e3:.1f} | "
+                     f"{r['seconds']['sgd-k10'] * 1e3:.1f} | "
+                     + " | ".join(f"{r['ratio'][m]:.2f}" for m in METHODS[2:]) + " |")
     with open(os.path.join(args.out, "penalty.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
