@@ -43,6 +43,10 @@ import fisher_ext  # noqa: E402
 from fisher_ext.demo import small_cnn  # noqa: E402
 from monitor import ResNet18  # noqa: E402
 
+LEGEND = ("Columns: db = double_backward through penalty_term (one backward for loss and penalty); fd = finite "
+          "difference exact at theta (from_output, then the caller's backward); fdl = finite difference fused with "
+          "the loss (backward_with_loss); public = sampled labels + autograd.grad(create_graph=True); -k10 = every "
+          "10th step; +tr = with report_trace (per-example norms and Tr(F) each step; the others run without).")
 MODELS = {"small-cnn": small_cnn, "resnet18-groupnorm": lambda: ResNet18(lambda c: torch.nn.GroupNorm(32, c))}
 METHODS = ["sgd", "sgd-k10", "db-k1", "db-k10", "fd-k1", "fd-k10", "fdl-k1", "fdl-k10", "public", "db-k1+tr",
            "fdl-k1+tr"]
@@ -151,7 +155,7 @@ def main() -> None:
              f"{meta['date']}; {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; medians over "
              f"{meta['repeats']} or more repeats (2 s of plain steps at least) in which the methods take turns. "
              "Ratios to a plain SGD step (k=10 columns: to 10 consecutive plain steps). "
-             "Bar: finite difference at k=1 <= 2.2, at k=10 <= 1.15; db-k1 <= public.",
+             "Bar: finite difference at k=1 <= 2.2, at k=10 <= 1.15; db-k1 <= public.", "", LEGEND,
              "", "| model | batch | measured | sgd ms | sgd-k10 ms/step | " + " | ".join(METHODS[2:]) + " |",
              "|" + "---|" * (len(METHODS) + 3)]
     for r in rows:
