@@ -20,7 +20,8 @@ is that the training gradient is taken at ``theta + r v`` instead of ``theta``: 
 ``~1e-3 ||theta|| / sqrt(P)`` far below any optimizer step.
 
 The sampled-label backward that forms ``gbar`` also yields every example's squared gradient
-norm through the monitor's hooks, so each step reports a Tr(F) estimate at no extra pass.
+norm through the monitor's hooks, so each step reports a Tr(F) estimate at no extra pass (the
+norm kernels run right after it; ``report_trace=False`` skips them and hooks nothing).
 
 Hygiene: the penalty's own forwards run BatchNorm on scratch copies of its running statistics
 (the user's forward is the one that counts, and the real buffers are never touched in place),
