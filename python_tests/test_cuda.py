@@ -109,3 +109,14 @@ def test_accumulate_on_a_side_stream():
         fisher_ext.conv_sqnorm(x, g, bias=True, accumulate=acc, **kw)
     stream.synchronize()
     torch.testing.assert_close(acc - 1, fisher_ext.conv_sqnorm(x, g, bias=True, **kw), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("method", ["ghost", "materialize", "auto"])
+def test_no_positions_gives_zeros(method):
+    """T = 0: ghost has no tile pair to launch; every example's norm is still written (0)."""
+    a, g = torch.randn(3, 0, 4, device="cuda"), torch.randn(3, 0, 5, device="cuda")
+    out = fisher_ext.linear_sqnorm(a, g, bias=True, method=method)
+    assert torch.equal(out, torch.zeros(3, device="cuda"))
+    acc = torch.full((3,), 2.0, device="cuda")
+    fisher_ext.linear_sqnorm(a, g, bias=True, method=method, accumulate=acc)
+    assert torch.equal(acc, torch.full((3,), 2.0, device="cuda"))
