@@ -155,11 +155,7 @@ class FisherPenalty:
         rng, capture = _rng_state(), self._new_capture()
         with torch.enable_grad(), _scratch_norm_stats(self.model), (
                 capture if capture is not None else contextlib.nullcontext()):
-            if capture is not None:
-                capture.start()
-            output = self.model(*args)
-            if capture is not None:
-                capture.stop()
+            output = self._forward(args, capture)
             return self._apply(output, capture, args, rng, labels, retain_graph=False)
 
     def backward_with_loss(self, inputs: Union[torch.Tensor, tuple], loss: Callable[[torch.Tensor], torch.Tensor],
@@ -190,11 +186,7 @@ class FisherPenalty:
         rng = _rng_state()
         capture = self._new_capture() if self.mode != "input" else None
         with torch.enable_grad(), (capture if capture is not None else contextlib.nullcontext()):
-            if capture is not None:
-                capture.start()
-            output = self.model(*args)
-            if capture is not None:
-                capture.stop()
+            output = self._forward(args, capture)
             train_loss = _scalar_loss(loss, output)
             if self.mode == "input":
                 value, result = self._input_value(args[0], output, labels)
@@ -202,13 +194,11 @@ class FisherPenalty:
                 value, _, result = self._value(output, capture, labels, keep_graph=True)
             else:
                 _, grads, result = self._value(output, capture, labels, keep_graph=False)
-                after = _rng_state()
-                fd = self._finite_difference(args, grads, result.gbar_sqnorm, rng, self._labels, loss=loss)
-                self._add_to_grads(fd)
-                _set_rng_state(after)
-                self.last_result = result
-                return train_loss.detach(), result
-            self._add_to_grads(torch.autograd.grad(train_loss + value, self.params, allow_unused=True))
+            if self.method == "finite_difference":
+                total = self._finite_difference(args, grads, result.gbar_sqnorm, rng, self._labels, loss=loss)
+            else:
+                total = torch.autograd.grad(train_loss + value, self.params, allow_unused=True)
+        self._add_to_grads(total)
         self.last_result = result
         return train_loss.detach(), result
 
@@ -247,6 +237,15 @@ class FisherPenalty:
             raise RuntimeError(f"{caller}: no watched forward; run the model inside `with penalty.watch():` first")
         watched, self._watched = self._watched, None
         return watched
+
+    def _forward(self, args: tuple, capture: _Capture | None) -> torch.Tensor:
+        """The model on ``args``, recorded by ``capture`` when there is one."""
+        if capture is not None:
+            capture.start()
+        output = self.model(*args)
+        if capture is not None:
+            capture.stop()
+        return output
 
     def _due(self) -> bool:
         self._calls += 1
@@ -333,9 +332,7 @@ class FisherPenalty:
         if self.method == "double_backward":
             penalty_grads = torch.autograd.grad(value, self.params, retain_graph=retain_graph, allow_unused=True)
         else:
-            after = _rng_state()
             penalty_grads = self._finite_difference(args, grads, result.gbar_sqnorm, rng, self._labels)
-            _set_rng_state(after)  # the random stream goes on as after one pass
         self._add_to_grads(penalty_grads)
         self.last_result = result
         return result
@@ -413,15 +410,19 @@ class FisherPenalty:
         # The shifted parameters are new tensors passed by functional_call: the model's own are
         # never modified (the caller's graph may have saved them), so nothing needs restoring.
         shifted = torch._foreach_add([p.detach() for p in self.params], grads, alpha=step)
+        after = _rng_state()
         _set_rng_state(rng)  # the same dropout masks as the first pass
-        with _scratch_norm_stats(self.model):  # the caller's forward counted once; this one must not
-            output = torch.func.functional_call(
-                self.model, {self._names[id(p)]: q.requires_grad_() for p, q in zip(self.params, shifted)}, args)
-        scale = 2 * self.alpha * norm / r
-        objective = scale * self.likelihood.nll(output, labels).mean()
-        if loss is not None:
-            objective = objective + _scalar_loss(loss, output)
-        at_shift = torch.autograd.grad(objective, shifted, allow_unused=True)
+        try:
+            with _scratch_norm_stats(self.model):  # the caller's forward counted once; this one must not
+                output = torch.func.functional_call(
+                    self.model, {self._names[id(p)]: q.requires_grad_() for p, q in zip(self.params, shifted)}, args)
+            scale = 2 * self.alpha * norm / r
+            objective = scale * self.likelihood.nll(output, labels).mean()
+            if loss is not None:
+                objective = objective + _scalar_loss(loss, output)
+            at_shift = torch.autograd.grad(objective, shifted, allow_unused=True)
+        finally:
+            _set_rng_state(after)  # the random stream goes on as after one pass
         at_shift = [gs if gs is not None else torch.zeros_like(g) for gs, g in zip(at_shift, grads)]
         return torch._foreach_add(at_shift, grads, alpha=-scale)
 
