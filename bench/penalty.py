@@ -9,11 +9,10 @@ bench/monitor.py. Per step (median of --repeats after a warm-up), side by side i
                  one step alone on this machine)
   db-k1, db-k10  + FisherPenalty(method='double_backward'): penalty.penalty_term on the watched
                  training forward, added to the loss; every step / every 10th step
-  fd-k1, fd-k10  + FisherPenalty(method='finite_difference'): penalty.from_output on the watched
-                 training forward, then the caller's backward (two forwards, three backwards)
-  fdl-k1, fdl-k10  finite_difference through penalty.backward_with_loss: the training loss fused
-                 into the shifted pass (two forwards, two backwards)
-  db-k1+tr, fdl-k1+tr  the same with report_trace=True: each step's per-example norms and Tr(F)
+  fd-k1, fd-k10  + FisherPenalty(method='finite_difference') through penalty.backward(x, loss):
+                 the shifted pass replays the forward's decisions, the training loss is fused
+                 into it (two forwards, two backwards); its run-time checks at their default
+  db-k1+tr, fd-k1+tr  the same with report_trace=True: each step's per-example norms and Tr(F)
                  from the gbar backward (the columns above run with report_trace=False, like the
                  public approach, which gives no Tr(F))
   public         the usual reimplementation: sampled labels, autograd.grad(create_graph=True) of
@@ -44,12 +43,11 @@ from fisher_ext.demo import small_cnn  # noqa: E402
 from monitor import ResNet18  # noqa: E402
 
 LEGEND = ("Columns: db = double_backward through penalty_term (one backward for loss and penalty); fd = finite "
-          "difference exact at theta (from_output, then the caller's backward); fdl = finite difference fused with "
-          "the loss (backward_with_loss); public = sampled labels + autograd.grad(create_graph=True); -k10 = every "
-          "10th step; +tr = with report_trace (per-example norms and Tr(F) each step; the others run without).")
+          "difference with the forward's decisions replayed, the loss fused into the shifted pass (backward(x, loss)); "
+          "public = sampled labels + autograd.grad(create_graph=True); -k10 = every 10th step; +tr = with "
+          "report_trace (per-example norms and Tr(F) each step; the others run without).")
 MODELS = {"small-cnn": small_cnn, "resnet18-groupnorm": lambda: ResNet18(lambda c: torch.nn.GroupNorm(32, c))}
-METHODS = ["sgd", "sgd-k10", "db-k1", "db-k10", "fd-k1", "fd-k10", "fdl-k1", "fdl-k10", "public", "db-k1+tr",
-           "fdl-k1+tr"]
+METHODS = ["sgd", "sgd-k10", "db-k1", "db-k10", "fd-k1", "fd-k10", "public", "db-k1+tr", "fd-k1+tr"]
 
 
 def make_step(model, x, y, method, alpha=0.01):
@@ -64,8 +62,8 @@ def make_step(model, x, y, method, alpha=0.01):
 
     def step():
         opt.zero_grad()
-        if method.startswith("fdl"):  # the whole step's backward in one call
-            penalty.backward_with_loss(x, lambda out: F.cross_entropy(out, y))
+        if method.startswith("fd"):  # the whole step's backward in one call
+            penalty.backward(x, lambda out: F.cross_entropy(out, y))
             opt.step()
             return
         if penalty is not None:
@@ -75,10 +73,7 @@ def make_step(model, x, y, method, alpha=0.01):
             out = model(x)
         loss = F.cross_entropy(out, y)
         if method.startswith("db"):  # the penalty term joins the loss: one backward for both
-            term = penalty.penalty_term(out)
-            loss = loss + term if term is not None else loss
-        elif method.startswith("fd"):
-            penalty.from_output(out)  # reuses the training forward
+            loss = loss + penalty.penalty_term(out)
         if method == "public":
             yhat = torch.distributions.Categorical(logits=out.detach()).sample()
             gbar = torch.autograd.grad(F.cross_entropy(out, yhat), params, create_graph=True)

@@ -6,7 +6,10 @@ nn.Linear / nn.Conv*d, through torch.func (vmap of grad) or a plain loop.
 
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -36,3 +39,23 @@ def per_example_sqnorm_loop(module: nn.Module, x: torch.Tensor, gy: torch.Tensor
         (module(xn.unsqueeze(0)) * gn.unsqueeze(0)).sum().backward()
         out.append(sum(p.grad.square().sum() for p in module.parameters()))
     return torch.stack(out)
+
+
+def penalty_gradients(model: nn.Module, x: torch.Tensor, penalty_labels: torch.Tensor, alpha: float,
+                      train_labels: torch.Tensor | None = None):
+    """The exact parts of a Fisher Penalty step, by autograd on a copy of the model (in the model's
+    own dtype): ``alpha ||gbar||^2`` (gbar: the gradient of the mean cross-entropy at
+    ``penalty_labels``), its gradient, and the gradient of the mean cross-entropy at ``train_labels``.
+    Returns (value, penalty gradient, training gradient or None) with one tensor per parameter."""
+    model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(x)
+    gbar = torch.autograd.grad(F.cross_entropy(out, penalty_labels), params, create_graph=True)
+    value = alpha * sum(g.square().sum() for g in gbar)
+    penalty = torch.autograd.grad(value, params, retain_graph=True)
+    train = torch.autograd.grad(F.cross_entropy(out, train_labels), params) if train_labels is not None else None
+    return value.item(), [g.detach() for g in penalty], train
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in tensors])

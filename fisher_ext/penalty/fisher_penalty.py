@@ -1,0 +1,365 @@
+"""The Fisher Penalty as a drop-in for an ordinary training loop: one objective (what is
+penalized) crossed with one method (how its gradient is formed), driven by one step."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+from torch import nn
+
+from ..likelihoods import Likelihood, get_likelihood
+from ..monitor import _Capture
+from .methods import Check, DoubleBackward, FiniteDifference, Rerun, warn
+from .objectives import Batch, BatchTrace, GradientNorm, InputGradientNorm
+from .replay import FrozenDecisions, RandomState, add_into_grads
+
+Tensor = torch.Tensor
+OBJECTIVES = ("fisher", "trace", "gp", "gpr", "gpx")
+METHODS = ("double_backward", "finite_difference")
+
+
+@dataclass
+class PenaltyResult:
+    """One step of the penalty.
+
+    Attributes:
+        value: ``alpha`` times the objective (``alpha ||gbar||^2`` for the Fisher Penalty).
+        gbar_sqnorm: ``||gbar||^2`` (NaN for the objectives 'trace' and 'gpx', which form no gbar).
+        labels: the step's labels (sampled once, held fixed through every pass of the step).
+        method: the method that formed this step's gradient ('double_backward' where the finite
+            difference fell back to it).
+        per_example: ``(B,)`` the ``||g_i||^2`` from the gbar backward, or None (``report_trace`` off,
+            or where the per-example rules do not apply, e.g. BatchNorm in train mode).
+        check: on the steps the finite difference was compared with the exact gradient, the
+            comparison; else None.
+    """
+
+    value: float
+    gbar_sqnorm: float
+    labels: Tensor
+    method: str
+    per_example: Tensor | None = None
+    check: Check | None = None
+
+    @property
+    def trace(self) -> float | None:
+        """The batch's Tr(F) estimate ``(1/B) sum_i ||g_i||^2`` (None as ``per_example``)."""
+        return float(self.per_example.mean()) if self.per_example is not None else None
+
+
+class FisherPenalty:
+    """The Fisher Penalty of "Catastrophic Fisher Explosion" (Jastrzebski et al., ICML 2021):
+    ``alpha * ||gbar||^2``, ``gbar = grad (1/B) sum_i l(x_i, yhat_i)`` with ``yhat_i`` drawn from the
+    model's predictive distribution once per step.
+
+    The whole step in one call, for every method (the cheapest form of each)::
+
+        penalty = fisher_ext.FisherPenalty(model, alpha=0.1, method="finite_difference")
+        for x, y in loader:
+            loss, result = penalty.backward(x, lambda logits: F.cross_entropy(logits, y))
+            opt.step(); opt.zero_grad()
+
+    Or, exact, as a term added to the caller's own loss (one backward for both)::
+
+        with penalty.watch():
+            logits = model(x)
+        (F.cross_entropy(logits, y) + penalty.penalty_term(logits)).backward()
+
+    Args:
+        model: the model; its parameters with ``requires_grad`` are penalized. A compiled model
+            (``torch.compile``) runs its original module eagerly in :meth:`backward`.
+        alpha: the penalty weight (a finite number >= 0).
+        objective: 'fisher' (the Fisher Penalty), 'trace' (the batch's Tr(F) estimate
+            ``(1/B) sum_i ||g_i||^2`` itself, differentiated exactly through the per-example-norm
+            ops), or the paper's baselines 'gp' (true labels: pass ``labels``), 'gpr' (uniform random
+            labels) and 'gpx' (``(1/B) sum_i ||d l_i / d x_i||^2``, the input-gradient norm, true
+            labels); see also :meth:`gp`, :meth:`gpr`, :meth:`gpx`.
+        method: 'double_backward' (exact) or 'finite_difference' (objectives 'fisher', 'gp', 'gpr';
+            :meth:`backward` only): two forwards and two backwards a step, see
+            :mod:`fisher_ext.penalty.methods` for its error.
+        likelihood: as in :func:`fisher_ext.fisher_trace`.
+        every: apply on every k-th step (the paper's cost-saving k=10); the gradient is not rescaled.
+        radius: the finite-difference step ``r`` (default: see :class:`~fisher_ext.penalty.methods.FiniteDifference`).
+        check_every: the finite difference is compared with the exact gradient on its penalty steps
+            1, 2, 4, ... and then every ``check_every``-th (0: never). A comparison off by more than
+            5% warns with the numbers and switches the penalty to 'double_backward'.
+        generator: the random generator of the label draws. Default: one of the penalty's own,
+            seeded from ``torch.initial_seed()``; the global random stream is never drawn from.
+        report_trace: give each step's per-example ``||g_i||^2`` and Tr(F) estimate from the gbar
+            backward (no extra pass; the norm kernels run right after it). False hooks nothing.
+    """
+
+    def __init__(self, model: nn.Module, alpha: float, *, objective: str = "fisher",
+                 method: str = "double_backward", likelihood: Union[str, Likelihood] = "categorical",
+                 every: int = 1, radius: float | None = None, check_every: int = 1000,
+                 generator: torch.Generator | None = None, report_trace: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha >= 0):
+            raise ValueError(f"alpha: expected a finite number >= 0, got {alpha!r}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+        if method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every: expected an int >= 1, got {every!r}")
+        if radius is not None and not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
+            raise ValueError(f"radius: expected a finite number > 0 or None, got {radius!r}")
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
+            raise ValueError(f"check_every: expected an int >= 0, got {check_every!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        self.model = getattr(model, "_orig_mod", model)  # a compiled model's own module, run eagerly
+        named = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("model: expected at least one trainable parameter (requires_grad=True), found none")
+        self.names, self.params = [k for k, _ in named], [p for _, p in named]
+        likelihood = get_likelihood(likelihood)
+        self.objective = {"fisher": lambda: GradientNorm(likelihood, "sampled"), "gp": lambda: GradientNorm(likelihood, "true"),
+                          "gpr": lambda: GradientNorm(likelihood, "random"), "trace": lambda: BatchTrace(likelihood),
+                          "gpx": lambda: InputGradientNorm(likelihood)}[objective]()
+        if method not in self.objective.methods:
+            raise ValueError(f"method: objective {objective!r} is differentiated by {self.objective.methods}, got "
+                             f"{method!r}")
+        self.method = FiniteDifference(radius) if method == "finite_difference" else DoubleBackward()
+        self.alpha, self.every, self.check_every = float(alpha), every, check_every
+        self.report_trace = bool(report_trace)
+        self._seed = (torch.initial_seed() * 6364136223846793005 + 1442695040888963407) % 2 ** 63
+        self._generator, self._generators = generator, {}
+        self.steps = 0  # calls of backward / penalty_term, the penalty's steps included or not
+        self._fd_steps = 0
+        self._watched: tuple | None = None  # (capture, the watched output's tensors) of the last watch()
+        self.last_result: PenaltyResult | None = None
+
+    # ---- named constructors: the paper's baselines ------------------------------------------------
+
+    @classmethod
+    def gp(cls, model: nn.Module, alpha: float, **kwargs) -> "FisherPenalty":
+        """GP: the gradient norm at the true labels (pass them as ``labels``)."""
+        return cls(model, alpha, objective="gp", **kwargs)
+
+    @classmethod
+    def gpr(cls, model: nn.Module, alpha: float, **kwargs) -> "FisherPenalty":
+        """GPr: the gradient norm at uniformly random labels."""
+        return cls(model, alpha, objective="gpr", **kwargs)
+
+    @classmethod
+    def gpx(cls, model: nn.Module, alpha: float, **kwargs) -> "FisherPenalty":
+        """GPx: the per-example input-gradient norm at the true labels (:meth:`backward` only)."""
+        return cls(model, alpha, objective="gpx", **kwargs)
+
+    # ---- entry points -----------------------------------------------------------------------------
+
+    def backward(self, inputs: Union[Tensor, tuple], loss: Callable[[Tensor], Tensor],
+                 labels: Tensor | None = None) -> tuple[Tensor, PenaltyResult | None]:
+        """The step's whole backward: one forward of the model on ``inputs`` (the training forward:
+        BatchNorm updates its statistics once, as in a plain step), then the gradient of
+        ``loss(output)`` plus the penalty's, added into the parameters' ``.grad``. A parameter that
+        gets no gradient keeps its ``.grad``. On steps skipped by ``every`` it is a plain step.
+
+        Args:
+            inputs: the batch: a tensor, or a tuple of the model's positional arguments.
+            loss: the training loss, a callable from the model's output to a scalar tensor.
+            labels: the step's labels: the true labels for 'gp' and 'gpx'; for the others they
+                replace the drawn ones (tests, reproducibility).
+
+        Returns:
+            The training loss (detached) and the step's :class:`PenaltyResult` (None when skipped).
+
+        Raises:
+            FloatingPointError: the loss, the penalty or the step's gradient is not finite (naming
+                the step); nothing is written into ``.grad``.
+        """
+        if not callable(loss):
+            raise TypeError(f"loss: expected a callable taking the model's output and returning a scalar loss, "
+                            f"got {type(loss).__name__}")
+        args = _as_args(inputs)
+        step = self._next_step()
+        if not self._due(step):  # a plain step
+            with torch.enable_grad():
+                train_loss = _scalar_loss(loss, self.model(*args))
+                _check_finite(step, "the training loss", train_loss)
+                train_loss.backward()
+            return train_loss.detach(), None
+        if isinstance(self.objective, InputGradientNorm):
+            args = (args[0].detach().requires_grad_(),) + args[1:]
+        fd = isinstance(self.method, FiniteDifference)
+        rng, capture = RandomState(), self._new_capture()
+        decisions = FrozenDecisions() if fd else None
+        with torch.enable_grad(), (capture or contextlib.nullcontext()):
+            with decisions.watching(self.model) if fd else contextlib.nullcontext():
+                output = self._forward(args, capture)
+            train_loss = _scalar_loss(loss, output)
+            _check_finite(step, "the training loss", train_loss)
+            batch = Batch(self.params, output, args, self.objective.labels(output, labels, self._generator_for(output)),
+                          capture)
+            check = fd and self._check_due()
+            outcome = self.method.gradients(self.objective, batch, train_loss, self.alpha,
+                                            Rerun(self.model, self.names, rng, decisions, loss), check)
+        result = self._result(step, batch, outcome.value, outcome.method, outcome.check)
+        if outcome.check is not None and not outcome.check.passed(self.method.tolerance):
+            c = outcome.check
+            warn(f"step {step}: the finite-difference gradient of the penalty is {c.relative_error:.3g} off the "
+                 f"exact one (relative; cosine {c.cosine:.4f}; training gradient shifted by {c.training_shift:.3g}), "
+                 f"more than {self.method.tolerance}; this step's gradient is the exact one, and the penalty uses "
+                 "method='double_backward' from now on", stacklevel=3)
+            self.method = DoubleBackward()
+        grads = outcome.grads
+        present = [g for g in grads if g is not None]
+        _check_finite(step, "the step's gradient", torch.stack(torch._foreach_norm(present)) if present
+                      else torch.zeros(()))
+        add_into_grads(self.params, grads)
+        self.last_result = result
+        return train_loss.detach(), result
+
+    def watch(self) -> contextlib.AbstractContextManager:
+        """Context manager around the training forward whose output :meth:`penalty_term` will
+        use: it hooks the layers for the free per-example norms and remembers the output."""
+        return _Watch(self)
+
+    def penalty_term(self, output: Tensor, labels: Tensor | None = None) -> Tensor:
+        """The penalty as a differentiable scalar to add to the loss, from the output of the last
+        watched forward (method 'double_backward'; one backward then serves both)::
+
+            with penalty.watch():
+                logits = model(x)
+            (F.cross_entropy(logits, y) + penalty.penalty_term(logits)).backward()
+
+        On steps skipped by ``every`` it is a zero without a graph. The step's
+        :class:`PenaltyResult` is in ``penalty.last_result`` (None when skipped).
+        """
+        if not isinstance(self.method, DoubleBackward):
+            raise ValueError(f"method: penalty_term differentiates the penalty's graph; expected 'double_backward', "
+                             f"got {self.method.name!r} (use backward(inputs, loss) for the finite difference)")
+        if isinstance(self.objective, InputGradientNorm):
+            raise ValueError("objective: 'gpx' differentiates w.r.t. the inputs; use backward(inputs, loss, labels)")
+        if self._watched is None:
+            raise RuntimeError("penalty_term: no watched forward; run the model inside `with penalty.watch():` first")
+        (capture, produced), self._watched = self._watched, None
+        try:
+            if not isinstance(output, Tensor) or not any(output is t for t in produced):
+                raise ValueError("output: expected a tensor the watched forward returned (the model's output, or "
+                                 "a tensor inside it); got " + (f"a tensor of shape {tuple(output.shape)} it did not "
+                                                               "return" if isinstance(output, Tensor)
+                                                               else type(output).__name__))
+            step = self._next_step()
+            self.last_result = None
+            if not self._due(step):
+                return output.new_zeros(())
+            with torch.enable_grad():
+                batch = Batch(self.params, output, (), self.objective.labels(output, labels,
+                                                                               self._generator_for(output)), capture)
+                value = self.objective.value(batch, create_graph=True)
+            result = self._result(step, batch, value, self.method.name, None)
+            term = self.alpha * value.value
+            _check_finite(step, "the penalty", term)
+            self.last_result = result
+            return term
+        finally:
+            if capture is not None:
+                capture.clear()
+
+    # ---- the step's parts -------------------------------------------------------------------------
+
+    def _next_step(self) -> int:
+        self.steps += 1
+        return self.steps
+
+    def _due(self, step: int) -> bool:
+        return (step - 1) % self.every == 0
+
+    def _check_due(self) -> bool:
+        """On the finite difference's penalty steps 1, 2, 4, ..., then every ``check_every``-th."""
+        self._fd_steps += 1
+        k = self._fd_steps
+        if self.check_every == 0:
+            return False
+        return k % self.check_every == 0 if k >= self.check_every else (k & (k - 1)) == 0
+
+    def _generator_for(self, output: Tensor) -> torch.Generator:
+        if self._generator is not None:
+            return self._generator
+        if output.device not in self._generators:
+            self._generators[output.device] = torch.Generator(output.device).manual_seed(self._seed)
+        return self._generators[output.device]
+
+    def _new_capture(self) -> _Capture | None:
+        if not self.report_trace and not isinstance(self.objective, BatchTrace):
+            return None
+        try:
+            return _Capture(self.model)  # hooks for the free per-example norms
+        except ValueError:  # e.g. weight sharing: the batch penalty itself needs no per-example gradients
+            if isinstance(self.objective, BatchTrace):
+                raise
+            return None
+
+    def _forward(self, args: tuple, capture: _Capture | None) -> Tensor:
+        if capture is not None:
+            capture.start()
+        try:
+            return self.model(*args)
+        finally:
+            if capture is not None:
+                capture.stop()
+
+    def _result(self, step: int, batch: Batch, value, method: str, check: Check | None) -> PenaltyResult:
+        penalty = self.alpha * float(value.value.detach())
+        _check_finite(step, "the penalty", torch.tensor(penalty))
+        gbar_sqnorm = float(value.value.detach()) if value.gbar is not None else float("nan")
+        return PenaltyResult(penalty, gbar_sqnorm, batch.labels, method, value.per_example, check)
+
+
+class _Watch:
+    """Hooks the layers (free norms) and remembers the tensors the model's forward returned."""
+
+    def __init__(self, penalty: FisherPenalty):
+        self.penalty = penalty
+
+    def __enter__(self) -> FisherPenalty:
+        p = self.penalty
+        capture = p._new_capture()
+        if capture is not None:
+            capture.__enter__()
+            capture.start()
+        produced: list = []
+        self._hook = p.model.register_forward_hook(
+            lambda m, args, out: produced.extend(t for t in torch.utils._pytree.tree_leaves(out)
+                                                 if isinstance(t, Tensor)))
+        self._capture = capture
+        p._watched = (capture, produced)
+        return p
+
+    def __exit__(self, *exc) -> None:
+        self._hook.remove()
+        if self._capture is not None:
+            self._capture.unhook()  # the records stay for penalty_term()
+
+
+def _as_args(inputs) -> tuple:
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    if first is None:
+        raise TypeError(f"inputs: expected a tensor or a tuple of the model's arguments with a tensor, got "
+                        f"{type(inputs).__name__}")
+    if first.dim() == 0 or first.shape[0] == 0:
+        raise ValueError(f"inputs: expected a batch of at least one example, got shape {tuple(first.shape)}")
+    return args
+
+
+def _scalar_loss(loss: Callable, output) -> Tensor:
+    value = loss(output)
+    if not isinstance(value, Tensor) or value.numel() != 1 or not value.requires_grad:
+        got = f"a tensor of shape {tuple(value.shape)}, requires_grad={value.requires_grad}" \
+            if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"loss: expected the callable to return a scalar tensor with a graph to the output, got {got}")
+    return value.reshape(())
+
+
+def _check_finite(step: int, what: str, value: Tensor) -> None:
+    if not bool(torch.isfinite(value.detach()).all()):
+        raise FloatingPointError(f"step {step}: {what} is not finite ({value.detach().flatten()[:4].tolist()}); "
+                                 "nothing was written into .grad")

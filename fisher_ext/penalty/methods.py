@@ -1,0 +1,193 @@
+"""How the penalty's gradient ``alpha * grad_theta objective`` is formed.
+
+- :class:`DoubleBackward`: exact; the objective keeps its graph (``create_graph``) and one backward
+  of ``loss + alpha * objective`` gives the step's whole gradient.
+- :class:`FiniteDifference` (gradient-norm objectives): ``grad ||gbar||^2 = 2 H gbar``, and
+  ``H gbar ~= ||gbar|| (grad L(theta + r v) - grad L(theta)) / r`` with ``v = gbar / ||gbar||``: one
+  more forward and backward, no second-order graph. The shifted pass replays the watched pass's
+  random state and its discrete decisions (:class:`~fisher_ext.penalty.replay.FrozenDecisions`),
+  so the difference stays on one smooth piece of a ReLU / max-pool network and converges to the
+  Hessian autograd differentiates. The training loss joins the shifted pass's backward, so a step
+  costs two forwards and two backwards; its gradient is then taken at ``theta + r v``.
+
+Error of the finite difference: truncation ``O(r)`` times the third derivative along ``v``, plus
+float32 rounding of the two gradients' difference ``O(eps ||g|| / r)``; the fused training
+gradient adds ``r H_train v``. The default radius balances the first two (docs/design.md gives
+the measurement). A periodic comparison with the exact method checks the estimate at run time.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .objectives import Batch, GradientNorm, Value
+from .replay import DecisionMismatch, FrozenDecisions, RandomState, scratch_norm_stats
+
+Tensor = torch.Tensor
+Grads = list  # one gradient (or None: the parameter got none) per parameter
+
+
+@dataclass
+class Rerun:
+    """What a method needs to run the model again as the watched forward ran."""
+
+    model: nn.Module
+    names: Sequence[str]  # of Batch.params, as functional_call takes them
+    rng: RandomState
+    decisions: FrozenDecisions | None
+    loss_fn: Callable[[Tensor], Tensor] | None  # the training loss, fused into the shifted pass
+
+
+@dataclass
+class Check:
+    """The finite difference compared with the exact gradient on one step.
+
+    Attributes:
+        relative_error: ``||fd - exact|| / ||exact||`` of the penalty's gradient.
+        cosine: between the two.
+        training_shift: ``||g_train(theta + r v) - g_train(theta)|| / ||exact step gradient||``, the
+            error of taking the training gradient in the shifted pass (``~ r H_train v``).
+    """
+
+    relative_error: float
+    cosine: float
+    training_shift: float
+
+    def passed(self, tolerance: float) -> bool:
+        return self.relative_error <= tolerance and self.training_shift <= tolerance
+
+
+@dataclass
+class Outcome:
+    """A method's result for one step."""
+
+    grads: Grads  # the step's whole gradient, one per parameter
+    value: Value
+    method: str  # the method that formed ``grads`` (the exact one where the estimate fell back)
+    check: Check | None = None
+
+
+def _flat(grads: Grads, params: Sequence[Tensor]) -> Tensor:
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]).double()
+
+
+def _add(a: Tensor | None, b: Tensor | None, scale: float = 1.0) -> Tensor | None:
+    if b is None:
+        return a
+    return b * scale if a is None else a.add(b, alpha=scale)
+
+
+class DoubleBackward:
+    """Exact, by differentiating the objective's own graph."""
+
+    name = "double_backward"
+
+    def gradients(self, objective, batch: Batch, train_loss: Tensor, alpha: float, rerun: Rerun,
+                  check: bool) -> Outcome:
+        v = objective.value(batch, create_graph=True)
+        total = torch.autograd.grad(train_loss + alpha * v.value, batch.params, allow_unused=True)
+        return Outcome(list(total), v, self.name)
+
+
+class FiniteDifference:
+    """``2 alpha H gbar`` from the gradient at ``theta + r v`` with the watched pass's decisions.
+
+    Args:
+        radius: ``r``; default ``base * (1 + ||theta||) / sqrt(P)``, base 1e-3 (float32 and lower)
+            or 1e-6 (float64).
+        tolerance: the largest relative error a check accepts.
+    """
+
+    name = "finite_difference"
+
+    def __init__(self, radius: float | None = None, tolerance: float = 0.05):
+        self.radius, self.tolerance = radius, tolerance
+
+    def default_radius(self, params: Sequence[Tensor]) -> float:
+        theta = float(torch.stack(torch._foreach_norm([p.detach() for p in params])).double().norm())
+        count = sum(p.numel() for p in params)
+        base = 1e-6 if params[0].dtype == torch.float64 else 1e-3
+        return base * (1 + theta) / math.sqrt(count)
+
+    def gradients(self, objective, batch: Batch, train_loss: Tensor, alpha: float, rerun: Rerun,
+                  check: bool) -> Outcome:
+        """The step's gradient. With ``check``, also the exact one, compared in the outcome's
+        :class:`Check`; a failed check gives the exact gradient. A shifted pass that does not
+        replay the watched pass's decisions falls back to the exact gradient with a warning."""
+        if not isinstance(objective, GradientNorm):
+            raise TypeError(f"finite_difference differentiates ||gbar||^2; got objective {objective.name!r}")
+        v = objective.value(batch, create_graph=check)
+        exact = None
+        if check:  # the exact parts of this step, for the comparison
+            exact = (list(torch.autograd.grad(train_loss, batch.params, retain_graph=True, allow_unused=True)),
+                     list(torch.autograd.grad(alpha * v.value, batch.params, retain_graph=True, allow_unused=True)))
+        gbar = [g.detach() if g is not None else None for g in v.gbar]
+        try:
+            penalty, train = self._shifted(objective, batch, gbar, float(v.value.detach()), alpha, rerun,
+                                           separate=check)
+        except DecisionMismatch as e:
+            warn(f"{e}; this step's gradient is the exact one (double backward)")
+            return Outcome(self._exact(objective, batch, train_loss, alpha), v, DoubleBackward.name)
+        if exact is None:
+            return Outcome(penalty, v, self.name)
+        report = self._compare(batch.params, penalty, train, exact)
+        if not report.passed(self.tolerance):
+            return Outcome([_add(t, p) for t, p in zip(*exact)], v, DoubleBackward.name, report)
+        return Outcome([_add(p, t) for p, t in zip(penalty, train)], v, self.name, report)
+
+    def _shifted(self, objective: GradientNorm, batch: Batch, gbar: Grads, gbar_sqnorm: float, alpha: float,
+                 rerun: Rerun, separate: bool) -> tuple[Grads, Grads]:
+        """The gradient of ``loss + c L`` at ``theta + r v`` (the decisions and random state of the
+        watched pass), less ``c gbar``, with ``c = 2 alpha ||gbar|| / r``: the step's gradient. With
+        ``separate``, as (penalty part, training part) from two backwards of the shifted pass;
+        else (all of it, Nones) from one. The rounding of ``||gbar||`` cancels: it scales the shift
+        and the difference inversely."""
+        norm = math.sqrt(gbar_sqnorm)
+        r = self.radius if self.radius is not None else self.default_radius(batch.params)
+        step = r / norm if norm > 0 else 0.0  # gbar = 0: no shift, and the penalty's gradient is 0
+        # New tensors passed by functional_call: the model's own parameters are never modified (the
+        # caller's graph may have saved them), so nothing needs restoring.
+        shifted = [(p.detach() + step * g if g is not None else p.detach()).requires_grad_()
+                   for p, g in zip(batch.params, gbar)]
+        decisions = rerun.decisions.replay()
+        with rerun.rng.replayed(), scratch_norm_stats(rerun.model), decisions.watching(rerun.model):
+            output = torch.func.functional_call(rerun.model, dict(zip(rerun.names, shifted)), batch.inputs)
+        if not decisions.finished():
+            raise DecisionMismatch("the replayed forward made fewer decisions than the recorded one")
+        scale = 2 * alpha * norm / r
+        penalty_loss = scale * objective.loss(output, batch.labels)
+        if separate:
+            penalty = torch.autograd.grad(penalty_loss, shifted, retain_graph=True, allow_unused=True)
+            train = list(torch.autograd.grad(rerun.loss_fn(output), shifted, allow_unused=True))
+        else:
+            penalty = torch.autograd.grad(penalty_loss + rerun.loss_fn(output), shifted, allow_unused=True)
+            train = [None] * len(shifted)
+        return [_add(a, g, -scale) for a, g in zip(penalty, gbar)], train
+
+    def _compare(self, params: Sequence[Tensor], penalty: Grads, train: Grads, exact: tuple[Grads, Grads]) -> Check:
+        exact_train, exact_penalty = _flat(exact[0], params), _flat(exact[1], params)
+        fd = _flat(penalty, params)
+        norm = float(exact_penalty.norm())
+        step = float((exact_train + exact_penalty).norm())
+        shift = float((_flat(train, params) - exact_train).norm()) / step if step > 0 else 0.0
+        if norm == 0:
+            return Check(0.0 if float(fd.norm()) == 0 else math.inf, 1.0, shift)
+        cosine = float(torch.nn.functional.cosine_similarity(fd, exact_penalty, dim=0))
+        return Check(float((fd - exact_penalty).norm()) / norm, cosine, shift)
+
+    def _exact(self, objective, batch: Batch, train_loss: Tensor, alpha: float) -> Grads:
+        """The exact gradient of the step, where the estimate cannot be trusted (the capture has
+        given its norms already)."""
+        v = objective.value(Batch(batch.params, batch.output, batch.inputs, batch.labels, None), create_graph=True)
+        return list(torch.autograd.grad(train_loss + alpha * v.value, batch.params, allow_unused=True))
+
+
+def warn(message: str, stacklevel: int = 4) -> None:
+    """A RuntimeWarning pointing at the caller's line (``stacklevel`` frames up from here)."""
+    warnings.warn(f"FisherPenalty: {message}", RuntimeWarning, stacklevel=stacklevel)

@@ -1,0 +1,163 @@
+"""What the penalty penalizes: one scalar of a batch, ``alpha`` times
+
+- :class:`GradientNorm`: ``||gbar||^2``, ``gbar = grad_theta (1/B) sum_i l(x_i, y_i)``, with the
+  labels drawn from the model (the Fisher Penalty), the true labels (GP) or uniform random
+  classes (GPr);
+- :class:`BatchTrace`: ``(1/B) sum_i ||g_i||^2``, the batch's Tr(F) estimate itself;
+- :class:`InputGradientNorm`: ``(1/B) sum_i ||d l_i / d x_i||^2`` (GPx).
+
+An objective forms its value from a :class:`Batch` (the watched forward's output, inputs,
+labels and capture), optionally with the graph for a double backward; the differentiation
+methods (:mod:`fisher_ext.penalty.methods`) take it from there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..likelihoods import Likelihood
+from ..monitor import _Capture
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Batch:
+    """One step's watched forward, as the objectives and methods see it."""
+
+    params: Sequence[Tensor]
+    output: Tensor
+    inputs: tuple
+    labels: Tensor
+    capture: _Capture | None
+
+
+@dataclass
+class Value:
+    """An objective's value on a batch (without alpha).
+
+    Attributes:
+        value: the scalar, with its graph to the parameters when asked for.
+        gbar: the mean-loss gradient per parameter (None where it got none), for
+            :class:`GradientNorm` only.
+        per_example: ``(B,)`` the ``||g_i||^2`` (float32, float64 for float64), or None.
+    """
+
+    value: Tensor
+    gbar: list | None = None
+    per_example: Tensor | None = None
+
+
+class GradientNorm:
+    """``||gbar||^2``, the gradient of the mean loss ``L(theta) = (1/B) sum_i l(x_i, y_i)`` at labels
+    per ``target``: 'sampled' (from the model: the Fisher Penalty), 'true' (GP), 'random' (GPr)."""
+
+    methods = ("double_backward", "finite_difference")
+
+    def __init__(self, likelihood: Likelihood, target: str = "sampled"):
+        self.likelihood, self.target = likelihood, target
+
+    @property
+    def name(self) -> str:
+        return {"sampled": "fisher", "true": "gp", "random": "gpr"}[self.target]
+
+    def labels(self, output: Tensor, given: Tensor | None, generator: torch.Generator) -> Tensor:
+        """The step's labels: ``given``, or drawn once for the target."""
+        self.likelihood.check(output)
+        if given is not None:
+            return given
+        if self.target == "true":
+            raise ValueError("labels: the GP penalty (target 'true') needs the true labels, got None")
+        if self.target == "random":
+            if output.dim() < 2 or not hasattr(self.likelihood, "class_probabilities"):
+                raise ValueError("target: 'random' (GPr) draws uniform classes; it needs a categorical likelihood")
+            return torch.randint(output.shape[-1], output.shape[:-1], generator=generator, device=output.device)
+        return self.likelihood.sample(output, generator)
+
+    def loss(self, output: Tensor, labels: Tensor) -> Tensor:
+        """``L``, whose gradient is ``gbar``."""
+        return self.likelihood.nll(output, labels).mean()
+
+    def value(self, batch: Batch, create_graph: bool) -> Value:
+        capture = batch.capture
+        if capture is not None:
+            capture.collecting = True  # the hooks catch dl/d(output) during this backward
+        try:
+            gbar = list(torch.autograd.grad(self.loss(batch.output, batch.labels), batch.params,
+                                            create_graph=create_graph, retain_graph=True, allow_unused=True))
+        finally:
+            if capture is not None:
+                capture.collecting = False
+        norms = free_norms(capture, batch, gbar) if capture is not None else None
+        value = sum(g.square().sum() for g in gbar if g is not None)
+        if not isinstance(value, Tensor):  # no parameter reaches the loss
+            value = batch.output.new_zeros(())
+        return Value(value, gbar, norms)
+
+
+class BatchTrace:
+    """``(1/B) sum_i ||g_i||^2`` at labels sampled from the model, differentiated exactly through
+    the differentiable per-example-norm ops (closed-form layer rules only)."""
+
+    methods = ("double_backward",)
+    name = "trace"
+
+    def __init__(self, likelihood: Likelihood):
+        self.likelihood = likelihood
+        self.labels = GradientNorm(likelihood).labels
+
+    def value(self, batch: Batch, create_graph: bool) -> Value:
+        capture, n = batch.capture, batch.output.shape[0]
+        capture.collecting = True
+        try:  # the per-example loss sum: the hooks catch dl_n/dy, with their graph
+            raw = torch.autograd.grad(self.likelihood.nll(batch.output, batch.labels).sum(), batch.params,
+                                      create_graph=True, allow_unused=True)
+        finally:
+            capture.collecting = False
+        norms = capture.norms_from_grads(n, unrecorded_used(capture, batch.params, raw), differentiable=True)
+        per_example = torch.stack(list(norms.values())).sum(0)
+        return Value(per_example.mean(), None, per_example.detach())
+
+
+class InputGradientNorm:
+    """GPx: ``(1/B) sum_i ||d l_i / d x_i||^2`` over the first input (a leaf that requires grad).
+    One backward of ``sum_i l_i`` gives every example's input gradient, as ``l_i`` depends on ``x_i``
+    alone (BatchNorm in train mode couples examples: use eval mode)."""
+
+    methods = ("double_backward",)
+    name = "gpx"
+
+    def __init__(self, likelihood: Likelihood, target: str = "true"):
+        self.likelihood = likelihood
+        self.labels = GradientNorm(likelihood, target).labels
+
+    def value(self, batch: Batch, create_graph: bool) -> Value:
+        x = batch.inputs[0]
+        (gx,) = torch.autograd.grad(self.likelihood.nll(batch.output, batch.labels).sum(), x,
+                                    create_graph=create_graph, retain_graph=True)
+        return Value(gx.reshape(gx.shape[0], -1).square().sum(1).mean())
+
+
+def unrecorded_used(capture: _Capture, params: Sequence[Tensor], raw: Sequence) -> set[str]:
+    """Parameters the loss depends on (a gradient in ``raw``) whose own module did not run."""
+    names = {id(p): name for name, p in zip(capture.param_names, capture.params)}
+    used = {names[id(p)] for p, g in zip(params, raw) if g is not None and id(p) in names}
+    return {k for k in used if capture._module_of[k] not in capture.records}
+
+
+def free_norms(capture: _Capture, batch: Batch, gbar: Sequence) -> Tensor | None:
+    """The per-example squared norms from the gradients the hooks caught in the gbar backward
+    (the mean loss gives them ``(1/B) dl_n/dy``: scaled by B), or None where the per-example rules
+    do not apply. Clears the capture: its inputs and gradients are not held past this call."""
+    n = batch.output.shape[0]
+    try:
+        with torch.no_grad():
+            norms = capture.norms_from_grads(n, unrecorded_used(capture, batch.params, gbar), scale=float(n))
+    except ValueError:  # e.g. BatchNorm in train mode couples the examples
+        return None
+    finally:
+        capture.clear()
+    return torch.stack(list(norms.values())).sum(0) if norms else None
