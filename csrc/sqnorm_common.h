@@ -11,7 +11,7 @@ namespace fisher_ext {
 
 enum class Method { Ghost, Materialize };
 
-// Every op returns float32, or float64 for float64 inputs (DESIGN.md §2).
+// Every op returns float32, or float64 for float64 inputs (docs/design.md, section 2).
 inline at::ScalarType result_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -3,7 +3,7 @@
     python -m fisher_ext.demo [--batch 64] [--seed 0] [--device cpu]
 
 Labels are sampled from the model's own predictive distribution (the Fisher,
-DESIGN.md §2); fisher_trace's module hooks capture each layer's input and output
+docs/design.md); fisher_trace's module hooks capture each layer's input and output
 gradient, and the per-example-norm ops turn them into every example's squared
 gradient norm. Tr(F) is their mean. The same numbers are then computed by
 materializing all per-example gradients with torch.func, and both timings are

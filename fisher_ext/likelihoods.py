@@ -1,6 +1,6 @@
 """Likelihoods p(y | model output): how to sample labels and the per-example negative log-likelihood.
 
-The Fisher of DESIGN.md §2 uses ``l_n = -log p(yhat_n | x_n)`` with ``yhat_n`` sampled
+The Fisher of docs/design.md (section 1) uses ``l_n = -log p(yhat_n | x_n)`` with ``yhat_n`` sampled
 from the model's own predictive distribution (or the true label, for the empirical
 Fisher). A likelihood only has to provide:
 

@@ -1,7 +1,7 @@
 """The trace of the Fisher information matrix, Tr(F), for any PyTorch model.
 
 ``Tr(F) = (1/N) sum_n ||g_n||^2`` with ``g_n`` the gradient of ``-log p(yhat_n | x_n)`` over
-all trainable parameters (DESIGN.md §2). Labels ``yhat_n`` are sampled from the model's
+all trainable parameters (docs/design.md, section 1). Labels ``yhat_n`` are sampled from the model's
 predictive distribution (``estimator='mc'``, K samples), summed over with their
 probabilities (``'exact'``, categorical outputs, one backward per class), or the true labels
 (``'empirical'``).
@@ -209,7 +209,7 @@ class _Capture:
         """Per-example norms from the output gradients the hooks caught in the last backward.
 
         ``used_unrecorded``: the parameters of modules that did not run which the loss depends on.
-        ``scale``: multiplies the caught gradients (e.g. N for a mean loss, DESIGN.md §2).
+        ``scale``: multiplies the caught gradients (e.g. N for a mean loss, docs/design.md section 2).
         ``differentiable``: keep the graph (inputs and gradients caught with ``create_graph``), so
         the norms can be differentiated w.r.t. the parameters; only closed-form rules allow it.
         """

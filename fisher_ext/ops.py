@@ -5,7 +5,7 @@ gradient of the loss with respect to its output — and return, for each example
 n, ``||dl_n/dW||^2`` (+ ``||dl_n/db||^2`` with ``bias=True``) without forming
 per-example gradients in memory. The gradient passed in is used as is: if the
 loss was a mean over N examples, each norm is ``1/N^2`` of the per-example
-loss's norm (DESIGN.md §2, reduction scaling).
+loss's norm (docs/design.md, section 2: reduction scaling).
 
 Results are float32 (float64 for float64 inputs); float16/bfloat16 inputs are
 accumulated in float32. Both ops are differentiable in their two tensor inputs.

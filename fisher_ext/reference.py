@@ -7,7 +7,7 @@ the benchmarks. They take the op's arguments exactly (``padding`` = leading
 pad per spatial dim, output size from ``g``); argument checking lives in
 ``fisher_ext.ops``.
 
-Math (DESIGN.md §2): with activations ``A_n`` (T x d_in) and output gradients
+Math (docs/design.md, section 2): with activations ``A_n`` (T x d_in) and output gradients
 ``G_n`` (T x d_out), ``||dl_n/dW||^2 = ||A_n^T G_n||_F^2`` (materialize)
 ``= <A_n A_n^T, G_n G_n^T>_F`` (ghost), plus ``||sum_t G_n,t||^2`` for a bias.
 A convolution is the same rule on its im2col matrix, one rule per group.

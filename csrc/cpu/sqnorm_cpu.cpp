@@ -2,7 +2,7 @@
 //
 // Examples are processed in blocks (at::parallel_for over blocks, one block per
 // task), so the working memory is O(threads x block), never O(N x d_in x d_out).
-// Within a block the linear rule of DESIGN.md §2 runs as batched GEMMs
+// Within a block the linear rule of docs/design.md (section 2) runs as batched GEMMs
 // (ghost: Gram matrices; materialize: per-example weight gradients), squared
 // and reduced before the next block.
 //
