@@ -11,7 +11,10 @@ bench/monitor.py. Per step (median of --repeats after a warm-up), side by side i
                  training forward, added to the loss; every step / every 10th step
   fd-k1, fd-k10  + FisherPenalty(method='finite_difference') through penalty.backward(x, loss):
                  the shifted pass replays the forward's decisions, the training loss is fused
-                 into it (two forwards, two backwards); its run-time checks at their default
+                 into it (two forwards, two backwards)
+  fd-check       a finite-difference step that is also checked against the exact gradient (the
+                 penalty checks its steps 1, 2, 4, ..., 512, then every 1000th; the fd columns
+                 above are the steps between, check_every=0)
   db-k1+tr, fd-k1+tr  the same with report_trace=True: each step's per-example norms and Tr(F)
                  from the gbar backward (the columns above run with report_trace=False, like the
                  public approach, which gives no Tr(F))
@@ -44,20 +47,23 @@ from monitor import ResNet18  # noqa: E402
 
 LEGEND = ("Columns: db = double_backward through penalty_term (one backward for loss and penalty); fd = finite "
           "difference with the forward's decisions replayed, the loss fused into the shifted pass (backward(x, loss)); "
+          "fd-check = a finite-difference step also checked against the exact gradient (steps 1, 2, 4, ..., 512, then "
+          "every 1000th by default; the other fd columns are the steps between); "
           "public = sampled labels + autograd.grad(create_graph=True); -k10 = every 10th step; +tr = with "
           "report_trace (per-example norms and Tr(F) each step; the others run without).")
 MODELS = {"small-cnn": small_cnn, "resnet18-groupnorm": lambda: ResNet18(lambda c: torch.nn.GroupNorm(32, c))}
-METHODS = ["sgd", "sgd-k10", "db-k1", "db-k10", "fd-k1", "fd-k10", "public", "db-k1+tr", "fd-k1+tr"]
+METHODS = ["sgd", "sgd-k10", "db-k1", "db-k10", "fd-k1", "fd-k10", "fd-check", "public", "db-k1+tr", "fd-k1+tr"]
 
 
 def make_step(model, x, y, method, alpha=0.01):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every step sees the same model
     penalty = None
     if method.startswith(("db", "fd")):
-        every = int(method.split("-k")[1].split("+")[0])
+        every = int(method.split("-k")[1].split("+")[0]) if "-k" in method else 1
         penalty = fisher_ext.FisherPenalty(model, alpha, method="double_backward" if method.startswith("db")
                                            else "finite_difference", every=every,
-                                           report_trace=method.endswith("+tr"))
+                                           report_trace=method.endswith("+tr"),
+                                           check_every=1 if method == "fd-check" else 0)
     params = list(model.parameters())
 
     def step():

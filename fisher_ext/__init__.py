@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _loader, likelihoods, reference
+from . import _loader, likelihoods, reference  # noqa: F401  (public submodules, not re-exported names)
 from ._schemas import SCHEMAS
 from .monitor import FisherTraceMonitor, FisherTraceResult, fisher_trace
 from .ops import conv_sqnorm, linear_sqnorm
 from .penalty import FisherPenalty, PenaltyResult
+from .rules import UnsupportedModuleError, register_rule
 
 __all__ = ["linear_sqnorm", "conv_sqnorm", "fisher_trace", "FisherTraceMonitor", "FisherTraceResult", "FisherPenalty",
-           "PenaltyResult", "build_info",
-           "likelihoods", "reference"]
+           "PenaltyResult", "UnsupportedModuleError", "register_rule", "build_info"]
 __version__ = "0.1.0"
 
 

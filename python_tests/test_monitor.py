@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fisher_ext
-from fisher_ext.layer_rules import UnsupportedModuleError
+from fisher_ext import UnsupportedModuleError
 from fisher_ext.likelihoods import Bernoulli, Categorical, Gaussian
 
 
@@ -131,10 +131,10 @@ def test_trace_matches_oracle(name):
 def test_coverage_names_every_rule():
     result = fisher_ext.fisher_trace(build("transformer"), inputs_for("transformer"))
     assert result.coverage == {
-        "embed.weight": "embedding", "attn.in_proj_weight": "linear_calls", "attn.in_proj_bias": "linear_calls",
+        "embed.weight": "embedding", "attn.in_proj_weight": "attention", "attn.in_proj_bias": "attention",
         # MultiheadAttention uses out_proj's parameters directly, never calling out_proj as a module:
         # they go with in_proj to attn's re-run, which sees every projection as an F.linear call.
-        "attn.out_proj.weight": "linear_calls", "attn.out_proj.bias": "linear_calls", "norm.weight": "layer_norm",
+        "attn.out_proj.weight": "attention", "attn.out_proj.bias": "attention", "norm.weight": "layer_norm",
         "norm.bias": "layer_norm", "head.weight": "linear", "head.bias": "linear"}
     gn = fisher_ext.fisher_trace(build("cnn_groupnorm"), inputs_for("cnn_groupnorm")).coverage
     assert gn["0.weight"] == "conv" and gn["1.weight"] == "group_norm" and gn["6.bias"] == "linear"
@@ -312,9 +312,9 @@ def test_weight_sharing_and_reuse_are_errors():
     shared = nn.Linear(6, 6)
     tied = nn.Sequential(shared, nn.ReLU(), nn.Linear(6, 6)).double()
     tied[2].weight = tied[0].weight
-    with pytest.raises(UnsupportedModuleError, match="weight sharing"):
+    with pytest.raises(UnsupportedModuleError, match="the same tensor as 0.weight"):
         fisher_ext.fisher_trace(tied, inputs_for("mlp"))
-    with pytest.raises(UnsupportedModuleError, match="weight sharing"):  # one module registered twice
+    with pytest.raises(UnsupportedModuleError, match="weight tying or a module registered twice"):
         fisher_ext.fisher_trace(nn.Sequential(shared, nn.ReLU(), shared).double(), inputs_for("mlp"))
 
     class Twice(nn.Module):
@@ -365,4 +365,4 @@ def test_attention_seq_first_with_mask(tokens):
         for k, p in model.named_parameters():
             want[k][n] = p.grad.square().sum()
     assert_matches(result, want)
-    assert result.coverage["attn.in_proj_weight"] == "linear_calls"
+    assert result.coverage["attn.in_proj_weight"] == "attention"

@@ -8,6 +8,7 @@ import copy
 import math
 import warnings
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -265,9 +266,11 @@ def test_gradient_penalty_baselines():
 
 def test_constructor_errors():
     model = mlp()
-    for alpha in (-1.0, float("nan"), float("inf"), True, "0.1"):
-        with pytest.raises(ValueError, match="alpha: expected a finite number >= 0"):
+    for alpha in (-1.0, float("nan"), float("inf"), True, "0.1", torch.ones(2)):
+        with pytest.raises(ValueError, match="alpha: expected a finite real number >= 0"):
             fisher_ext.FisherPenalty(model, alpha)
+    for alpha, want in ((numpy.float32(0.5), 0.5), (torch.tensor(0.5), 0.5), (1, 1.0)):
+        assert fisher_ext.FisherPenalty(model, alpha).alpha == want
     with pytest.raises(ValueError, match="every: expected an int >= 1"):
         fisher_ext.FisherPenalty(model, 1.0, every=0)
     with pytest.raises(ValueError, match="method: expected one of"):
@@ -357,3 +360,97 @@ def test_finite_difference_falls_back_on_a_different_path():
     assert [str(w.message) for w in caught if "replayed forward" in str(w.message)]
     assert result.method == "double_backward"
     assert relative(grads(model), flat(train) + flat(penalty)) < 1e-12
+
+
+def test_free_norms_are_optional_for_the_penalty():
+    """A model the per-example rules refuse (a module called twice) still gets its penalty; the
+    step reports no Tr(F) instead of failing."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out = nn.Linear(6, 6), nn.Linear(6, 4)
+
+        def forward(self, inp):
+            return self.out(torch.tanh(self.lin(torch.tanh(self.lin(inp)))))
+
+    torch.manual_seed(0)
+    model = Twice().double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    _, penalty, train = penalty_gradients(model, x, TRUE, 0.2, TRUE)
+    for method in ("double_backward", "finite_difference"):
+        model.zero_grad()
+        _, result = fisher_ext.FisherPenalty(model, 0.2, method=method).backward(x, ce(TRUE), labels=TRUE)
+        assert result.per_example is None and result.trace is None
+        assert relative(grads(model), flat(train) + flat(penalty)) < (1e-6 if method == "finite_difference" else 1e-12)
+    with pytest.raises(fisher_ext.UnsupportedModuleError, match=r"Linear \(lin\): called more than once"):
+        fisher_ext.FisherPenalty(model, 0.2, objective="trace").backward(x, ce(TRUE), labels=TRUE)
+
+
+def test_finite_difference_repeats_what_the_watched_pass_saw():
+    """The shifted pass starts from the buffers the watched pass started from (here a counter the
+    forward updates) and gives a stochastic loss the same random draws; both passes together
+    advance the random stream as one plain step does."""
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 4)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, inp):
+            self.calls += 1
+            return self.lin(inp) * self.calls  # the output depends on the buffer's value
+
+    def noisy(out):
+        return F.cross_entropy(out + 0.1 * torch.randn_like(out), TRUE)
+
+    torch.manual_seed(0)
+    model = Counting().double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    twin = copy.deepcopy(model)
+    torch.manual_seed(3)
+    fisher_ext.FisherPenalty(model, 0.2, method="finite_difference", check_every=0).backward(x, noisy, labels=TRUE)
+    after = torch.rand(2)
+    torch.manual_seed(3)
+    exact = fisher_ext.FisherPenalty(twin, 0.2, method="double_backward")
+    exact.backward(x, noisy, labels=TRUE)
+    assert torch.equal(torch.rand(2), after)
+    assert model.calls.item() == 1 == twin.calls.item()
+    assert relative(grads(model), grads(twin)) < 1e-6
+
+
+def test_finite_difference_falls_back_when_the_forward_modifies_its_input():
+    class Scaling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 4)
+
+        def forward(self, inp):
+            return self.lin(inp.mul_(2))
+
+    torch.manual_seed(0)
+    model = Scaling().double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    x0 = x.clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, result = fisher_ext.FisherPenalty(model, 0.2, method="finite_difference").backward(x, ce(TRUE))
+    assert any("modified its inputs in place" in str(w.message) for w in caught)
+    assert result.method == "double_backward" and torch.equal(x, 2 * x0)  # the input scaled once
+
+
+def test_check_is_skipped_where_torch_has_no_double_backward():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Hardsigmoid(), nn.Linear(16, 4)).double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, result = fisher_ext.FisherPenalty(model, 0.2, method="finite_difference").backward(x, ce(TRUE))
+    assert any("the check is skipped" in str(w.message) for w in caught)
+    assert result.method == "finite_difference" and result.check is None
+
+
+def test_tuple_output_is_refused_clearly():
+    model = nn.Sequential(nn.Linear(6, 4))
+    model.forward = lambda inp: (model[0](inp), inp)
+    with pytest.raises(ValueError, match="output: expected a floating-point tensor of logits .* got tuple"):
+        fisher_ext.FisherPenalty(model, 0.2).backward(torch.randn(8, 6), lambda out: out[0].sum())

@@ -39,6 +39,12 @@ OPS = {
     "mask_from_comparison": lambda z: z * (z > 0.1),
     "where_on_sign": lambda z: torch.where(z.detach() > 0, z, 2 * z),
     "argmax_gather": lambda z: z.gather(-1, z.argmax(-1, keepdim=True)),
+    "topk": lambda z: z.topk(4, dim=-1).values,
+    "sort": lambda z: torch.sort(z, dim=1)[0],
+    "kthvalue": lambda z: z.kthvalue(3, dim=-1, keepdim=True).values,
+    "median_dim": lambda z: z.median(dim=-1).values,
+    "median_all": lambda z: z.median(),
+    "msort": torch.msort,
 }
 
 
@@ -66,6 +72,44 @@ def test_replay_follows_the_recorded_piece(name):
     torch.testing.assert_close(replayed[id(z1)].detach() - recorded.detach(), linear, rtol=tol, atol=tol)
     plain = op(z1)
     assert not torch.allclose(plain, replayed[id(z1)].detach()), "the move changed no piece: the test is blind"
+
+
+def replay_at(op, z0, z1):
+    decisions = FrozenDecisions()
+    with decisions:
+        decisions.active = True
+        op(z0.clone().requires_grad_())
+    with decisions.replay():
+        decisions.active = True
+        return op(z1.clone().requires_grad_())
+
+
+def test_python_branches_on_tensor_values_are_replayed():
+    op = lambda z: z * 2 if z.sum().item() > 0 else z * 3  # noqa: E731
+    z0 = torch.rand(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(replay_at(op, z0, -z0).detach(), -2 * z0, rtol=0, atol=0)
+    op = lambda z: z * 2 if z.sum() > 0 else z * 3  # noqa: E731  (Tensor.__bool__)
+    torch.testing.assert_close(replay_at(op, z0, -z0).detach(), -2 * z0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", [nn.Hardswish(inplace=True), nn.ReLU(inplace=True), nn.Hardtanh(inplace=True)],
+                         ids=["hardswish", "relu", "hardtanh"])
+def test_in_place_replay_matches_out_of_place_and_backpropagates(op):
+    z0 = torch.randn(4, 8, dtype=torch.float64)
+    z1 = z0 + torch.randn(4, 8, dtype=torch.float64)
+    out_of_place = type(op)()
+    want = replay_at(lambda z: out_of_place(z * 1), z0, z1)
+    leaf = z1.clone().requires_grad_()
+    decisions = FrozenDecisions()
+    with decisions:
+        decisions.active = True
+        op(z0.clone().requires_grad_() * 1)
+    with decisions.replay():
+        decisions.active = True
+        got = op(leaf * 1)
+    torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
+    got.sum().backward()  # the in-place replay leaves a graph autograd can run
+    assert leaf.grad is not None
 
 
 def test_replay_is_a_graph_autograd_differentiates():

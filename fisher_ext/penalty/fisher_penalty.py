@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Union
 
 import torch
 from torch import nn
 
+from ..estimators import LabelGenerator
 from ..likelihoods import Likelihood, get_likelihood
-from ..monitor import _Capture
+from ..capture import Capture, as_args
 from .methods import Check, DoubleBackward, FiniteDifference, Rerun, warn
 from .objectives import Batch, BatchTrace, GradientNorm, InputGradientNorm
-from .replay import FrozenDecisions, RandomState, add_into_grads
+from .replay import BufferState, FrozenDecisions, RandomState, add_into_grads
 
 Tensor = torch.Tensor
 OBJECTIVES = ("fisher", "trace", "gp", "gpr", "gpx")
@@ -99,8 +101,10 @@ class FisherPenalty:
                  generator: torch.Generator | None = None, report_trace: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha >= 0):
-            raise ValueError(f"alpha: expected a finite number >= 0, got {alpha!r}")
+        if isinstance(alpha, Tensor) and alpha.numel() == 1:
+            alpha = alpha.item()
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (math.isfinite(alpha) and alpha >= 0):
+            raise ValueError(f"alpha: expected a finite real number >= 0, got {alpha!r}")
         if objective not in OBJECTIVES:
             raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
         if method not in METHODS:
@@ -111,8 +115,6 @@ class FisherPenalty:
             raise ValueError(f"radius: expected a finite number > 0 or None, got {radius!r}")
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
             raise ValueError(f"check_every: expected an int >= 0, got {check_every!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         self.model = getattr(model, "_orig_mod", model)  # a compiled model's own module, run eagerly
         named = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
         if not named:
@@ -128,8 +130,7 @@ class FisherPenalty:
         self.method = FiniteDifference(radius) if method == "finite_difference" else DoubleBackward()
         self.alpha, self.every, self.check_every = float(alpha), every, check_every
         self.report_trace = bool(report_trace)
-        self._seed = (torch.initial_seed() * 6364136223846793005 + 1442695040888963407) % 2 ** 63
-        self._generator, self._generators = generator, {}
+        self._labels = LabelGenerator(generator)
         self.steps = 0  # calls of backward / penalty_term, the penalty's steps included or not
         self._fd_steps = 0
         self._watched: tuple | None = None  # (capture, the watched output's tensors) of the last watch()
@@ -177,7 +178,7 @@ class FisherPenalty:
         if not callable(loss):
             raise TypeError(f"loss: expected a callable taking the model's output and returning a scalar loss, "
                             f"got {type(loss).__name__}")
-        args = _as_args(inputs)
+        args = as_args(inputs)
         step = self._next_step()
         if not self._due(step):  # a plain step
             with torch.enable_grad():
@@ -189,17 +190,19 @@ class FisherPenalty:
             args = (args[0].detach().requires_grad_(),) + args[1:]
         fd = isinstance(self.method, FiniteDifference)
         rng, capture = RandomState(), self._new_capture()
-        decisions = FrozenDecisions() if fd else None
-        with torch.enable_grad(), (capture or contextlib.nullcontext()):
+        buffers, decisions = (BufferState(self.model), FrozenDecisions()) if fd else (None, None)
+        versions = tuple(a._version for a in args if isinstance(a, Tensor))
+        with torch.enable_grad(), torch.compiler.set_stance("force_eager"), (capture or contextlib.nullcontext()):
             with decisions.watching(self.model) if fd else contextlib.nullcontext():
                 output = self._forward(args, capture)
             train_loss = _scalar_loss(loss, output)
             _check_finite(step, "the training loss", train_loss)
-            batch = Batch(self.params, output, args, self.objective.labels(output, labels, self._generator_for(output)),
+            self.objective.likelihood.check(output)
+            batch = Batch(self.params, output, args, self.objective.labels(output, labels, self._labels.on(output.device)),
                           capture)
             check = fd and self._check_due()
             outcome = self.method.gradients(self.objective, batch, train_loss, self.alpha,
-                                            Rerun(self.model, self.names, rng, decisions, loss), check)
+                                            Rerun(self.model, self.names, rng, buffers, decisions, loss, versions), check)
         result = self._result(step, batch, outcome.value, outcome.method, outcome.check)
         if outcome.check is not None and not outcome.check.passed(self.method.tolerance):
             c = outcome.check
@@ -252,7 +255,7 @@ class FisherPenalty:
                 return output.new_zeros(())
             with torch.enable_grad():
                 batch = Batch(self.params, output, (), self.objective.labels(output, labels,
-                                                                               self._generator_for(output)), capture)
+                                                                               self._labels.on(output.device)), capture)
                 value = self.objective.value(batch, create_graph=True)
             result = self._result(step, batch, value, self.method.name, None)
             term = self.alpha * value.value
@@ -280,24 +283,18 @@ class FisherPenalty:
             return False
         return k % self.check_every == 0 if k >= self.check_every else (k & (k - 1)) == 0
 
-    def _generator_for(self, output: Tensor) -> torch.Generator:
-        if self._generator is not None:
-            return self._generator
-        if output.device not in self._generators:
-            self._generators[output.device] = torch.Generator(output.device).manual_seed(self._seed)
-        return self._generators[output.device]
-
-    def _new_capture(self) -> _Capture | None:
+    def _new_capture(self) -> Capture | None:
         if not self.report_trace and not isinstance(self.objective, BatchTrace):
             return None
         try:
-            return _Capture(self.model)  # hooks for the free per-example norms
+            # the free norms are optional: a model they cannot handle gives none, not an error
+            return Capture(self.model, strict=isinstance(self.objective, BatchTrace))
         except ValueError:  # e.g. weight sharing: the batch penalty itself needs no per-example gradients
             if isinstance(self.objective, BatchTrace):
                 raise
             return None
 
-    def _forward(self, args: tuple, capture: _Capture | None) -> Tensor:
+    def _forward(self, args: tuple, capture: Capture | None) -> Tensor:
         if capture is not None:
             capture.start()
         try:
@@ -337,17 +334,6 @@ class _Watch:
         self._hook.remove()
         if self._capture is not None:
             self._capture.unhook()  # the records stay for penalty_term()
-
-
-def _as_args(inputs) -> tuple:
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    first = next((a for a in args if isinstance(a, Tensor)), None)
-    if first is None:
-        raise TypeError(f"inputs: expected a tensor or a tuple of the model's arguments with a tensor, got "
-                        f"{type(inputs).__name__}")
-    if first.dim() == 0 or first.shape[0] == 0:
-        raise ValueError(f"inputs: expected a batch of at least one example, got shape {tuple(first.shape)}")
-    return args
 
 
 def _scalar_loss(loss: Callable, output) -> Tensor:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .objectives import Batch, GradientNorm, Value
-from .replay import DecisionMismatch, FrozenDecisions, RandomState, scratch_norm_stats
+from .replay import BufferState, DecisionMismatch, FrozenDecisions, RandomState
 
 Tensor = torch.Tensor
 Grads = list  # one gradient (or None: the parameter got none) per parameter
@@ -39,9 +39,14 @@ class Rerun:
 
     model: nn.Module
     names: Sequence[str]  # of Batch.params, as functional_call takes them
-    rng: RandomState
+    rng: RandomState  # before the watched forward
+    buffers: BufferState | None  # before the watched forward
     decisions: FrozenDecisions | None
     loss_fn: Callable[[Tensor], Tensor] | None  # the training loss, fused into the shifted pass
+    input_versions: tuple = ()  # of the input tensors before the watched forward
+
+    def inputs_changed(self, inputs: tuple) -> bool:
+        return tuple(a._version for a in inputs if isinstance(a, Tensor)) != self.input_versions
 
 
 @dataclass
@@ -122,11 +127,18 @@ class FiniteDifference:
         replay the watched pass's decisions falls back to the exact gradient with a warning."""
         if not isinstance(objective, GradientNorm):
             raise TypeError(f"finite_difference differentiates ||gbar||^2; got objective {objective.name!r}")
-        v = objective.value(batch, create_graph=check)
-        exact = None
+        v = exact = None
         if check:  # the exact parts of this step, for the comparison
-            exact = (list(torch.autograd.grad(train_loss, batch.params, retain_graph=True, allow_unused=True)),
-                     list(torch.autograd.grad(alpha * v.value, batch.params, retain_graph=True, allow_unused=True)))
+            try:
+                v = objective.value(batch, create_graph=True)
+                exact = (list(torch.autograd.grad(train_loss, batch.params, retain_graph=True, allow_unused=True)),
+                         list(torch.autograd.grad(alpha * v.value, batch.params, retain_graph=True,
+                                                  allow_unused=True)))
+            except RuntimeError as e:  # an op without a double backward: the estimate stands unchecked
+                warn(f"the exact gradient to check the finite difference against cannot be formed ({e}); the "
+                     "check is skipped")
+        if v is None:
+            v = objective.value(batch, create_graph=False)
         gbar = [g.detach() if g is not None else None for g in v.gbar]
         try:
             penalty, train = self._shifted(objective, batch, gbar, float(v.value.detach()), alpha, rerun,
@@ -155,18 +167,22 @@ class FiniteDifference:
         # caller's graph may have saved them), so nothing needs restoring.
         shifted = [(p.detach() + step * g if g is not None else p.detach()).requires_grad_()
                    for p, g in zip(batch.params, gbar)]
+        if rerun.inputs_changed(batch.inputs):
+            raise DecisionMismatch("the watched forward modified its inputs in place, so they cannot be fed again")
         decisions = rerun.decisions.replay()
-        with rerun.rng.replayed(), scratch_norm_stats(rerun.model), decisions.watching(rerun.model):
-            output = torch.func.functional_call(rerun.model, dict(zip(rerun.names, shifted)), batch.inputs)
+        with rerun.rng.replayed(), rerun.buffers.replayed():
+            with decisions.watching(rerun.model):
+                output = torch.func.functional_call(rerun.model, dict(zip(rerun.names, shifted)), batch.inputs)
+            train_loss = rerun.loss_fn(output)  # its own random draws as in the watched pass
         if not decisions.finished():
             raise DecisionMismatch("the replayed forward made fewer decisions than the recorded one")
         scale = 2 * alpha * norm / r
         penalty_loss = scale * objective.loss(output, batch.labels)
         if separate:
             penalty = torch.autograd.grad(penalty_loss, shifted, retain_graph=True, allow_unused=True)
-            train = list(torch.autograd.grad(rerun.loss_fn(output), shifted, allow_unused=True))
+            train = list(torch.autograd.grad(train_loss, shifted, allow_unused=True))
         else:
-            penalty = torch.autograd.grad(penalty_loss + rerun.loss_fn(output), shifted, allow_unused=True)
+            penalty = torch.autograd.grad(penalty_loss + train_loss, shifted, allow_unused=True)
             train = [None] * len(shifted)
         return [_add(a, g, -scale) for a, g in zip(penalty, gbar)], train
 

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from ..likelihoods import Likelihood
-from ..monitor import _Capture
+from ..capture import Capture
 
 Tensor = torch.Tensor
 
@@ -32,7 +32,7 @@ class Batch:
     output: Tensor
     inputs: tuple
     labels: Tensor
-    capture: _Capture | None
+    capture: Capture | None
 
 
 @dataclass
@@ -117,7 +117,7 @@ class BatchTrace:
                                       create_graph=True, allow_unused=True)
         finally:
             capture.collecting = False
-        norms = capture.norms_from_grads(n, unrecorded_used(capture, batch.params, raw), differentiable=True)
+        norms = capture.norms_from_grads(n, capture.used_unrecorded(batch.params, raw), differentiable=True)
         per_example = torch.stack(list(norms.values())).sum(0)
         return Value(per_example.mean(), None, per_example.detach())
 
@@ -141,21 +141,14 @@ class InputGradientNorm:
         return Value(gx.reshape(gx.shape[0], -1).square().sum(1).mean())
 
 
-def unrecorded_used(capture: _Capture, params: Sequence[Tensor], raw: Sequence) -> set[str]:
-    """Parameters the loss depends on (a gradient in ``raw``) whose own module did not run."""
-    names = {id(p): name for name, p in zip(capture.param_names, capture.params)}
-    used = {names[id(p)] for p, g in zip(params, raw) if g is not None and id(p) in names}
-    return {k for k in used if capture._module_of[k] not in capture.records}
-
-
-def free_norms(capture: _Capture, batch: Batch, gbar: Sequence) -> Tensor | None:
+def free_norms(capture: Capture, batch: Batch, gbar: Sequence) -> Tensor | None:
     """The per-example squared norms from the gradients the hooks caught in the gbar backward
     (the mean loss gives them ``(1/B) dl_n/dy``: scaled by B), or None where the per-example rules
     do not apply. Clears the capture: its inputs and gradients are not held past this call."""
     n = batch.output.shape[0]
     try:
         with torch.no_grad():
-            norms = capture.norms_from_grads(n, unrecorded_used(capture, batch.params, gbar), scale=float(n))
+            norms = capture.norms_from_grads(n, capture.used_unrecorded(batch.params, gbar), scale=float(n))
     except ValueError:  # e.g. BatchNorm in train mode couples the examples
         return None
     finally:

@@ -11,7 +11,7 @@ apart from the parameters they are asked to move (docs/design.md, "Extra passes"
   (it treats every such decision as constant); without it each ReLU that changes sides adds a
   gradient jump divided by the radius, which in float32 dominates the estimate.
 - :class:`RandomState` replays the random stream (dropout masks) and restores it after;
-- :func:`scratch_norm_stats` gives BatchNorm throwaway running statistics;
+- :class:`BufferState` runs the pass on copies of the buffers as they were before the watched pass;
 - :func:`add_into_grads` writes a gradient into ``.grad`` as a plain backward would.
 """
 
@@ -54,17 +54,12 @@ def _inplace(func, args, kwargs) -> bool:
     return name.endswith("_") and not name.endswith("__")
 
 
-def _finish(z: Tensor, value: Tensor, inplace: bool) -> Tensor:
-    return z.copy_(value) if inplace else value
-
-
 def _relu_gate(func, args, kwargs):
     return (args[0] > 0,)
 
 
 def _relu_replay(func, args, kwargs, gate):
-    z = args[0]
-    return _finish(z, z * gate[0], _inplace(func, args, kwargs))
+    return args[0] * gate[0]
 
 
 def _leaky_gate(func, args, kwargs):
@@ -73,7 +68,7 @@ def _leaky_gate(func, args, kwargs):
 
 def _leaky_replay(func, args, kwargs, gate):
     z, slope = args[0], _first(args, kwargs, "negative_slope", 1, 0.01)
-    return _finish(z, torch.where(gate[0], z, z * slope), _inplace(func, args, kwargs))
+    return torch.where(gate[0], z, z * slope)
 
 
 def _bounds(func, args, kwargs):
@@ -103,7 +98,7 @@ def _clamp_replay(func, args, kwargs, gate):
         value = torch.where(gate[0], low, value)
     if gate[1] is not None:
         value = torch.where(gate[1], high, value)
-    return _finish(z, value, _inplace(func, args, kwargs))
+    return value
 
 
 def _abs_gate(func, args, kwargs):
@@ -112,7 +107,7 @@ def _abs_gate(func, args, kwargs):
 
 def _abs_replay(func, args, kwargs, gate):
     z = args[0]
-    return _finish(z, torch.where(gate[0], -z, z), _inplace(func, args, kwargs))
+    return torch.where(gate[0], -z, z)
 
 
 def _threshold_gate(func, args, kwargs):
@@ -121,7 +116,7 @@ def _threshold_gate(func, args, kwargs):
 
 def _threshold_replay(func, args, kwargs, gate):
     z, value = args[0], _first(args, kwargs, "value", 2)
-    return _finish(z, torch.where(gate[0], z, value), _inplace(func, args, kwargs))
+    return torch.where(gate[0], z, value)
 
 
 def _hard_gate(func, args, kwargs):
@@ -131,13 +126,13 @@ def _hard_gate(func, args, kwargs):
 def _hardsigmoid_replay(func, args, kwargs, gate):
     z = args[0]
     value = torch.where(gate[0], 0.0, torch.where(gate[1], 1.0, z / 6 + 0.5))
-    return _finish(z, value, _inplace(func, args, kwargs))
+    return value
 
 
 def _hardswish_replay(func, args, kwargs, gate):
     z = args[0]
     value = torch.where(gate[0], 0.0, torch.where(gate[1], z, z * (z + 3) / 6))
-    return _finish(z, value, _inplace(func, args, kwargs))
+    return value
 
 
 def _pick_gate(func, args, kwargs):
@@ -193,8 +188,38 @@ def _select_replay(func, args, kwargs, gate):
     keepdim = _first(args, kwargs, "keepdim", 2, False)
     values = z.gather(dim, indices if keepdim else indices.unsqueeze(dim))
     values = values if keepdim else values.squeeze(dim)
-    kind = torch.return_types.max if "max" in func.__name__ else torch.return_types.min
-    return kind((values, indices))
+    return _RETURN_TYPES[func.__name__]((values, indices))
+
+
+def _indexed_record(func, args, kwargs):
+    out = func(*args, **kwargs)
+    if func in (torch.msort, torch.Tensor.msort):
+        return out, (torch.argsort(args[0].detach(), dim=0, stable=True),)
+    return out, (out[1],)
+
+
+def _indexed_dim(func, args, kwargs) -> int:
+    if func in (torch.msort, torch.Tensor.msort):
+        return 0
+    index = 2 if func in (torch.topk, torch.Tensor.topk, torch.kthvalue, torch.Tensor.kthvalue) else 1
+    return _first(args, kwargs, "dim", index, -1)
+
+
+def _indexed_replay(func, args, kwargs, gate):
+    """sort / topk / kthvalue / median / mode along a dim: the values at the recorded indices."""
+    z, (indices,) = args[0], gate
+    dim = _indexed_dim(func, args, kwargs)
+    if func in (torch.msort, torch.Tensor.msort):
+        return z.gather(0, indices)
+    keepdim = indices.dim() == z.dim()
+    values = z.gather(dim, indices if keepdim else indices.unsqueeze(dim))
+    values = values if keepdim else values.squeeze(dim)
+    return _RETURN_TYPES[func.__name__]((values, indices))
+
+
+_RETURN_TYPES = {"max": torch.return_types.max, "min": torch.return_types.min, "sort": torch.return_types.sort, "topk": torch.return_types.topk,
+                 "kthvalue": torch.return_types.kthvalue, "median": torch.return_types.median,
+                 "mode": torch.return_types.mode}
 
 
 def _elementwise(gate, replay):
@@ -208,28 +233,33 @@ def _table() -> dict[Callable, tuple[Callable, Callable]]:
     T = torch.Tensor
     table: dict = {}
 
-    def add(funcs, record, replay):
+    def add(funcs, record, replay, elementwise=False):
         for f in funcs:
             if f is not None:
-                table[f] = (record, replay)
+                table[f] = (record, replay, elementwise)
 
-    add([F.relu, F.relu_, torch.relu, torch.relu_, T.relu, T.relu_], *_elementwise(_relu_gate, _relu_replay))
-    add([F.leaky_relu, F.leaky_relu_], *_elementwise(_leaky_gate, _leaky_replay))
+    add([F.relu, F.relu_, torch.relu, torch.relu_, T.relu, T.relu_], *_elementwise(_relu_gate, _relu_replay), elementwise=True)
+    add([F.leaky_relu, F.leaky_relu_], *_elementwise(_leaky_gate, _leaky_replay), elementwise=True)
     add([F.hardtanh, F.hardtanh_, F.relu6, torch.clamp, torch.clamp_, torch.clip, torch.clip_, T.clamp, T.clamp_,
          T.clip, T.clip_, torch.clamp_min, torch.clamp_min_, torch.clamp_max, torch.clamp_max_, T.clamp_min,
-         T.clamp_min_, T.clamp_max, T.clamp_max_], *_elementwise(_clamp_gate, _clamp_replay))
+         T.clamp_min_, T.clamp_max, T.clamp_max_], *_elementwise(_clamp_gate, _clamp_replay), elementwise=True)
     add([torch.abs, torch.abs_, T.abs, T.abs_, T.__abs__, torch.absolute, T.absolute],
-        *_elementwise(_abs_gate, _abs_replay))
-    add([F.threshold, F.threshold_], *_elementwise(_threshold_gate, _threshold_replay))
-    add([F.hardsigmoid], *_elementwise(_hard_gate, _hardsigmoid_replay))
-    add([F.hardswish], *_elementwise(_hard_gate, _hardswish_replay))
+        *_elementwise(_abs_gate, _abs_replay), elementwise=True)
+    add([F.threshold, F.threshold_], *_elementwise(_threshold_gate, _threshold_replay), elementwise=True)
+    add([F.hardsigmoid], *_elementwise(_hard_gate, _hardsigmoid_replay), elementwise=True)
+    add([F.hardswish], *_elementwise(_hard_gate, _hardswish_replay), elementwise=True)
     add([torch.maximum, torch.minimum, T.maximum, T.minimum, torch.fmax, torch.fmin, T.fmax, T.fmin],
-        *_elementwise(_pick_gate, _pick_replay))
+        *_elementwise(_pick_gate, _pick_replay), elementwise=True)
     add(list(_POOLS), _pool_record, _pool_replay)
+    add([torch.sort, T.sort, torch.topk, T.topk, torch.kthvalue, T.kthvalue, torch.msort, T.msort, torch.mode,
+         T.mode], _indexed_record, _indexed_replay)
     return table
 
 
-_SELECT = (torch.max, torch.min, torch.Tensor.max, torch.Tensor.min)
+_SELECT = (torch.max, torch.min, torch.Tensor.max, torch.Tensor.min, torch.median, torch.Tensor.median)
+# Python values read off a tensor (control flow on them): replayed as recorded
+_SCALARS = (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+            torch.Tensor.__int__, torch.Tensor.__index__)
 _TABLE = _table()
 
 
@@ -267,19 +297,21 @@ class FrozenDecisions(TorchFunctionMode):
         if func in _SELECT and handler is None and not selection:  # torch.max(a, b) is maximum
             handler = _TABLE[torch.maximum]
         if selection:
-            handler = (_select_record, _select_replay)
+            handler = (_select_record, _select_replay, False)
         if self.mode == "record":
             return self._record(func, handler, args, kwargs)
         return self._replay(func, handler, args, kwargs)
 
     def _record(self, func, handler, args, kwargs):
         leaves = tree_leaves((args, kwargs))
-        if handler is not None and _requires_grad(leaves):
+        if not _requires_grad(leaves):
+            return func(*args, **kwargs)
+        if handler is not None:
             out, gate = handler[0](func, args, kwargs)
             self.log.append((func, gate))
             return out
         out = func(*args, **kwargs)
-        if _requires_grad(leaves) and _is_fresh_constant(out, leaves):
+        if func in _SCALARS or _is_fresh_constant(out, leaves):
             self.log.append((func, out))  # a decision or a constant: the replay returns this value
         return out
 
@@ -287,17 +319,25 @@ class FrozenDecisions(TorchFunctionMode):
         leaves = tree_leaves((args, kwargs))
         if not _requires_grad(leaves):
             return func(*args, **kwargs)
-        if handler is None:
+        if handler is None and func not in _SCALARS:
             out = func(*args, **kwargs)
             if not _is_fresh_constant(out, leaves):
                 return out
+        payload = self._take(func)
+        if handler is None:
+            return payload
+        if handler[2] and _inplace(func, args, kwargs):  # along the piece, out of place, then in place
+            value = handler[1](func, (args[0].clone(),) + tuple(args[1:]), kwargs, payload)
+            return args[0].copy_(value)
+        return handler[1](func, args, kwargs, payload)
+
+    def _take(self, func):
         if self._next >= len(self.log) or self.log[self._next][0] is not func:
             want = self.log[self._next][0] if self._next < len(self.log) else "nothing more"
             raise DecisionMismatch(f"the replayed forward called {_name(func)} where the recorded one called "
                                    f"{_name(want)} (data-dependent control flow?)")
-        payload = self.log[self._next][1]
         self._next += 1
-        return handler[1](func, args, kwargs, payload) if handler is not None else payload
+        return self.log[self._next - 1][1]
 
     @contextlib.contextmanager
     def watching(self, model: nn.Module) -> Iterator["FrozenDecisions"]:
@@ -363,23 +403,26 @@ class RandomState:
             after.restore()
 
 
-@contextlib.contextmanager
-def scratch_norm_stats(model: nn.Module) -> Iterator[None]:
-    """Gives every BatchNorm scratch copies of its running statistics for the block, so the real
-    ones are neither updated a second time nor modified in place (a caller's graph may hold them)."""
-    saved = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                buf = getattr(m, name)
-                if buf is not None:
-                    saved.append((m, name, buf))
-                    setattr(m, name, buf.clone())
-    try:
-        yield
-    finally:
-        for m, name, buf in saved:
-            setattr(m, name, buf)
+class BufferState:
+    """The model's buffers as they were at construction (before the watched forward): BatchNorm's
+    running statistics, spectral norm's power-iteration vectors, anything a forward updates."""
+
+    def __init__(self, model: nn.Module):
+        self.saved = [(m, name, b.clone()) for m in model.modules()
+                      for name, b in m.named_buffers(recurse=False) if b is not None]
+
+    @contextlib.contextmanager
+    def replayed(self) -> Iterator[None]:
+        """Runs the block on copies of the saved buffers, then puts the model's own back (neither
+        updated a second time nor modified in place: a caller's graph may hold them)."""
+        current = [(m, name, getattr(m, name)) for m, name, _ in self.saved]
+        for m, name, b in self.saved:
+            setattr(m, name, b.clone())
+        try:
+            yield
+        finally:
+            for m, name, b in current:
+                setattr(m, name, b)
 
 
 def add_into_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:

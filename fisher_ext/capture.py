@@ -1,0 +1,390 @@
+"""Capture: one forward's per-module inputs and the output gradients of a later backward.
+
+Every module that owns trainable parameters (and the model itself) gets a forward hook that
+records its inputs and its output, flattened at any depth (tuples, lists, dicts, dataclasses),
+and a tensor hook on each output leaf that catches that leaf's gradient during the capture's own
+backward. A thread-local ``TorchFunctionMode`` notes which module is running whenever a trainable
+parameter is used, so a parameter used by another module's forward (weight tying, a parent using
+a child's weight) is known. Before anything runs, :func:`validate` refuses what the rules cannot do
+exactly. Compiled models run eagerly inside the capture (``torch.compiler.set_stance``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from .rules import UnsupportedModuleError, rule_for
+from .rules.functional import check_replayable, per_example_grads
+from .rules.norm import check_batch_norm, uses_batch_statistics
+from .rules.registry import Call
+
+Tensor = torch.Tensor
+
+
+def as_args(inputs: Any) -> tuple:
+    """The model's positional arguments from ``inputs`` (a tensor or a tuple), checked to hold a
+    batch of at least one example."""
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    if first is None:
+        raise TypeError(f"inputs: expected a tensor or a tuple of the model's arguments with a tensor, got "
+                        f"{type(inputs).__name__}")
+    if first.dim() == 0 or first.shape[0] == 0:
+        raise ValueError(f"inputs: expected a batch of at least one example, got shape {tuple(first.shape)}")
+    return args
+
+
+def leaves(obj: Any) -> list:
+    """The leaves of a nested output: tensors (and other non-container values) in a fixed order."""
+    if isinstance(obj, (tuple, list)):
+        return [x for item in obj for x in leaves(item)]
+    if isinstance(obj, dict):
+        return [x for item in obj.values() for x in leaves(item)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [x for f in dataclasses.fields(obj) for x in leaves(getattr(obj, f.name))]
+    return [obj]
+
+
+def validate(model: nn.Module) -> dict[nn.Module, list[tuple[str, str]]]:
+    """``{module: [(local name, full name)]}`` of the trainable parameters, after refusing up front
+    what the rules cannot do exactly: weight tying (one tensor under two names), BatchNorm that
+    normalizes with the batch's statistics (anywhere in the model, with parameters or not),
+    parametrized weights, and each rule's own checks."""
+    owners: dict[nn.Module, list[tuple[str, str]]] = {}
+    seen: dict[int, str] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        where = f"{type(module).__name__} ({prefix or 'the model'})"
+        if uses_batch_statistics(module):
+            try:
+                check_batch_norm(module)
+            except UnsupportedModuleError as e:
+                raise UnsupportedModuleError(f"{where}: {e}") from None
+        if torch.nn.utils.parametrize.is_parametrized(module):
+            raise UnsupportedModuleError(
+                f"{where}: parametrized weights ({', '.join(module.parametrizations)}; weight_norm, spectral_norm, "
+                "orthogonal ...) are not supported: the per-example gradient of the parametrization's originals is "
+                "not a layer rule; remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations)")
+        for local, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            if not p.requires_grad:
+                continue  # frozen: not part of Tr(F)
+            full = f"{prefix}.{local}" if prefix else local
+            if id(p) in seen and seen[id(p)] != full:
+                raise UnsupportedModuleError(
+                    f"{full}: the same tensor as {seen[id(p)]} (weight tying or a module registered twice); its "
+                    "per-example gradient is the sum of both uses, which per-module rules cannot form; untie the "
+                    "weights or freeze one of them")
+            seen[id(p)] = full
+            owners.setdefault(module, []).append((local, full))
+    for module in owners:
+        rule = rule_for(module)
+        try:
+            if rule is not None and rule.check is not None:
+                rule.check(module)
+            elif rule is None:
+                check_replayable(module)
+        except UnsupportedModuleError as e:
+            prefix = next(full for _, full in owners[module]).rpartition(".")[0]
+            raise UnsupportedModuleError(f"{type(module).__name__} ({prefix or 'the model'}): {e}") from None
+    if not owners:
+        raise ValueError("model: expected at least one trainable parameter (requires_grad=True), found none")
+    return owners
+
+
+@dataclass
+class Record:
+    args: tuple
+    kwargs: dict
+    outputs: list  # output leaves that are tensors requiring grad (None elsewhere)
+    grads: list = field(default_factory=list)
+    versions: tuple = ()  # the outputs' version counters when produced (in-place use changes them)
+
+
+class _Uses(TorchFunctionMode):
+    """Notes, for each trainable parameter used in a torch call, which hooked module was running."""
+
+    def __init__(self, capture: "Capture"):
+        super().__init__()
+        self.capture = capture
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        c = self.capture
+        # a use that can carry a gradient: not metadata (.shape, .dtype) nor a detached value
+        if c.recording and c.stack and any(isinstance(o, Tensor) and o.requires_grad for o in tree_leaves(out)):
+            for t in tree_leaves((args, kwargs)):
+                if isinstance(t, Tensor) and id(t) in c.param_ids:
+                    c.users.setdefault(c.param_ids[id(t)], set()).add(c.stack[-1])
+        return out
+
+
+class Capture:
+    """Records one forward of ``model`` (between :meth:`start` and :meth:`stop`, inside ``with``).
+
+    ``strict``: a call the rules cannot handle (a module called twice) raises during the forward;
+    otherwise the error is kept and raised by :meth:`norms_from_grads`, and the forward goes on.
+    """
+
+    def __init__(self, model: nn.Module, strict: bool = True):
+        self.model = getattr(model, "_orig_mod", model)  # a compiled model's own module (run eagerly)
+        self.owners = validate(self.model)
+        self.prefix: dict[nn.Module, str] = {}
+        for prefix, module in self.model.named_modules(remove_duplicate=False):
+            self.prefix.setdefault(module, prefix)
+        self.param_names = [full for names in self.owners.values() for _, full in names]
+        self.module_of = {full: m for m, names in self.owners.items() for _, full in names}
+        by_name = dict(self.model.named_parameters(remove_duplicate=False))
+        self.params = [by_name[name] for name in self.param_names]
+        self.param_ids = {id(p): name for name, p in zip(self.param_names, self.params)}
+        self.records: dict[nn.Module, Record] = {}
+        self.users: dict[str, set] = {}  # parameter -> the hooked modules running when it was used
+        self.stack: list[nn.Module] = []
+        self.without_grad: set[nn.Module] = set()
+        self.output_leaves: list = []  # the model's own output, to tell its tensors from others
+        self.strict = strict
+        self.error: UnsupportedModuleError | None = None
+        self.recording = False
+        self.collecting = False  # output hooks store gradients only during the capture's own backward
+        self.rules: dict[str, str] = {}  # full parameter name -> rule of the last norms
+        self._stack = contextlib.ExitStack()
+
+    # ---- hooks -------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Capture":
+        hooked = list(self.owners) + ([self.model] if self.model not in self.owners else [])
+        for m in hooked:
+            self._stack.callback(m.register_forward_pre_hook(self._enter(m)).remove)
+            self._stack.callback(m.register_forward_hook(self._hook(m), with_kwargs=True, always_call=True).remove)
+        self._stack.enter_context(torch.compiler.set_stance("force_eager"))
+        self._stack.enter_context(_Uses(self))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unhook()
+        self.clear()
+
+    def unhook(self) -> None:
+        """Stops recording and removes the hooks; the records stay."""
+        self.recording = False
+        self._stack.close()
+
+    def clear(self) -> None:
+        """Drops the records. Each output's tensor hook refers to its record, which refers to the
+        output: emptying the records breaks that cycle, so a step's graph is freed at once rather
+        than by a later garbage collection."""
+        for record in self.records.values():
+            record.args, record.kwargs, record.outputs, record.grads = (), {}, [], []
+        self.records, self.users, self.without_grad, self.output_leaves = {}, {}, set(), []
+        self.error = None
+
+    def start(self) -> None:
+        self.clear()
+        self.stack = []
+        self.recording = True
+
+    def stop(self) -> None:
+        self.recording = False
+
+    def _enter(self, module: nn.Module):
+        def pre_hook(mod, args):
+            if self.recording:
+                self.stack.append(module)
+        return pre_hook
+
+    def _hook(self, module: nn.Module):
+        def hook(mod, args, kwargs, output):
+            if not self.recording:
+                return
+            if self.stack and self.stack[-1] is module:
+                self.stack.pop()
+            if module is self.model:
+                self.output_leaves = [t for t in leaves(output) if isinstance(t, Tensor)]
+            if not torch.is_grad_enabled():  # e.g. a reentrant checkpoint's first forward
+                self.without_grad.add(module)
+                return
+            if module in self.records:
+                error = UnsupportedModuleError(
+                    f"{type(module).__name__} ({self.prefix[module] or 'the model'}): called more than once in one "
+                    "forward; its per-example gradient sums over the calls, which per-call rules cannot form")
+                if self.strict:
+                    raise error
+                self.error = self.error or error
+                return
+            outs = [o if isinstance(o, Tensor) and o.requires_grad else None for o in leaves(output)]
+            record = Record(args, kwargs, outs, [None] * len(outs), tuple(o._version if o is not None else 0
+                                                                          for o in outs))
+            for i, o in enumerate(outs):
+                if o is not None:
+                    o.register_hook(self._grad_slot(record, i))
+            self.records[module] = record
+        return hook
+
+    def _grad_slot(self, record: Record, i: int):
+        def store(g):
+            if self.collecting:  # not during the caller's own backward
+                record.grads[i] = g
+        return store
+
+    def produced(self, t: Any) -> bool:
+        """Whether ``t`` is a tensor of the recorded forward's output."""
+        return any(t is o for o in self.output_leaves)
+
+    # ---- per-example norms ---------------------------------------------------------------------
+
+    def norms(self, per_example_loss_sum: Tensor, n: int, retain_graph: bool) -> dict[str, Tensor]:
+        """One backward of ``sum_n l_n``; returns ``{full parameter name: (N,) squared norms}``."""
+        for record in self.records.values():
+            record.grads = [None] * len(record.grads)
+        # The backward asks for each module output's gradient directly, so it stops at the first
+        # layer's output and forms no weight gradient. An output modified in place since (e.g. by
+        # ReLU(inplace=True)) is no longer the value the module produced: there the module's
+        # parameters are asked for instead, and the output's tensor hook catches the gradient.
+        # Parameters of modules that did not run are asked for too, to learn whether they are used.
+        targets, slots = [], []
+        for module, record in self.records.items():
+            for i, o in enumerate(record.outputs):
+                if o is not None and o._version == record.versions[i]:
+                    targets.append(o)
+                    slots.append((record, i))
+                elif o is not None:
+                    for _, full in self.owners.get(module, []):
+                        targets.append(self.params[self.param_names.index(full)])
+                        slots.append(None)
+        unrecorded = [(i, name) for i, name in enumerate(self.param_names) if self.module_of[name] not in self.records]
+        for i, _ in unrecorded:
+            targets.append(self.params[i])
+            slots.append(None)
+        self.collecting = True
+        try:
+            grads = torch.autograd.grad(per_example_loss_sum, targets, retain_graph=retain_graph, allow_unused=True)
+        finally:
+            self.collecting = False
+        for slot, g in zip(slots, grads):
+            if slot is not None:
+                slot[0].grads[slot[1]] = g
+        used = {name for (_, name), g in zip(unrecorded, grads[len(grads) - len(unrecorded):]) if g is not None}
+        del grads
+        return self.norms_from_grads(n, used)
+
+    def used_unrecorded(self, params: list, grads: list) -> set[str]:
+        """Of ``params`` with a gradient in ``grads``, those whose own module did not run."""
+        return {self.param_ids[id(p)] for p, g in zip(params, grads)
+                if g is not None and id(p) in self.param_ids
+                and self.module_of[self.param_ids[id(p)]] not in self.records}
+
+    def norms_from_grads(self, n: int, used_unrecorded: set[str], scale: float = 1.0,
+                         differentiable: bool = False) -> dict[str, Tensor]:
+        """Per-example norms from the output gradients the hooks caught in the last backward.
+
+        ``used_unrecorded``: the parameters of modules that did not run which the loss depends on.
+        ``scale``: multiplies the caught gradients (N for a mean loss: docs/design.md, section 2).
+        ``differentiable``: keep the graph (inputs and gradients caught with ``create_graph``), so
+        the norms can be differentiated w.r.t. the parameters; only closed-form rules allow it.
+        """
+        if self.error is not None:
+            raise self.error
+        for record in self.records.values():
+            record.grads = [(g * scale if scale != 1.0 else g) if g is not None else None for g in record.grads]
+            if not differentiable:  # the norms are values, not part of a graph
+                record.grads = [g.detach() if g is not None else None for g in record.grads]
+        used = set(used_unrecorded)
+        for module, record in self.records.items():
+            if any(g is not None for g in record.grads):
+                used.update(full for _, full in self.owners.get(module, []))
+        self._refuse_foreign_uses(used)
+        own: dict[nn.Module, list[str]] = {}  # closed-form work per module
+        todo: dict[nn.Module, list[str]] = {}  # fallback work per (running) module, names relative to it
+        self.rules = {}
+        for module, names in self.owners.items():
+            for local, full in names:
+                if full not in used:
+                    continue
+                rule = rule_for(module)
+                if module in self.records and rule is not None:
+                    own.setdefault(module, []).append(local)
+                    self.rules[full] = rule.name
+                    continue
+                runner = self._runner(module, full)
+                todo.setdefault(runner, []).append(full[len(self.prefix[runner]):].lstrip("."))
+                runner_rule = rule_for(runner)  # a re-running rule (attention, recurrent) covers descendants it uses
+                self.rules[full] = runner_rule.name if runner_rule is not None and runner_rule.output_batch_dims \
+                    else "fallback"
+        out: dict[str, Tensor] = {}
+        for module, record in self.records.items():
+            if all(g is None for g in record.grads) or (module not in own and module not in todo):
+                continue
+            call = Call(record.args if differentiable else _detach(record.args),
+                        record.kwargs if differentiable else _detach(record.kwargs), record.outputs, record.grads, n)
+            rule = rule_for(module)
+            if module in own:
+                local = rule.fn(module, own[module], call)
+                out.update({self._full(module, k): v for k, v in local.items()})
+            if module in todo:
+                if differentiable:
+                    raise UnsupportedModuleError(
+                        f"{type(module).__name__} ({self.prefix[module] or 'the model'}): differentiating per-example "
+                        f"norms needs closed-form rules; parameters {todo[module]} have none")
+                check_replayable(module)
+                dims = rule.output_batch_dims(module, call) if rule is not None and rule.output_batch_dims \
+                    else [0] * len(call.grads)
+                local = per_example_grads(module, todo[module], call, dims)
+                out.update({self._full(module, k): v for k, v in local.items()})
+        for name, v in out.items():
+            if v.shape != (n,):
+                raise UnsupportedModuleError(
+                    f"{name}: its module's call saw {v.shape[0] if v.dim() else 'no'} examples, not the batch's {n} "
+                    "(a module run on a subset of the examples, like a routed expert?); per-example rules need "
+                    "every module to see the whole batch")
+        return out
+
+    def _refuse_foreign_uses(self, used: set[str]) -> None:
+        """Parameters whose gradient the hooks cannot see whole: used by another module's forward
+        as well as by their own, or whose module ran without autograd."""
+        for name in used:
+            owner = self.module_of[name]
+            if owner in self.without_grad:
+                raise UnsupportedModuleError(
+                    f"{name}: its module ran without autograd (torch.utils.checkpoint with use_reentrant=True?); "
+                    "the hooks cannot see its output gradient; use use_reentrant=False")
+            foreign = {u for u in self.users.get(name, ()) if u is not owner}
+            if foreign and owner in self.records:
+                who = ", ".join(sorted(self.prefix[u] or "the model" for u in foreign))
+                raise UnsupportedModuleError(
+                    f"{name}: used by the forward of {who} as well as by its own module ({self.prefix[owner]}); its "
+                    "per-example gradient sums the uses, which per-module rules cannot form (weight tying?)")
+
+    def _full(self, module: nn.Module, local: str) -> str:
+        return f"{self.prefix[module]}.{local}" if self.prefix[module] else local
+
+    def _runner(self, module: nn.Module, full: str) -> nn.Module:
+        """The deepest module that ran in this forward and contains ``module``."""
+        best = None
+        for candidate in self.records:
+            prefix = self.prefix[candidate]
+            if candidate is module or prefix == "" or self.prefix[module].startswith(prefix + "."):
+                if best is None or len(prefix) > len(self.prefix[best]):
+                    best = candidate
+        if best is None:
+            raise UnsupportedModuleError(f"{full}: receives a gradient, but neither its module nor an ancestor "
+                                         "ran as a module in this forward")
+        return best
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
+    if isinstance(value, list):
+        return [_detach(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value

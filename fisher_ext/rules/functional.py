@@ -1,0 +1,78 @@
+"""The fallback for modules without a closed-form rule: exact per-example gradients of the named
+parameters, by re-running the module once on the whole captured batch and backpropagating, for
+each example ``n``, the captured output gradient restricted to example ``n`` (all of them at once:
+``autograd.grad(..., is_grads_batched=True)``, in chunks that bound the memory).
+
+Only the outputs' batch dimension must be known (dimension 0 unless a rule says otherwise through
+``output_batch_dims``); the inputs are passed as they came, so masks shared by the batch, any input
+layout and keyword arguments need no guessing. The module must be deterministic (no dropout in
+train mode: refused up front) and must not mix examples (BatchNorm in train mode is refused for
+the whole model)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .registry import Call, UnsupportedModuleError
+from .shared import sqnorm_per_example
+
+CHUNK_BYTES = 64 * 2 ** 20  # the cotangents of one chunk of examples
+
+
+def check_replayable(module: nn.Module) -> None:
+    """A rule that re-runs a module needs it to give the same output again."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
+            raise UnsupportedModuleError(
+                f"{type(module).__name__}: its parameters are computed by re-running it, which cannot replay the "
+                f"dropout masks of {name or 'itself'} in train mode; evaluate in eval mode (model.eval())")
+        if isinstance(sub, nn.MultiheadAttention) and sub.training and sub.dropout > 0:
+            raise UnsupportedModuleError(f"MultiheadAttention {name or ''}(dropout > 0) in train mode: its attention "
+                                         "dropout cannot be replayed; evaluate in eval mode")
+        if isinstance(sub, nn.RNNBase) and sub.training and sub.dropout > 0 and sub.num_layers > 1:
+            raise UnsupportedModuleError(f"{type(sub).__name__}(dropout > 0) in train mode: the dropout between "
+                                         "its layers cannot be replayed; evaluate in eval mode")
+
+
+def per_example_grads(module: nn.Module, names: list, call: Call, output_batch_dims: list[int],
+                      run: Callable | None = None) -> dict[str, torch.Tensor]:
+    """``{name: (N,) ||dl_n/d param||^2}`` for the parameters ``names`` of ``module`` (its own or its
+    descendants'), from the captured call; ``output_batch_dims[i]`` is the batch dim of output leaf i."""
+    from ..capture import leaves  # the capture's own flattening of nested outputs
+
+    params = [module.get_parameter(k) for k in names]
+    n = call.n
+    with torch.enable_grad():
+        out = run() if run is not None else module(*call.args, **call.kwargs)
+    pairs = []
+    for o, g, d in zip(leaves(out), call.grads, output_batch_dims):
+        if g is None:
+            continue
+        if not (isinstance(o, torch.Tensor) and o.requires_grad) or o.shape != g.shape:
+            raise UnsupportedModuleError(f"{type(module).__name__}: re-running it gave another output than the "
+                                         "captured call (is it deterministic?)")
+        if o.dim() <= d or o.shape[d] != n:
+            raise UnsupportedModuleError(
+                f"{type(module).__name__}: an output of shape {tuple(o.shape)} has no batch dimension {d} of size "
+                f"{n}; register a rule for this module (fisher_ext.register_rule) that says where its batch is")
+        pairs.append((o, g, d))
+    if not pairs:
+        return {}
+    chunk = max(1, CHUNK_BYTES // sum(g.numel() * g.element_size() for _, g, _ in pairs))
+    totals = {k: [] for k in names}
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(n, start + chunk), device=pairs[0][1].device)
+        cotangents = []
+        for _, g, d in pairs:  # cotangent j: g with every example but rows[j] zeroed
+            c = g.new_zeros((len(rows),) + tuple(g.shape))
+            c.movedim(d + 1, 1)[torch.arange(len(rows)), rows] = g.movedim(d, 0)[rows]
+            cotangents.append(c)
+        grads = torch.autograd.grad([o for o, _, _ in pairs], params, cotangents, retain_graph=True,
+                                    allow_unused=True, is_grads_batched=True)
+        for k, gr in zip(names, grads):
+            if gr is not None:
+                totals[k].append(sqnorm_per_example(gr))
+    return {k: torch.cat(v) for k, v in totals.items() if v}

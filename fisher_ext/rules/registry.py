@@ -1,0 +1,111 @@
+"""Which rule computes the per-example squared norms of a module's own parameters.
+
+A rule is a function ``rule(module, names, call) -> {name: (N,) tensor}``:
+
+- ``module``: the module whose call was captured;
+- ``names``: the parameters to compute, by name local to ``module`` (its trainable ones, or,
+  for the fallback, a descendant's it uses directly, like nn.MultiheadAttention's out_proj);
+- ``call``: a :class:`Call`, the captured inputs and the output gradients ``dl_n/d output`` of
+  per-example losses (their sum over the batch: no reduction rescaling is needed);
+- it returns each named parameter's ``||dl_n/d p||^2`` per example, float32 (float64 for float64).
+
+Rules are looked up by the module's exact type. ``check(module)``, run on every module before the
+forward, raises :class:`UnsupportedModuleError` for a configuration the rule cannot do exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+Norms = dict[str, torch.Tensor]
+
+
+class UnsupportedModuleError(ValueError):
+    """A model whose per-example gradients cannot be computed exactly by the rules (raised before
+    the forward where it can be told from the model, naming the module, the parameter and what to do)."""
+
+
+@dataclass
+class Call:
+    """One call of a module in the watched forward, as a rule sees it.
+
+    Attributes:
+        args, kwargs: the module's inputs (detached unless the norms must keep their graph).
+        outputs: the module's output, flattened (tuples, lists, dicts, dataclasses at any depth);
+            None where a leaf is not a tensor that requires grad.
+        grads: ``dl_n / d outputs[i]`` of the per-example losses, one per output leaf (None where
+            none reached it).
+        n: the batch size.
+    """
+
+    args: tuple
+    kwargs: dict
+    outputs: list
+    grads: list
+    n: int
+
+    @property
+    def grad(self) -> torch.Tensor:
+        """The gradient of the single tensor output (rules of single-output layers)."""
+        present = [g for g in self.grads if g is not None]
+        if len(present) != 1:
+            raise UnsupportedModuleError(f"expected one output gradient, got {len(present)}")
+        return present[0]
+
+
+RuleFn = Callable[[nn.Module, list, Call], Norms]
+
+
+@dataclass
+class Rule:
+    name: str
+    fn: RuleFn
+    check: Callable[[nn.Module], None] | None = None
+    differentiable: bool = False  # the norms keep their graph to the parameters (objective 'trace')
+    types: list = field(default_factory=list)
+    # where a rule re-runs its module (the exact fallback): the batch dim of each output leaf
+    output_batch_dims: Callable[[nn.Module, Call], list] | None = None
+
+
+_RULES: dict[type, Rule] = {}
+
+
+def register_rule(module_type: type | tuple, fn: RuleFn | None = None, *, name: str | None = None,
+                  check: Callable[[nn.Module], None] | None = None, differentiable: bool = False,
+                  output_batch_dims: Callable[[nn.Module, Call], list] | None = None) -> Any:
+    """Registers ``fn`` as the per-example-norm rule of ``module_type`` (a type or a tuple of types),
+    replacing any earlier one; usable as a decorator::
+
+        @fisher_ext.register_rule(MyScale)
+        def my_scale_rule(module, names, call):
+            x, g = call.args[0], call.grad            # input (N, d), dl_n/d output (N, d)
+            return {"scale": (x * g).square().sum(1)}  # y = x * scale: dl_n/dscale = x_n * g_n
+
+    See the module docstring for the contract. ``check(module)`` may raise
+    :class:`UnsupportedModuleError` up front; ``differentiable`` says the norms keep their graph.
+    ``output_batch_dims(module, call)`` gives the batch dimension of each output leaf where it is not
+    0; the exact fallback uses it for parameters of descendants the module uses directly.
+    """
+    types = module_type if isinstance(module_type, tuple) else (module_type,)
+    for t in types:
+        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+            raise TypeError(f"module_type: expected an nn.Module subclass or a tuple of them, got {t!r}")
+
+    def add(f: RuleFn) -> RuleFn:
+        if not callable(f):
+            raise TypeError(f"fn: expected a callable rule(module, names, call), got {type(f).__name__}")
+        rule = Rule(name or f.__name__.removesuffix("_rule"), f, check, differentiable, list(types), output_batch_dims)
+        for t in types:
+            _RULES[t] = rule
+        return f
+
+    return add(fn) if fn is not None else add
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """The registered rule of this module's exact type, or None (the functional fallback)."""
+    return _RULES.get(type(module))
