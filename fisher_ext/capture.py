@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +106,7 @@ class Record:
     outputs: list  # output leaves that are tensors requiring grad (None elsewhere)
     grads: list = field(default_factory=list)
     versions: tuple = ()  # the outputs' version counters when produced (in-place use changes them)
+    batch_dims: list = field(default_factory=list)  # of each output (Capture.find_batch_dims)
 
 
 class _Uses(TorchFunctionMode):
@@ -239,15 +241,23 @@ class Capture:
 
     # ---- per-example norms ---------------------------------------------------------------------
 
-    def norms(self, per_example_loss_sum: Tensor, n: int, retain_graph: bool) -> dict[str, Tensor]:
+    def norms(self, per_example_losses: Tensor, retain_graph: bool) -> dict[str, Tensor]:
         """One backward of ``sum_n l_n``; returns ``{full parameter name: (N,) squared norms}``."""
+        self.find_batch_dims(per_example_losses)
+        used = self._collect(per_example_losses.sum(), retain_graph)
+        return self.norms_from_grads(per_example_losses.shape[0], used)
+
+    def _collect(self, loss: Tensor, retain_graph: bool, params: bool = True) -> set[str]:
+        """One backward of ``loss`` that the output hooks catch (into each record's ``grads``);
+        returns the parameters of modules that did not run which got a gradient.
+
+        The backward asks for each module output's gradient directly, so it stops at the first
+        layer's output and forms no weight gradient. An output modified in place since (e.g. by
+        ReLU(inplace=True)) is no longer the value the module produced: there the module's
+        parameters are asked for instead, and the output's tensor hook catches the gradient.
+        Parameters of modules that did not run are asked for too, to learn whether they are used."""
         for record in self.records.values():
             record.grads = [None] * len(record.grads)
-        # The backward asks for each module output's gradient directly, so it stops at the first
-        # layer's output and forms no weight gradient. An output modified in place since (e.g. by
-        # ReLU(inplace=True)) is no longer the value the module produced: there the module's
-        # parameters are asked for instead, and the output's tensor hook catches the gradient.
-        # Parameters of modules that did not run are asked for too, to learn whether they are used.
         targets, slots = [], []
         for module, record in self.records.items():
             for i, o in enumerate(record.outputs):
@@ -258,21 +268,51 @@ class Capture:
                     for _, full in self.owners.get(module, []):
                         targets.append(self.params[self.param_names.index(full)])
                         slots.append(None)
-        unrecorded = [(i, name) for i, name in enumerate(self.param_names) if self.module_of[name] not in self.records]
-        for i, _ in unrecorded:
-            targets.append(self.params[i])
-            slots.append(None)
+        unrecorded = [name for name in self.param_names if self.module_of[name] not in self.records] if params else []
+        targets += [self.params[self.param_names.index(name)] for name in unrecorded]
+        slots += [None] * len(unrecorded)
+        if not targets:
+            return set()
         self.collecting = True
         try:
-            grads = torch.autograd.grad(per_example_loss_sum, targets, retain_graph=retain_graph, allow_unused=True)
+            grads = torch.autograd.grad(loss, targets, retain_graph=retain_graph, allow_unused=True)
         finally:
             self.collecting = False
         for slot, g in zip(slots, grads):
             if slot is not None:
                 slot[0].grads[slot[1]] = g
-        used = {name for (_, name), g in zip(unrecorded, grads[len(grads) - len(unrecorded):]) if g is not None}
-        del grads
-        return self.norms_from_grads(n, used)
+        return {name for name, g in zip(unrecorded, grads[len(grads) - len(unrecorded):]) if g is not None}
+
+    def find_batch_dims(self, per_example_losses: Tensor) -> None:
+        """Which dimension of each recorded output holds the examples: the one along which the loss
+        of example 0 reaches only index 0, and that of example N-1 only index N-1. Two backwards of
+        single examples, on the first forward of each layout (cached per model and shapes); the
+        records' caught gradients are left as they were."""
+        ran_without = [m for m in self.without_grad if m in self.owners]
+        if ran_without:
+            m = ran_without[0]
+            raise UnsupportedModuleError(
+                f"{type(m).__name__} ({self.prefix[m] or 'the model'}): ran without autograd (torch.utils.checkpoint "
+                "with use_reentrant=True?), so its output gradient cannot be caught and torch.autograd.grad cannot "
+                "run through it; use use_reentrant=False")
+        n = per_example_losses.shape[0]
+        cache = _BATCH_DIMS.setdefault(self.model, {})
+        keys = {m: (self.prefix[m], tuple(tuple(o.shape) if o is not None else None for o in r.outputs))
+                for m, r in self.records.items()}
+        missing = [m for m in self.records if keys[m] not in cache]
+        if missing:
+            kept = {m: r.grads for m, r in self.records.items()}
+            probes = []
+            for index in sorted({0, n - 1}):
+                self._collect(per_example_losses[index], retain_graph=True, params=False)
+                probes.append((index, {m: r.grads for m, r in self.records.items()}))
+            for m, r in self.records.items():
+                r.grads = kept[m]
+            for m in missing:
+                cache[keys[m]] = [_batch_dim(o.shape, [(i, p[m][j]) for i, p in probes], n) if o is not None
+                                  else None for j, o in enumerate(self.records[m].outputs)]
+        for m, r in self.records.items():
+            r.batch_dims = cache[keys[m]]
 
     def used_unrecorded(self, params: list, grads: list) -> set[str]:
         """Of ``params`` with a gradient in ``grads``, those whose own module did not run."""
@@ -315,14 +355,21 @@ class Capture:
                 runner = self._runner(module, full)
                 todo.setdefault(runner, []).append(full[len(self.prefix[runner]):].lstrip("."))
                 runner_rule = rule_for(runner)  # a re-running rule (attention, recurrent) covers descendants it uses
-                self.rules[full] = runner_rule.name if runner_rule is not None and runner_rule.output_batch_dims \
-                    else "fallback"
+                self.rules[full] = runner_rule.name if runner_rule is not None and runner_rule.reruns else "fallback"
         out: dict[str, Tensor] = {}
         for module, record in self.records.items():
             if all(g is None for g in record.grads) or (module not in own and module not in todo):
                 continue
+            for o, g, d in zip(record.outputs, record.grads, record.batch_dims or [None] * len(record.grads)):
+                if g is not None and d is None:
+                    raise UnsupportedModuleError(
+                        f"{type(module).__name__} ({self.prefix[module] or 'the model'}): no dimension of its output "
+                        f"(shape {tuple(o.shape)}) holds the batch's {n} examples one by one (a module run on a subset "
+                        "of the examples, like a routed expert, or one that mixes examples?); per-example rules need "
+                        "each module to see every example separately")
             call = Call(record.args if differentiable else _detach(record.args),
-                        record.kwargs if differentiable else _detach(record.kwargs), record.outputs, record.grads, n)
+                        record.kwargs if differentiable else _detach(record.kwargs), record.outputs, record.grads, n,
+                        record.batch_dims)
             rule = rule_for(module)
             if module in own:
                 local = rule.fn(module, own[module], call)
@@ -333,27 +380,15 @@ class Capture:
                         f"{type(module).__name__} ({self.prefix[module] or 'the model'}): differentiating per-example "
                         f"norms needs closed-form rules; parameters {todo[module]} have none")
                 check_replayable(module)
-                dims = rule.output_batch_dims(module, call) if rule is not None and rule.output_batch_dims \
-                    else [0] * len(call.grads)
-                local = per_example_grads(module, todo[module], call, dims)
+                local = per_example_grads(module, todo[module], call)
                 out.update({self._full(module, k): v for k, v in local.items()})
-        for name, v in out.items():
-            if v.shape != (n,):
-                raise UnsupportedModuleError(
-                    f"{name}: its module's call saw {v.shape[0] if v.dim() else 'no'} examples, not the batch's {n} "
-                    "(a module run on a subset of the examples, like a routed expert?); per-example rules need "
-                    "every module to see the whole batch")
         return out
 
     def _refuse_foreign_uses(self, used: set[str]) -> None:
         """Parameters whose gradient the hooks cannot see whole: used by another module's forward
-        as well as by their own, or whose module ran without autograd."""
+        as well as by their own."""
         for name in used:
             owner = self.module_of[name]
-            if owner in self.without_grad:
-                raise UnsupportedModuleError(
-                    f"{name}: its module ran without autograd (torch.utils.checkpoint with use_reentrant=True?); "
-                    "the hooks cannot see its output gradient; use use_reentrant=False")
             foreign = {u for u in self.users.get(name, ()) if u is not owner}
             if foreign and owner in self.records:
                 who = ", ".join(sorted(self.prefix[u] or "the model" for u in foreign))
@@ -376,6 +411,24 @@ class Capture:
             raise UnsupportedModuleError(f"{full}: receives a gradient, but neither its module nor an ancestor "
                                          "ran as a module in this forward")
         return best
+
+
+_BATCH_DIMS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _batch_dim(shape: torch.Size, probes: list, n: int) -> int | None:
+    """The dim of size n where each probe (example index, gradient of that example's loss) reaches
+    only its own index; None if there is not exactly one."""
+    sizes = [d for d, size in enumerate(shape) if size == n]
+    if n == 1:
+        return sizes[0] if sizes else None
+    found = []
+    for d in sizes:
+        reached = [(i, p.detach().abs().movedim(d, 0).reshape(n, -1).sum(1) != 0) for i, p in probes if p is not None]
+        reached = [(i, r) for i, r in reached if bool(r.any())]
+        if reached and all(r.nonzero().flatten().tolist() == [i] for i, r in reached):
+            found.append(d)
+    return found[0] if len(found) == 1 else None
 
 
 def _detach(value: Any) -> Any:

@@ -68,7 +68,7 @@ def estimate_norms(capture: Capture, output: torch.Tensor, likelihood: Likelihoo
     totals: dict[str, torch.Tensor] = {}
     for i, (y, weight) in enumerate(draws):
         last = i == len(draws) - 1
-        norms = capture.norms(likelihood.nll(output, y).sum(), n, retain_graph=retain_graph or not last)
+        norms = capture.norms(likelihood.nll(output, y), retain_graph=retain_graph or not last)
         for name, v in norms.items():
             v = v.double() * (weight.double() if weight is not None else 1.0 / len(draws))
             totals[name] = totals[name] + v if name in totals else v

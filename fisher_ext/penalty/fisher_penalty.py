@@ -258,7 +258,7 @@ class FisherPenalty:
                                                                                self._labels.on(output.device)), capture)
                 value = self.objective.value(batch, create_graph=True)
             result = self._result(step, batch, value, self.method.name, None)
-            term = self.alpha * value.value
+            term = self.alpha * value.value  # the caller's backward differentiates it (see methods.DoubleBackward)
             _check_finite(step, "the penalty", term)
             self.last_result = result
             return term

@@ -18,6 +18,7 @@ the measurement). A periodic comparison with the exact method checks the estimat
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -96,8 +97,23 @@ class DoubleBackward:
     def gradients(self, objective, batch: Batch, train_loss: Tensor, alpha: float, rerun: Rerun,
                   check: bool) -> Outcome:
         v = objective.value(batch, create_graph=True)
-        total = torch.autograd.grad(train_loss + alpha * v.value, batch.params, allow_unused=True)
+        with explain_missing_double_backward():
+            total = torch.autograd.grad(train_loss + alpha * v.value, batch.params, allow_unused=True)
         return Outcome(list(total), v, self.name)
+
+
+@contextlib.contextmanager
+def explain_missing_double_backward():
+    """torch's error for an op without a double backward, with what to do about it."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "derivative for" not in str(e) or "not implemented" not in str(e):
+            raise
+        raise RuntimeError(
+            f"method='double_backward' differentiates the gradient, and torch has no double backward for an op of "
+            f"this model ({e}); use method='finite_difference' (no second-order graph), or, for attention, the math "
+            "kernel (with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH): ...)") from e
 
 
 class FiniteDifference:

@@ -83,11 +83,13 @@ class GradientNorm:
 
     def value(self, batch: Batch, create_graph: bool) -> Value:
         capture = batch.capture
+        losses = self.likelihood.nll(batch.output, batch.labels)
         if capture is not None:
+            capture.find_batch_dims(losses)
             capture.collecting = True  # the hooks catch dl/d(output) during this backward
         try:
-            gbar = list(torch.autograd.grad(self.loss(batch.output, batch.labels), batch.params,
-                                            create_graph=create_graph, retain_graph=True, allow_unused=True))
+            gbar = list(torch.autograd.grad(losses.mean(), batch.params, create_graph=create_graph,
+                                            retain_graph=True, allow_unused=True))
         finally:
             if capture is not None:
                 capture.collecting = False
@@ -111,10 +113,11 @@ class BatchTrace:
 
     def value(self, batch: Batch, create_graph: bool) -> Value:
         capture, n = batch.capture, batch.output.shape[0]
+        losses = self.likelihood.nll(batch.output, batch.labels)
+        capture.find_batch_dims(losses)
         capture.collecting = True
         try:  # the per-example loss sum: the hooks catch dl_n/dy, with their graph
-            raw = torch.autograd.grad(self.likelihood.nll(batch.output, batch.labels).sum(), batch.params,
-                                      create_graph=True, allow_unused=True)
+            raw = torch.autograd.grad(losses.sum(), batch.params, create_graph=True, allow_unused=True)
         finally:
             capture.collecting = False
         norms = capture.norms_from_grads(n, capture.used_unrecorded(batch.params, raw), differentiable=True)

@@ -1,6 +1,5 @@
 """nn.MultiheadAttention (its projections' raw parameters and out_proj, which its forward uses
-directly) through the exact fallback, with the attention output's batch on dim 0 (batch_first) or
-1 and the attention weights' on dim 0. Attention dropout in train mode is refused (not replayable)."""
+directly) through the exact fallback. Attention dropout in train mode is refused (not replayable)."""
 
 from __future__ import annotations
 
@@ -16,10 +15,6 @@ def _check(module: nn.MultiheadAttention) -> None:
         raise UnsupportedModuleError("MultiheadAttention(add_bias_kv=True or add_zero_attn=True) is not supported")
 
 
-def _batch_dims(module: nn.MultiheadAttention, call: Call) -> list:
-    return [0 if module.batch_first else 1, 0][:len(call.grads)]
-
-
-@register_rule(nn.MultiheadAttention, check=_check, output_batch_dims=_batch_dims)
+@register_rule(nn.MultiheadAttention, check=_check, reruns=True)
 def attention_rule(module: nn.MultiheadAttention, names: list, call: Call):
-    return per_example_grads(module, names, call, _batch_dims(module, call))
+    return per_example_grads(module, names, call)

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..reference import to_accumulation_dtype as acc
 from .registry import Call, UnsupportedModuleError, register_rule
+from .shared import batch_first
 
 
 def _check(module: nn.Embedding) -> None:
@@ -19,7 +20,7 @@ def _check(module: nn.Embedding) -> None:
 
 @register_rule(nn.Embedding, check=_check, differentiable=True)
 def embedding_rule(module: nn.Embedding, names: list, call: Call):
-    idx, g = call.args[0], call.grad
+    idx, g = batch_first(call, call.args[0], call.grad)
     n = idx.shape[0]
     tokens = idx.reshape(n, -1)
     G = acc(g).reshape(n, tokens.shape[1], -1)

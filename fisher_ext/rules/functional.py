@@ -3,15 +3,12 @@ parameters, by re-running the module once on the whole captured batch and backpr
 each example ``n``, the captured output gradient restricted to example ``n`` (all of them at once:
 ``autograd.grad(..., is_grads_batched=True)``, in chunks that bound the memory).
 
-Only the outputs' batch dimension must be known (dimension 0 unless a rule says otherwise through
-``output_batch_dims``); the inputs are passed as they came, so masks shared by the batch, any input
-layout and keyword arguments need no guessing. The module must be deterministic (no dropout in
+Only the outputs' batch dimensions must be known (the capture finds them); the inputs are passed
+as they came, so masks shared by the batch, any input layout and keyword arguments need no guessing. The module must be deterministic (no dropout in
 train mode: refused up front) and must not mix examples (BatchNorm in train mode is refused for
 the whole model)."""
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from torch import nn
@@ -37,27 +34,22 @@ def check_replayable(module: nn.Module) -> None:
                                          "its layers cannot be replayed; evaluate in eval mode")
 
 
-def per_example_grads(module: nn.Module, names: list, call: Call, output_batch_dims: list[int],
-                      run: Callable | None = None) -> dict[str, torch.Tensor]:
+def per_example_grads(module: nn.Module, names: list, call: Call) -> dict[str, torch.Tensor]:
     """``{name: (N,) ||dl_n/d param||^2}`` for the parameters ``names`` of ``module`` (its own or its
-    descendants'), from the captured call; ``output_batch_dims[i]`` is the batch dim of output leaf i."""
+    descendants'), from the captured call."""
     from ..capture import leaves  # the capture's own flattening of nested outputs
 
     params = [module.get_parameter(k) for k in names]
     n = call.n
     with torch.enable_grad():
-        out = run() if run is not None else module(*call.args, **call.kwargs)
+        out = module(*call.args, **call.kwargs)
     pairs = []
-    for o, g, d in zip(leaves(out), call.grads, output_batch_dims):
+    for o, g, d in zip(leaves(out), call.grads, call.batch_dims):
         if g is None:
             continue
         if not (isinstance(o, torch.Tensor) and o.requires_grad) or o.shape != g.shape:
             raise UnsupportedModuleError(f"{type(module).__name__}: re-running it gave another output than the "
                                          "captured call (is it deterministic?)")
-        if o.dim() <= d or o.shape[d] != n:
-            raise UnsupportedModuleError(
-                f"{type(module).__name__}: an output of shape {tuple(o.shape)} has no batch dimension {d} of size "
-                f"{n}; register a rule for this module (fisher_ext.register_rule) that says where its batch is")
         pairs.append((o, g, d))
     if not pairs:
         return {}

@@ -6,12 +6,12 @@ from torch import nn
 
 from ..ops import linear_sqnorm
 from .registry import Call, register_rule
-from .shared import bias_norm
+from .shared import batch_first, bias_norm
 
 
 @register_rule(nn.Linear, differentiable=True)
 def linear_rule(module: nn.Linear, names: list, call: Call):
-    x, g = call.args[0], call.grad
+    x, g = batch_first(call, call.args[0], call.grad)
     out = {}
     if "weight" in names:
         out["weight"] = linear_sqnorm(x, g.to(x.dtype), bias=False)

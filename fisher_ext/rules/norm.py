@@ -11,7 +11,7 @@ from torch import nn
 from ..reference import result_dtype
 from ..reference import to_accumulation_dtype as acc
 from .registry import Call, UnsupportedModuleError, register_rule
-from .shared import sqnorm_per_example
+from .shared import batch_first, require_batch_first, sqnorm_per_example
 
 
 def _affine_norms(names: list, xhat: torch.Tensor, g: torch.Tensor, channel_dims: list[int]):
@@ -29,14 +29,15 @@ def _affine_norms(names: list, xhat: torch.Tensor, g: torch.Tensor, channel_dims
 
 @register_rule(nn.LayerNorm, differentiable=True)
 def layer_norm_rule(module: nn.LayerNorm, names: list, call: Call):
-    g = call.grad
-    xhat = F.layer_norm(acc(call.args[0]), module.normalized_shape, None, None, module.eps)
+    x, g = batch_first(call, call.args[0], call.grad)
+    xhat = F.layer_norm(acc(x), module.normalized_shape, None, None, module.eps)
     k = len(module.normalized_shape)
     return _affine_norms(names, xhat, g, list(range(g.dim() - k, g.dim())))
 
 
 @register_rule(nn.GroupNorm, differentiable=True)
 def group_norm_rule(module: nn.GroupNorm, names: list, call: Call):
+    require_batch_first(module, call)
     xhat = F.group_norm(acc(call.args[0]), module.num_groups, None, None, module.eps)
     return _affine_norms(names, xhat, call.grad, [1])
 
@@ -57,6 +58,7 @@ def check_batch_norm(module: nn.Module) -> None:
 
 @register_rule((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), check=check_batch_norm, differentiable=True)
 def batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, names: list, call: Call):
+    require_batch_first(module, call)
     x = acc(call.args[0])
     shape = [1, -1] + [1] * (x.dim() - 2)
     xhat = (x - module.running_mean.to(x.dtype).view(shape)) / torch.sqrt(

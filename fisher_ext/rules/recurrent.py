@@ -1,6 +1,6 @@
-"""nn.RNN, nn.LSTM, nn.GRU through the exact fallback, with their outputs' batch dimensions known:
-``output`` on dim 0 (batch_first) or 1, ``h_n`` and ``c_n`` on dim 1. PackedSequence inputs and
-unbatched inputs are refused; so is dropout between layers in train mode (not replayable)."""
+"""nn.RNN, nn.LSTM, nn.GRU through the exact fallback (``output`` holds the batch on dim 0 or 1,
+``h_n`` and ``c_n`` on dim 1: the capture finds them). PackedSequence inputs and unbatched inputs
+are refused; so is dropout between layers in train mode (not replayable)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,7 @@ def _check(module: nn.RNNBase) -> None:
     check_replayable(module)
 
 
-def _batch_dims(module: nn.RNNBase, call: Call) -> list:
-    return [0 if module.batch_first else 1] + [1] * (len(call.grads) - 1)  # output, then h_n (and c_n)
-
-
-@register_rule((nn.RNN, nn.LSTM, nn.GRU), check=_check, output_batch_dims=_batch_dims)
+@register_rule((nn.RNN, nn.LSTM, nn.GRU), check=_check, reruns=True)
 def recurrent_rule(module: nn.RNNBase, names: list, call: Call):
     x = call.args[0] if call.args else call.kwargs.get("input")
     if isinstance(x, PackedSequence):
@@ -28,4 +24,4 @@ def recurrent_rule(module: nn.RNNBase, names: list, call: Call):
     if x.dim() != 3:
         raise UnsupportedModuleError(f"{type(module).__name__}: expected a batched (3-D) input, got shape "
                                      f"{tuple(x.shape)}")
-    return per_example_grads(module, names, call, _batch_dims(module, call))
+    return per_example_grads(module, names, call)

@@ -40,6 +40,8 @@ class Call:
         grads: ``dl_n / d outputs[i]`` of the per-example losses, one per output leaf (None where
             none reached it).
         n: the batch size.
+        batch_dims: the dimension of each output leaf that holds the examples (None where no
+            gradient reached it), found by the capture from the losses of single examples.
     """
 
     args: tuple
@@ -47,6 +49,12 @@ class Call:
     outputs: list
     grads: list
     n: int
+    batch_dims: list
+
+    @property
+    def batch_dim(self) -> int:
+        """The batch dimension of the single tensor output."""
+        return next(d for d, g in zip(self.batch_dims, self.grads) if g is not None)
 
     @property
     def grad(self) -> torch.Tensor:
@@ -67,8 +75,8 @@ class Rule:
     check: Callable[[nn.Module], None] | None = None
     differentiable: bool = False  # the norms keep their graph to the parameters (objective 'trace')
     types: list = field(default_factory=list)
-    # where a rule re-runs its module (the exact fallback): the batch dim of each output leaf
-    output_batch_dims: Callable[[nn.Module, Call], list] | None = None
+    reruns: bool = False  # it re-runs its module (the exact fallback), so it can take descendants' parameters
+    applies: Callable[[nn.Module], bool] | None = None  # False: this configuration goes to the fallback
 
 
 _RULES: dict[type, Rule] = {}
@@ -76,7 +84,7 @@ _RULES: dict[type, Rule] = {}
 
 def register_rule(module_type: type | tuple, fn: RuleFn | None = None, *, name: str | None = None,
                   check: Callable[[nn.Module], None] | None = None, differentiable: bool = False,
-                  output_batch_dims: Callable[[nn.Module, Call], list] | None = None) -> Any:
+                  reruns: bool = False, applies: Callable[[nn.Module], bool] | None = None) -> Any:
     """Registers ``fn`` as the per-example-norm rule of ``module_type`` (a type or a tuple of types),
     replacing any earlier one; usable as a decorator::
 
@@ -87,8 +95,9 @@ def register_rule(module_type: type | tuple, fn: RuleFn | None = None, *, name: 
 
     See the module docstring for the contract. ``check(module)`` may raise
     :class:`UnsupportedModuleError` up front; ``differentiable`` says the norms keep their graph.
-    ``output_batch_dims(module, call)`` gives the batch dimension of each output leaf where it is not
-    0; the exact fallback uses it for parameters of descendants the module uses directly.
+    ``reruns``: the rule re-runs the module, so it also takes the parameters of descendants the module
+    uses directly (given by names relative to it).
+    ``applies(module)`` False sends that module to the exact fallback instead.
     """
     types = module_type if isinstance(module_type, tuple) else (module_type,)
     for t in types:
@@ -98,7 +107,7 @@ def register_rule(module_type: type | tuple, fn: RuleFn | None = None, *, name: 
     def add(f: RuleFn) -> RuleFn:
         if not callable(f):
             raise TypeError(f"fn: expected a callable rule(module, names, call), got {type(f).__name__}")
-        rule = Rule(name or f.__name__.removesuffix("_rule"), f, check, differentiable, list(types), output_batch_dims)
+        rule = Rule(name or f.__name__.removesuffix("_rule"), f, check, differentiable, list(types), reruns, applies)
         for t in types:
             _RULES[t] = rule
         return f
@@ -107,5 +116,6 @@ def register_rule(module_type: type | tuple, fn: RuleFn | None = None, *, name: 
 
 
 def rule_for(module: nn.Module) -> Rule | None:
-    """The registered rule of this module's exact type, or None (the functional fallback)."""
-    return _RULES.get(type(module))
+    """The registered rule of this module's exact type, or None (the exact fallback)."""
+    rule = _RULES.get(type(module))
+    return rule if rule is None or rule.applies is None or rule.applies(module) else None

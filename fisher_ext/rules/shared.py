@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..reference import to_accumulation_dtype as acc
+from .registry import Call, UnsupportedModuleError
+
+
+def batch_first(call: Call, *tensors: torch.Tensor) -> tuple:
+    """The input and output gradient of a layer that maps leading dims elementwise (Linear,
+    LayerNorm, Embedding) with the batch moved to dim 0 (it is where the output's batch is)."""
+    d = call.batch_dim
+    return tuple(t.movedim(d, 0) if d else t for t in tensors)
+
+
+def require_batch_first(module: nn.Module, call: Call) -> None:
+    """Layers whose input is (N, C, ...) by definition (convolutions, GroupNorm, BatchNorm)."""
+    if call.batch_dim != 0:
+        raise UnsupportedModuleError(f"{type(module).__name__}: its output holds the examples on dim "
+                                     f"{call.batch_dim}, not 0")
 
 
 def sqnorm_per_example(t: torch.Tensor) -> torch.Tensor:
