@@ -30,6 +30,18 @@ from .rules.registry import Call
 Tensor = torch.Tensor
 
 
+def tensor_args(args: tuple, kwargs: dict) -> list:
+    """The tensors among a call's arguments, one list or tuple deep (a cheap ``tree_leaves``: this
+    runs on every torch call of a watched forward)."""
+    found = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Tensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found.extend(b for b in a if isinstance(b, Tensor))
+    return found
+
+
 def as_args(inputs: Any) -> tuple:
     """The model's positional arguments from ``inputs`` (a tensor or a tuple), checked to hold a
     batch of at least one example."""
@@ -121,8 +133,9 @@ class _Uses(TorchFunctionMode):
         out = func(*args, **kwargs)
         c = self.capture
         # a use that can carry a gradient: not metadata (.shape, .dtype) nor a detached value
-        if c.recording and c.stack and any(isinstance(o, Tensor) and o.requires_grad for o in tree_leaves(out)):
-            for t in tree_leaves((args, kwargs)):
+        if c.recording and c.stack and any(isinstance(o, Tensor) and o.requires_grad
+                                           for o in ((out,) if isinstance(out, Tensor) else tree_leaves(out))):
+            for t in tensor_args(args, kwargs):
                 if isinstance(t, Tensor) and id(t) in c.param_ids:
                     c.users.setdefault(c.param_ids[id(t)], set()).add(c.stack[-1])
         return out

@@ -26,6 +26,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from ..capture import tensor_args
+
 Tensor = torch.Tensor
 
 
@@ -303,7 +305,7 @@ class FrozenDecisions(TorchFunctionMode):
         return self._replay(func, handler, args, kwargs)
 
     def _record(self, func, handler, args, kwargs):
-        leaves = tree_leaves((args, kwargs))
+        leaves = tensor_args(args, kwargs)
         if not _requires_grad(leaves):
             return func(*args, **kwargs)
         if handler is not None:
@@ -316,7 +318,7 @@ class FrozenDecisions(TorchFunctionMode):
         return out
 
     def _replay(self, func, handler, args, kwargs):
-        leaves = tree_leaves((args, kwargs))
+        leaves = tensor_args(args, kwargs)
         if not _requires_grad(leaves):
             return func(*args, **kwargs)
         if handler is None and func not in _SCALARS:
@@ -366,9 +368,14 @@ class FrozenDecisions(TorchFunctionMode):
 
 def _is_fresh_constant(out: Any, leaves: Sequence) -> bool:
     """A tensor result that carries no gradient and is not one of the inputs (not in place)."""
-    outs = tree_leaves(out)
-    if not outs or not all(isinstance(o, Tensor) for o in outs):
-        return False
+    if isinstance(out, Tensor):
+        if out.requires_grad:
+            return False
+        outs = [out]
+    else:
+        outs = tree_leaves(out)
+        if not outs or not all(isinstance(o, Tensor) for o in outs):
+            return False
     inputs = {id(t) for t in leaves if isinstance(t, Tensor)}
     return all(not o.requires_grad and id(o) not in inputs for o in outs)
 
