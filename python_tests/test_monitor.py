@@ -88,13 +88,26 @@ def build(name, seed=0):
 # ---- oracle ------------------------------------------------------------------------------
 
 
+def nll_by_hand(likelihood, out, labels):
+    """(N,) negative log-likelihoods written out here, not taken from fisher_ext.likelihoods: a
+    categorical example sums its tokens, a Gaussian divides by its variance."""
+    n = out.shape[0]
+    if isinstance(likelihood, Categorical):
+        logp = torch.log_softmax(out, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return -logp.reshape(n, -1).sum(1)
+    if isinstance(likelihood, Bernoulli):
+        logp = labels * F.logsigmoid(out) + (1 - labels) * F.logsigmoid(-out)
+        return -logp.reshape(n, -1).sum(1)
+    return ((labels - out).square() / (2 * likelihood.variance)).reshape(n, -1).sum(1)
+
+
 def oracle(model, x, labels, likelihood):
     """{parameter name: (N,) squared per-example gradient norm} by one backward per example."""
     model = copy.deepcopy(model)
     out = {k: torch.zeros(x.shape[0], dtype=torch.float64) for k, p in model.named_parameters()}
     for n in range(x.shape[0]):
         model.zero_grad()
-        likelihood.nll(model(x[n:n + 1]), labels[n:n + 1]).sum().backward()
+        nll_by_hand(likelihood, model(x[n:n + 1]), labels[n:n + 1]).sum().backward()
         for k, p in model.named_parameters():
             if p.grad is not None:
                 out[k][n] = p.grad.double().square().sum()
@@ -270,14 +283,29 @@ def test_monitor_every_k_steps_and_hooks_removed():
 def test_probe_set_in_chunks_restores_modes(capsys):
     model, x = build("cnn_batchnorm_eval"), inputs_for("cnn_batchnorm_eval", n=7)
     model.train()  # probe switches to eval for BatchNorm and restores train mode after
-    monitor = fisher_ext.FisherTraceMonitor(model, generator=torch.Generator().manual_seed(0))
+    monitor = fisher_ext.FisherTraceMonitor(model, estimator="exact")
     result = monitor.probe(x, chunk_size=3)
     assert model.training and all(m.training for m in model.modules())
-    assert result.per_example.shape == (7,)
     assert "probe: chunk 3/3, 7 examples" in capsys.readouterr().err
-    whole = fisher_ext.fisher_trace(model.eval(), x, labels=None, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        p = torch.softmax(model(x), -1)
+    want = sum(p[:, c] * sum(oracle(model, x, torch.full((7,), c), Categorical()).values()) for c in range(4))
+    torch.testing.assert_close(result.per_example.double(), want, rtol=1e-9, atol=1e-12)  # in order
+    whole = fisher_ext.fisher_trace(model, x, estimator="exact")
     assert result.coverage == whole.coverage
     assert sum(result.per_parameter.values()) == pytest.approx(result.trace, rel=1e-9)
+    for k, v in whole.per_parameter.items():
+        assert result.per_parameter[k] == pytest.approx(v, rel=1e-9, abs=1e-15)
+
+
+def test_standard_error_is_over_the_examples():
+    result = fisher_ext.fisher_trace(build("mlp"), inputs_for("mlp", n=6))
+    per = result.per_example.double()
+    want = ((per - per.mean()).square().sum() / 5).sqrt() / 6 ** 0.5
+    assert result.standard_error == pytest.approx(float(want), rel=1e-6)
+    one = fisher_ext.fisher_trace(build("mlp"), inputs_for("mlp", n=1))
+    assert one.standard_error == 0.0
 
 
 # ---- bad input ---------------------------------------------------------------------------
@@ -361,7 +389,7 @@ def test_attention_seq_first_with_mask(tokens):
     want = {k: torch.zeros(5, dtype=torch.float64) for k, _ in model.named_parameters()}
     for n in range(5):  # oracle: one example at a time, its own mask row
         model.zero_grad()
-        Categorical().nll(model(x[n:n + 1], mask[n:n + 1]), y[n:n + 1]).sum().backward()
+        nll_by_hand(Categorical(), model(x[n:n + 1], mask[n:n + 1]), y[n:n + 1]).sum().backward()
         for k, p in model.named_parameters():
             want[k][n] = p.grad.square().sum()
     assert_matches(result, want)

@@ -56,12 +56,36 @@ def _inplace(func, args, kwargs) -> bool:
     return name.endswith("_") and not name.endswith("__")
 
 
-def _relu_gate(func, args, kwargs):
-    return (args[0] > 0,)
+class _GatedReLU(torch.autograd.Function):
+    """ReLU at the shifted input whose backward gates with the recorded output's signs (the
+    recorded pass's decisions): ReLU's own kernels, no mask to compute or store."""
+
+    @staticmethod
+    def forward(ctx, z, recorded, inplace):
+        ctx.save_for_backward(recorded)
+        if inplace:
+            ctx.mark_dirty(z)
+            return z.relu_()
+        return torch.relu(z)
+
+    @staticmethod
+    def backward(ctx, g):
+        (recorded,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(g, recorded, 0), None, None
+
+
+def _relu_record(func, args, kwargs):
+    out = func(*args, **kwargs)
+    recorded = out.detach()  # autograd keeps it for ReLU's backward anyway; shares out's version counter
+    return out, (recorded, recorded._version)
 
 
 def _relu_replay(func, args, kwargs, gate):
-    return args[0] * gate[0]
+    recorded, version = gate
+    if recorded._version != version:
+        raise DecisionMismatch("a ReLU's output was modified in place after the watched forward, so its "
+                               "decisions cannot be read back")
+    return _GatedReLU.apply(args[0], recorded, _inplace(func, args, kwargs))
 
 
 def _leaky_gate(func, args, kwargs):
@@ -240,7 +264,7 @@ def _table() -> dict[Callable, tuple[Callable, Callable]]:
             if f is not None:
                 table[f] = (record, replay, elementwise)
 
-    add([F.relu, F.relu_, torch.relu, torch.relu_, T.relu, T.relu_], *_elementwise(_relu_gate, _relu_replay), elementwise=True)
+    add([F.relu, F.relu_, torch.relu, torch.relu_, T.relu, T.relu_], _relu_record, _relu_replay)
     add([F.leaky_relu, F.leaky_relu_], *_elementwise(_leaky_gate, _leaky_replay), elementwise=True)
     add([F.hardtanh, F.hardtanh_, F.relu6, torch.clamp, torch.clamp_, torch.clip, torch.clip_, T.clamp, T.clamp_,
          T.clip, T.clip_, torch.clamp_min, torch.clamp_min_, torch.clamp_max, torch.clamp_max_, T.clamp_min,
