@@ -42,6 +42,14 @@ def tensor_args(args: tuple, kwargs: dict) -> list:
     return found
 
 
+def foreign_output(output: Any) -> ValueError:
+    """The error for an output the watched forward did not return."""
+    got = f"a tensor of shape {tuple(output.shape)} it did not return" if isinstance(output, Tensor) \
+        else type(output).__name__
+    return ValueError("output: expected a tensor the watched forward returned (the model's output, or a tensor "
+                      f"inside it); got {got}")
+
+
 def as_args(inputs: Any) -> tuple:
     """The model's positional arguments from ``inputs`` (a tensor or a tuple), checked to hold a
     batch of at least one example."""

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Union
 import torch
 from torch import nn
 
-from .capture import Capture, as_args
+from .capture import Capture, as_args, foreign_output
 from .estimators import ESTIMATORS, LabelGenerator, estimate_norms
 from .likelihoods import Likelihood, get_likelihood
 
@@ -157,9 +157,7 @@ class FisherTraceMonitor:
         if self._capture is None or not self._capture.records:
             raise RuntimeError("estimate: no watched forward; run the model inside `with monitor.watch():` first")
         if not self._capture.produced(output):
-            raise ValueError("output: expected a tensor the last watched forward returned (the model's output, or a "
-                             "tensor inside it); got " + (f"a tensor of shape {tuple(output.shape)} it did not return"
-                                                         if isinstance(output, torch.Tensor) else type(output).__name__))
+            raise foreign_output(output)
         per_example, totals = estimate_norms(self._capture, output, self.likelihood, self.estimator, labels,
                                              self.samples, self._draws, retain_graph=True)
         result = _result(self._capture, per_example, totals)

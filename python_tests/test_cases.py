@@ -111,7 +111,7 @@ def test_empty_batch_and_foreign_output_are_refused():
     monitor = fisher_ext.FisherTraceMonitor(model)
     with monitor.watch():
         model(*inputs)
-    with pytest.raises(ValueError, match="output: expected a tensor the last watched forward returned"):
+    with pytest.raises(ValueError, match="output: expected a tensor the watched forward returned"):
         monitor.estimate(model(*inputs), labels=labels)
 
 

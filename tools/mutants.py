@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["python_tests/test_monitor.py", "python_tests/test_cases.py", "python_tests/test_rules_linear.py",
         "python_tests/test_rules_conv.py", "python_tests/test_rules_norm.py", "python_tests/test_rules_rerun.py",
         "python_tests/test_rules_registry.py"]
+LIKELIHOODS = ["python_tests/test_likelihoods.py"]
 PENALTY = ["python_tests/test_penalty.py", "python_tests/test_penalty_replay.py",
            "python_tests/test_penalty_training.py"]
 
@@ -30,6 +31,17 @@ MUTANTS = [
      FAST),
     ("Gaussian loss ignores its variance", "fisher_ext/likelihoods.py",
      "/ (2 * self.variance)", "/ 2", FAST),
+    ("Gaussian draws scaled instead of shifted", "fisher_ext/likelihoods.py",
+     "return mean + self.variance ** 0.5 * noise", "return mean // self.variance ** 0.5 * noise", LIKELIHOODS),
+    ("Gaussian draws with the wrong spread", "fisher_ext/likelihoods.py",
+     "return mean + self.variance ** 0.5 * noise", "return mean + self.variance ** 0.5 ** noise", LIKELIHOODS),
+    ("Bernoulli accepts a 0-d output", "fisher_ext/likelihoods.py",
+     '_check_batched(output, "logits (N, *)", 1)', '_check_batched(output, "logits (N, *)", 0)', LIKELIHOODS),
+    ("categorical label shape compared by order", "fisher_ext/likelihoods.py",
+     "if labels.shape != output.shape[:-1]:", "if labels.shape < output.shape[:-1]:", LIKELIHOODS),
+    ("integer outputs accepted", "fisher_ext/likelihoods.py",
+     "if not isinstance(output, torch.Tensor) or not output.is_floating_point():",
+     "if not isinstance(output, torch.Tensor) and not output.is_floating_point():", LIKELIHOODS),
     ("standard error divides by N", "fisher_ext/monitor.py",
      "self.per_example.std() / math.sqrt(n)", "self.per_example.std() / n", FAST),
     ("probe reverses its chunks", "fisher_ext/monitor.py",

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..estimators import LabelGenerator
 from ..likelihoods import Likelihood, get_likelihood
-from ..capture import Capture, as_args
+from ..capture import Capture, as_args, foreign_output
 from .methods import Check, DoubleBackward, FiniteDifference, Rerun, warn
 from .objectives import Batch, BatchTrace, GradientNorm, InputGradientNorm
 from .replay import BufferState, FrozenDecisions, RandomState, add_into_grads
@@ -121,8 +121,10 @@ class FisherPenalty:
             raise ValueError("model: expected at least one trainable parameter (requires_grad=True), found none")
         self.names, self.params = [k for k, _ in named], [p for _, p in named]
         likelihood = get_likelihood(likelihood)
-        self.objective = {"fisher": lambda: GradientNorm(likelihood, "sampled"), "gp": lambda: GradientNorm(likelihood, "true"),
-                          "gpr": lambda: GradientNorm(likelihood, "random"), "trace": lambda: BatchTrace(likelihood),
+        self.objective = {"fisher": lambda: GradientNorm(likelihood, "sampled"),
+                          "gp": lambda: GradientNorm(likelihood, "true"),
+                          "gpr": lambda: GradientNorm(likelihood, "random"),
+                          "trace": lambda: BatchTrace(likelihood),
                           "gpx": lambda: InputGradientNorm(likelihood)}[objective]()
         if method not in self.objective.methods:
             raise ValueError(f"method: objective {objective!r} is differentiated by {self.objective.methods}, got "
@@ -130,7 +132,7 @@ class FisherPenalty:
         self.method = FiniteDifference(radius) if method == "finite_difference" else DoubleBackward()
         self.alpha, self.every, self.check_every = float(alpha), every, check_every
         self.report_trace = bool(report_trace)
-        self._labels = LabelGenerator(generator)
+        self._draws = LabelGenerator(generator)
         self.steps = 0  # calls of backward / penalty_term, the penalty's steps included or not
         self._fd_steps = 0
         self._watched: tuple | None = None  # (capture, the watched output's tensors) of the last watch()
@@ -198,11 +200,10 @@ class FisherPenalty:
             train_loss = _scalar_loss(loss, output)
             _check_finite(step, "the training loss", train_loss)
             self.objective.likelihood.check(output)
-            batch = Batch(self.params, output, args, self.objective.labels(output, labels, self._labels.on(output.device)),
-                          capture)
-            check = fd and self._check_due()
-            outcome = self.method.gradients(self.objective, batch, train_loss, self.alpha,
-                                            Rerun(self.model, self.names, rng, buffers, decisions, loss, versions), check)
+            batch = Batch(self.params, output, args, self._step_labels(output, labels), capture)
+            rerun = Rerun(self.model, self.names, rng, buffers, decisions, loss, versions)
+            outcome = self.method.gradients(self.objective, batch, train_loss, self.alpha, rerun,
+                                            fd and self._check_due())
         result = self._result(step, batch, outcome.value, outcome.method, outcome.check)
         if outcome.check is not None and not outcome.check.passed(self.method.tolerance):
             c = outcome.check
@@ -245,17 +246,13 @@ class FisherPenalty:
         (capture, produced), self._watched = self._watched, None
         try:
             if not isinstance(output, Tensor) or not any(output is t for t in produced):
-                raise ValueError("output: expected a tensor the watched forward returned (the model's output, or "
-                                 "a tensor inside it); got " + (f"a tensor of shape {tuple(output.shape)} it did not "
-                                                               "return" if isinstance(output, Tensor)
-                                                               else type(output).__name__))
+                raise foreign_output(output)
             step = self._next_step()
             self.last_result = None
             if not self._due(step):
                 return output.new_zeros(())
             with torch.enable_grad():
-                batch = Batch(self.params, output, (), self.objective.labels(output, labels,
-                                                                               self._labels.on(output.device)), capture)
+                batch = Batch(self.params, output, (), self._step_labels(output, labels), capture)
                 value = self.objective.value(batch, create_graph=True)
             result = self._result(step, batch, value, self.method.name, None)
             term = self.alpha * value.value  # the caller's backward differentiates it (see methods.DoubleBackward)
@@ -282,6 +279,10 @@ class FisherPenalty:
         if self.check_every == 0:
             return False
         return k % self.check_every == 0 if k >= self.check_every else (k & (k - 1)) == 0
+
+    def _step_labels(self, output: Tensor, given: Tensor | None) -> Tensor:
+        """The step's labels: given, or drawn once for the objective on the penalty's own generator."""
+        return self.objective.labels(output, given, self._draws.on(output.device))
 
     def _new_capture(self) -> Capture | None:
         if not self.report_trace and not isinstance(self.objective, BatchTrace):

@@ -243,7 +243,8 @@ def _indexed_replay(func, args, kwargs, gate):
     return _RETURN_TYPES[func.__name__]((values, indices))
 
 
-_RETURN_TYPES = {"max": torch.return_types.max, "min": torch.return_types.min, "sort": torch.return_types.sort, "topk": torch.return_types.topk,
+_RETURN_TYPES = {"max": torch.return_types.max, "min": torch.return_types.min, "sort": torch.return_types.sort,
+                 "topk": torch.return_types.topk,
                  "kthvalue": torch.return_types.kthvalue, "median": torch.return_types.median,
                  "mode": torch.return_types.mode}
 

@@ -4,9 +4,9 @@ each example ``n``, the captured output gradient restricted to example ``n`` (al
 ``autograd.grad(..., is_grads_batched=True)``, in chunks that bound the memory).
 
 Only the outputs' batch dimensions must be known (the capture finds them); the inputs are passed
-as they came, so masks shared by the batch, any input layout and keyword arguments need no guessing. The module must be deterministic (no dropout in
-train mode: refused up front) and must not mix examples (BatchNorm in train mode is refused for
-the whole model)."""
+as they came, so masks shared by the batch, any input layout and keyword arguments need no
+guessing. The module must be deterministic (no dropout in train mode: refused up front) and
+must not mix examples (BatchNorm in train mode is refused for the whole model)."""
 
 from __future__ import annotations
 

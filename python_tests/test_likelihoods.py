@@ -1,0 +1,43 @@
+"""fisher_ext.likelihoods: draws follow p(. | output) (moments against the formulas), shapes checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fisher_ext.likelihoods import Bernoulli, Categorical, Gaussian
+
+DRAWS = 20000
+
+
+def test_gaussian_draws_have_the_mean_and_variance():
+    mean = torch.tensor([[-1.0, 0.5, 2.0]]).expand(DRAWS, 3)
+    draws = Gaussian(variance=0.25).sample(mean, torch.Generator().manual_seed(0))
+    se = 0.5 / DRAWS ** 0.5
+    assert (draws.mean(0) - mean[0]).abs().max() < 5 * se
+    assert (draws.var(0) - 0.25).abs().max() < 0.02
+
+
+def test_bernoulli_and_categorical_draw_frequencies():
+    logits = torch.tensor([[-1.0, 0.0, 2.0]]).expand(DRAWS, 3)
+    draws = Bernoulli().sample(logits, torch.Generator().manual_seed(0))
+    assert (draws.mean(0) - torch.sigmoid(logits[0])).abs().max() < 0.02
+    labels = Categorical().sample(logits, torch.Generator().manual_seed(0))
+    freq = torch.bincount(labels, minlength=3).float() / DRAWS
+    assert (freq - torch.softmax(logits[0], 0)).abs().max() < 0.02
+
+
+def test_shapes_are_checked():
+    with pytest.raises(ValueError, match=r"output: expected logits \(N, \*\) with at least 1 dims"):
+        Bernoulli().check(torch.tensor(0.5))
+    with pytest.raises(ValueError, match=r"labels: expected shape \(5,\)"):
+        Categorical().nll(torch.zeros(5, 3), torch.zeros(7, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels: expected shape \(5, 3\) like the output"):
+        Gaussian().nll(torch.zeros(5, 3), torch.zeros(5, 4))
+
+
+def test_outputs_must_be_floating_point_tensors():
+    with pytest.raises(ValueError, match=r"output: expected a floating-point tensor .* of dtype torch.int64"):
+        Categorical().check(torch.zeros(5, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"output: expected a floating-point tensor of means .* got list"):
+        Gaussian().check([1.0, 2.0])
