@@ -374,9 +374,14 @@ class Capture:
                     self.rules[full] = rule.name
                     continue
                 runner = self._runner(module, full)
-                todo.setdefault(runner, []).append(full[len(self.prefix[runner]):].lstrip("."))
-                runner_rule = rule_for(runner)  # a re-running rule (attention, recurrent) covers descendants it uses
-                self.rules[full] = runner_rule.name if runner_rule is not None and runner_rule.reruns else "fallback"
+                relative = full[len(self.prefix[runner]):].lstrip(".")
+                runner_rule = rule_for(runner)
+                if runner_rule is not None and runner_rule.reruns:  # it covers the descendants it uses (attention)
+                    own.setdefault(runner, []).append(relative)
+                    self.rules[full] = runner_rule.name
+                else:
+                    todo.setdefault(runner, []).append(relative)
+                    self.rules[full] = "fallback"
         out: dict[str, Tensor] = {}
         for module, record in self.records.items():
             if all(g is None for g in record.grads) or (module not in own and module not in todo):

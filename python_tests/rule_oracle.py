@@ -31,15 +31,17 @@ def run_rule(module: nn.Module, args: tuple, grads: list, batch_dims: list, kwar
 
 
 def oracle(module: nn.Module, args: tuple, grads: list, batch_dims: list, arg_dims: list,
-           kwargs: dict | None = None) -> dict:
-    """{name: (N,) ||d <module(x_n), G_n> / d p||^2}: example n alone through the module."""
-    kwargs = kwargs or {}
+           kwargs: dict | None = None, kwarg_dims: dict | None = None) -> dict:
+    """{name: (N,) ||d <module(x_n), G_n> / d p||^2}: example n alone through the module (the
+    arguments in ``arg_dims`` / ``kwarg_dims`` sliced along those dims, the others whole)."""
+    kwargs, kwarg_dims = kwargs or {}, kwarg_dims or {}
     n = grads[0].shape[batch_dims[0]]
     params = dict(module.named_parameters())
     out = {k: torch.zeros(n, dtype=torch.float64) for k in params}
     for i in range(n):
         a = tuple(x.narrow(d, i, 1) if d is not None else x for x, d in zip(args, arg_dims))
-        outs = leaves(module(*a, **kwargs))
+        kw = {k: v.narrow(kwarg_dims[k], i, 1) if k in kwarg_dims else v for k, v in kwargs.items()}
+        outs = leaves(module(*a, **kw))
         total = sum((o * g.narrow(d, i, 1)).sum() for o, g, d in zip(outs, grads, batch_dims) if g is not None)
         gs = torch.autograd.grad(total, list(params.values()), allow_unused=True)
         for k, gr in zip(params, gs):
@@ -48,11 +50,11 @@ def oracle(module: nn.Module, args: tuple, grads: list, batch_dims: list, arg_di
     return out
 
 
-def assert_rule_matches(module, args, batch_dims, arg_dims, kwargs=None, rtol=1e-10):
+def assert_rule_matches(module, args, batch_dims, arg_dims, kwargs=None, rtol=1e-10, kwarg_dims=None):
     module = module.double()
     _, grads = output_grads(module, args, kwargs or {}, batch_dims)
     got = run_rule(module, args, grads, batch_dims, kwargs)
-    want = oracle(module, args, grads, batch_dims, arg_dims, kwargs)
+    want = oracle(module, args, grads, batch_dims, arg_dims, kwargs, kwarg_dims)
     assert set(got) == {k for k, p in module.named_parameters(recurse=False) if p.requires_grad}
     for k, v in got.items():
         torch.testing.assert_close(v.double(), want[k], rtol=rtol, atol=1e-12, msg=k)

@@ -29,6 +29,18 @@ def test_attention_with_a_shared_mask(batch_first):
     assert_rule_matches(module, (x, x, x), [d, 0], [d, d, d], kwargs={"attn_mask": mask}, rtol=1e-9)
 
 
+def test_cross_attention_with_padding_mask_and_separate_projections():
+    torch.manual_seed(0)
+    module = nn.MultiheadAttention(6, 3, kdim=4, vdim=5, batch_first=True)
+    q = torch.randn(5, 3, 6, dtype=torch.float64)
+    k, v = torch.randn(5, 7, 4, dtype=torch.float64), torch.randn(5, 7, 5, dtype=torch.float64)
+    pad = torch.zeros(5, 7, dtype=torch.bool)
+    pad[1, -2:] = True
+    kwargs = {"key_padding_mask": pad, "need_weights": False}
+    assert_rule_matches(module, (q, k, v), [0, 0], [0, 0, 0], kwargs=kwargs, rtol=1e-9,
+                        kwarg_dims={"key_padding_mask": 0})
+
+
 def test_the_fallback_takes_a_users_module():
     from fisher_ext.rules.functional import per_example_grads
     from rule_oracle import oracle, output_grads
