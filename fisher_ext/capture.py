@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from .rules import UnsupportedModuleError, rule_for
 from .rules.functional import check_replayable, per_example_grads
 from .rules.norm import check_batch_norm, uses_batch_statistics
 from .rules.registry import Call
+from .state import BufferState, RandomState
 
 Tensor = torch.Tensor
 
@@ -170,7 +172,7 @@ class Capture:
         self.records: dict[nn.Module, Record] = {}
         self.users: dict[str, set] = {}  # parameter -> the hooked modules running when it was used
         self.stack: list[nn.Module] = []
-        self.without_grad: set[nn.Module] = set()
+        self.before: dict[nn.Module, tuple] = {}  # (random state, buffers) before a re-runnable module's call
         self.output_leaves: list = []  # the model's own output, to tell its tensors from others
         self.strict = strict
         self.error: UnsupportedModuleError | None = None
@@ -183,9 +185,12 @@ class Capture:
 
     def __enter__(self) -> "Capture":
         hooked = list(self.owners) + ([self.model] if self.model not in self.owners else [])
+        # prepended: the capture sees the module's own output, before any user hook replaces it,
+        # and is on the module stack while user pre-hooks run
         for m in hooked:
-            self._stack.callback(m.register_forward_pre_hook(self._enter(m)).remove)
-            self._stack.callback(m.register_forward_hook(self._hook(m), with_kwargs=True, always_call=True).remove)
+            self._stack.callback(m.register_forward_pre_hook(self._enter(m), prepend=True).remove)
+            self._stack.callback(m.register_forward_hook(self._hook(m), with_kwargs=True, always_call=True,
+                                                         prepend=True).remove)
         self._stack.enter_context(torch.compiler.set_stance("force_eager"))
         self._stack.enter_context(_Uses(self))
         return self
@@ -205,7 +210,7 @@ class Capture:
         than by a later garbage collection."""
         for record in self.records.values():
             record.args, record.kwargs, record.outputs, record.grads = (), {}, [], []
-        self.records, self.users, self.without_grad, self.output_leaves = {}, {}, set(), []
+        self.records, self.users, self.before, self.output_leaves = {}, {}, {}, []
         self.error = None
 
     def start(self) -> None:
@@ -217,9 +222,13 @@ class Capture:
         self.recording = False
 
     def _enter(self, module: nn.Module):
+        rerun = module is self.model or rule_for(module) is None or rule_for(module).reruns
+
         def pre_hook(mod, args):
             if self.recording:
                 self.stack.append(module)
+                if rerun and torch.is_grad_enabled():  # what a re-run must replay
+                    self.before[module] = (RandomState(), BufferState(module))
         return pre_hook
 
     def _hook(self, module: nn.Module):
@@ -230,8 +239,7 @@ class Capture:
                 self.stack.pop()
             if module is self.model:
                 self.output_leaves = [t for t in leaves(output) if isinstance(t, Tensor)]
-            if not torch.is_grad_enabled():  # e.g. a reentrant checkpoint's first forward
-                self.without_grad.add(module)
+            if not torch.is_grad_enabled():  # no gradient can come of this call (a teacher's, an EMA's)
                 return
             if module in self.records:
                 error = UnsupportedModuleError(
@@ -241,6 +249,7 @@ class Capture:
                     raise error
                 self.error = self.error or error
                 return
+            args, kwargs = _positional(module, args, kwargs)
             outs = [o if isinstance(o, Tensor) and o.requires_grad else None for o in leaves(output)]
             record = Record(args, kwargs, outs, [None] * len(outs), tuple(o._version if o is not None else 0
                                                                           for o in outs))
@@ -297,6 +306,11 @@ class Capture:
         self.collecting = True
         try:
             grads = torch.autograd.grad(loss, targets, retain_graph=retain_graph, allow_unused=True)
+        except RuntimeError as e:
+            if "use_reentrant" not in str(e):
+                raise
+            raise UnsupportedModuleError(f"the model runs torch.utils.checkpoint with use_reentrant=True, whose "
+                                         f"modules run without autograd; use use_reentrant=False ({e})") from e
         finally:
             self.collecting = False
         for slot, g in zip(slots, grads):
@@ -306,16 +320,10 @@ class Capture:
 
     def find_batch_dims(self, per_example_losses: Tensor) -> None:
         """Which dimension of each recorded output holds the examples: the one along which the loss
-        of example 0 reaches only index 0, and that of example N-1 only index N-1. Two backwards of
-        single examples, on the first forward of each layout (cached per model and shapes); the
-        records' caught gradients are left as they were."""
-        ran_without = [m for m in self.without_grad if m in self.owners]
-        if ran_without:
-            m = ran_without[0]
-            raise UnsupportedModuleError(
-                f"{type(m).__name__} ({self.prefix[m] or 'the model'}): ran without autograd (torch.utils.checkpoint "
-                "with use_reentrant=True?), so its output gradient cannot be caught and torch.autograd.grad cannot "
-                "run through it; use use_reentrant=False")
+        of example 0 reaches only index 0, and that of example N-1 only index N-1 (and of examples
+        1, N-2, ... where those reached nothing or left two candidates). Backwards of single
+        examples, on the first forward of each layout (cached per model and shapes); the records'
+        caught gradients are left as they were."""
         n = per_example_losses.shape[0]
         cache = _BATCH_DIMS.setdefault(self.model, {})
         keys = {m: (self.prefix[m], tuple(tuple(o.shape) if o is not None else None for o in r.outputs))
@@ -323,15 +331,20 @@ class Capture:
         missing = [m for m in self.records if keys[m] not in cache]
         if missing:
             kept = {m: r.grads for m, r in self.records.items()}
-            probes = []
-            for index in sorted({0, n - 1}):
+            probes: list = []
+            # examples 0 and N-1 first; more where a probe reached nothing (dead units) or two dims qualified
+            for index in dict.fromkeys([0, n - 1, 1, n - 2, 2, n - 3][:max(1, min(n, 6))]):
                 self._collect(per_example_losses[index], retain_graph=True, params=False)
                 probes.append((index, {m: r.grads for m, r in self.records.items()}))
+                found = {m: [_batch_dim(o.shape, [(i, p[m][j]) for i, p in probes], n) if o is not None else None
+                             for j, o in enumerate(self.records[m].outputs)] for m in missing}
+                if len(probes) >= 2 and all(d is not None for m in missing
+                                            for d, o in zip(found[m], self.records[m].outputs) if o is not None):
+                    break
             for m, r in self.records.items():
                 r.grads = kept[m]
             for m in missing:
-                cache[keys[m]] = [_batch_dim(o.shape, [(i, p[m][j]) for i, p in probes], n) if o is not None
-                                  else None for j, o in enumerate(self.records[m].outputs)]
+                cache[keys[m]] = found[m]
         for m, r in self.records.items():
             r.batch_dims = cache[keys[m]]
 
@@ -393,12 +406,21 @@ class Capture:
                         f"(shape {tuple(o.shape)}) holds the batch's {n} examples one by one (a module run on a subset "
                         "of the examples, like a routed expert, or one that mixes examples?); per-example rules need "
                         "each module to see every example separately")
+            unchanged = [o if o is not None and o._version == v else None
+                         for o, v in zip(record.outputs, record.versions)]
+            rng, buffers = self.before.get(module, (None, None))
             call = Call(record.args if differentiable else _detach(record.args),
-                        record.kwargs if differentiable else _detach(record.kwargs), record.outputs, record.grads, n,
-                        record.batch_dims)
+                        record.kwargs if differentiable else _detach(record.kwargs), unchanged, record.grads, n,
+                        record.batch_dims, rng, buffers)
             rule = rule_for(module)
             if module in own:
                 local = rule.fn(module, own[module], call)
+                missing = set(own[module]) - set(local)
+                if missing:
+                    raise UnsupportedModuleError(
+                        f"{type(module).__name__} ({self.prefix[module] or 'the model'}): its rule '{rule.name}' "
+                        f"gives no norms for {sorted(missing)} (parameters it does not know, e.g. from a hook-based "
+                        "weight_norm); register a rule that covers them")
                 out.update({self._full(module, k): v for k, v in local.items()})
             if module in todo:
                 if differentiable:
@@ -457,11 +479,36 @@ def _batch_dim(shape: torch.Size, probes: list, n: int) -> int | None:
     return found[0] if len(found) == 1 else None
 
 
+_SIGNATURES: dict[type, inspect.Signature | None] = {}
+
+
+def _positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call's arguments with those passed by keyword but declared positional (``lin(input=x)``)
+    moved into ``args``, as the rules read them."""
+    if not kwargs:
+        return args, kwargs
+    kind = type(module)
+    if kind not in _SIGNATURES:
+        try:
+            _SIGNATURES[kind] = inspect.signature(module.forward)
+        except (TypeError, ValueError):
+            _SIGNATURES[kind] = None
+    signature = _SIGNATURES[kind]
+    if signature is None:
+        return args, kwargs
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return args, kwargs
+    return bound.args, bound.kwargs
+
+
 def _detach(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.detach()
-    if isinstance(value, tuple):
-        return tuple(_detach(v) for v in value)
+    if isinstance(value, tuple):  # a namedtuple (PackedSequence) keeps its type
+        items = [_detach(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     if isinstance(value, list):
         return [_detach(v) for v in value]
     if isinstance(value, dict):

@@ -41,15 +41,22 @@ def per_example_grads(module: nn.Module, names: list, call: Call) -> dict[str, t
 
     params = [module.get_parameter(k) for k in names]
     n = call.n
-    with torch.enable_grad():
-        out = module(*call.args, **call.kwargs)
+    out = call.rerun(module)
     pairs = []
-    for o, g, d in zip(leaves(out), call.grads, call.batch_dims):
+    for o, g, d, recorded in zip(leaves(out), call.grads, call.batch_dims, call.outputs):
         if g is None:
             continue
-        if not (isinstance(o, torch.Tensor) and o.requires_grad) or o.shape != g.shape:
-            raise UnsupportedModuleError(f"{type(module).__name__}: re-running it gave another output than the "
-                                         "captured call (is it deterministic?)")
+        same = isinstance(o, torch.Tensor) and o.requires_grad and o.shape == g.shape
+        if same and recorded is not None:  # recorded: the module's own output, or None if changed in place since
+            try:
+                torch.testing.assert_close(o.detach(), recorded.detach(), equal_nan=True)
+            except AssertionError:
+                same = False
+        if not same:
+            raise UnsupportedModuleError(
+                f"{type(module).__name__}: re-running it on the captured inputs gives another output than the "
+                "captured call (randomness or state the re-run cannot replay?); its per-example gradients are "
+                "computed by re-running it; register a rule for it (fisher_ext.register_rule)")
         pairs.append((o, g, d))
     if not pairs:
         return {}

@@ -15,11 +15,14 @@ forward, raises :class:`UnsupportedModuleError` for a configuration the rule can
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from ..state import BufferState, RandomState
 
 Norms = dict[str, torch.Tensor]
 
@@ -42,6 +45,7 @@ class Call:
         n: the batch size.
         batch_dims: the dimension of each output leaf that holds the examples (None where no
             gradient reached it), found by the capture from the losses of single examples.
+        rng, buffers: the random state and the module's buffers before the call, for :meth:`rerun`.
     """
 
     args: tuple
@@ -50,6 +54,19 @@ class Call:
     grads: list
     n: int
     batch_dims: list
+    rng: RandomState | None = None
+    buffers: BufferState | None = None
+
+    def rerun(self, module: nn.Module) -> Any:
+        """``module.forward`` on the captured inputs again, as the call ran: same random draws, same
+        buffers (and the module's buffers left as the call left them), no hooks."""
+        with contextlib.ExitStack() as stack:
+            if self.rng is not None:
+                stack.enter_context(self.rng.replayed())
+            if self.buffers is not None:
+                stack.enter_context(self.buffers.replayed())
+            with torch.enable_grad():
+                return module.forward(*self.args, **self.kwargs)
 
     @property
     def batch_dim(self) -> int:
