@@ -56,10 +56,10 @@ def as_args(inputs: Any) -> tuple:
     """The model's positional arguments from ``inputs`` (a tensor or a tuple), checked to hold a
     batch of at least one example."""
     args = inputs if isinstance(inputs, tuple) else (inputs,)
-    first = next((a for a in args if isinstance(a, Tensor)), None)
+    first = next((a for a in leaves(args) if isinstance(a, Tensor)), None)  # a dict or list argument too
     if first is None:
-        raise TypeError(f"inputs: expected a tensor or a tuple of the model's arguments with a tensor, got "
-                        f"{type(inputs).__name__}")
+        raise TypeError(f"inputs: expected a tensor, or a tuple of the model's arguments holding a tensor, got "
+                        f"{type(inputs).__name__} without one")
     if first.dim() == 0 or first.shape[0] == 0:
         raise ValueError(f"inputs: expected a batch of at least one example, got shape {tuple(first.shape)}")
     return args

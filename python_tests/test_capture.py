@@ -168,3 +168,19 @@ def test_packed_sequences_are_refused_clearly():
 
     with pytest.raises(fisher_ext.UnsupportedModuleError, match="PackedSequence"):
         fisher_ext.fisher_trace(Packed(), torch.randn(3, 4, 3, dtype=torch.float64), labels=torch.tensor([0, 1, 0]))
+
+
+def test_dict_inputs():
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 4)
+
+        def forward(self, batch):
+            return self.lin(batch["x"])
+
+    torch.manual_seed(0)
+    model = DictModel().double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.arange(5) % 4
+    result = fisher_ext.fisher_trace(model, ({"x": x},), labels=y)
+    torch.testing.assert_close(result.per_example.double(), _oracle_total(model.lin, x, y), rtol=1e-9, atol=1e-12)
