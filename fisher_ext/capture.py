@@ -52,6 +52,16 @@ def foreign_output(output: Any) -> ValueError:
                       f"inside it); got {got}")
 
 
+def select_logits(logits: Any, output: Any) -> Any:
+    """The likelihood's parameters in a model's output: ``logits(output)``, or the output itself."""
+    if logits is None:
+        return output
+    if not callable(logits):
+        raise TypeError(f"logits: expected a callable from the model's output to its logits, got "
+                        f"{type(logits).__name__}")
+    return logits(output)
+
+
 def as_args(inputs: Any) -> tuple:
     """The model's positional arguments from ``inputs`` (a tensor or a tuple), checked to hold a
     batch of at least one example."""

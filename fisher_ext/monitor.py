@@ -21,12 +21,12 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Union
+from typing import Any, Callable, Iterable, Union
 
 import torch
 from torch import nn
 
-from .capture import Capture, as_args, foreign_output
+from .capture import Capture, as_args, foreign_output, select_logits
 from .estimators import ESTIMATORS, LabelGenerator, estimate_norms
 from .likelihoods import Likelihood, get_likelihood
 
@@ -78,6 +78,7 @@ def fisher_trace(
     labels: torch.Tensor | None = None,
     samples: int = 1,
     generator: torch.Generator | None = None,
+    logits: Callable[[Any], torch.Tensor] | None = None,
 ) -> FisherTraceResult:
     """Tr(F) of ``model`` on one batch, with its per-example and per-parameter parts.
 
@@ -94,18 +95,22 @@ def fisher_trace(
         samples: label draws per example for 'mc'.
         generator: the random generator of the label draws; default: one of its own seeded from
             ``torch.initial_seed()`` (the global random stream is not drawn from).
+        logits: where the likelihood's parameters are in the model's output, for a model that returns
+            more than them (``lambda out: out[0]``, ``lambda out: out["logits"]``).
     """
-    return _trace(model, inputs, get_likelihood(likelihood), estimator, labels, samples, LabelGenerator(generator))
+    return _trace(model, inputs, get_likelihood(likelihood), estimator, labels, samples, LabelGenerator(generator),
+                  logits)
 
 
 def _trace(model: nn.Module, inputs, likelihood: Likelihood, estimator: str, labels: torch.Tensor | None,
-           samples: int, draws: LabelGenerator) -> FisherTraceResult:
+           samples: int, draws: LabelGenerator, logits: Callable | None = None) -> FisherTraceResult:
     args = as_args(inputs)
     capture = Capture(model)  # refuses what the rules cannot do before anything runs
     with capture, torch.enable_grad():
         capture.start()
         output = capture.model(*args)
         capture.stop()
+        output = select_logits(logits, output)
         per_example, totals = estimate_norms(capture, output, likelihood, estimator, labels, samples, draws,
                                              retain_graph=False)
         return _result(capture, per_example, totals)
@@ -131,13 +136,15 @@ class FisherTraceMonitor:
     """
 
     def __init__(self, model: nn.Module, *, likelihood: Union[str, Likelihood] = "categorical",
-                 estimator: str = "mc", samples: int = 1, every: int = 1, generator: torch.Generator | None = None):
+                 estimator: str = "mc", samples: int = 1, every: int = 1, generator: torch.Generator | None = None,
+                 logits: Callable[[Any], torch.Tensor] | None = None):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected an int >= 1, got {every!r}")
         self.model = model
         self.likelihood = get_likelihood(likelihood)
         self.estimator, self.samples, self.every = estimator, samples, every
         self._draws = LabelGenerator(generator)
+        self.logits = logits  # for probe(); estimate() is given the logits tensor itself
         self.history: list[tuple[int, float]] = []
         self._step = 0
         self._capture: Capture | None = None
@@ -184,7 +191,7 @@ class FisherTraceMonitor:
             parts, per_param, coverage = [], {}, {}
             for i, batch in enumerate(batches):
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                r = _trace(self.model, x, self.likelihood, self.estimator, None, self.samples, self._draws)
+                r = _trace(self.model, x, self.likelihood, self.estimator, None, self.samples, self._draws, self.logits)
                 parts.append(r.per_example)
                 for k, v in r.per_parameter.items():
                     per_param[k] = per_param.get(k, 0.0) + v * r.per_example.numel()

@@ -184,3 +184,20 @@ def test_dict_inputs():
     x, y = torch.randn(5, 6, dtype=torch.float64), torch.arange(5) % 4
     result = fisher_ext.fisher_trace(model, ({"x": x},), labels=y)
     torch.testing.assert_close(result.per_example.double(), _oracle_total(model.lin, x, y), rtol=1e-9, atol=1e-12)
+
+
+def test_logits_picked_from_a_tuple_output():
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+
+    class WithAux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = body
+
+        def forward(self, inp):
+            return self.body(inp), inp.sum()
+
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.arange(5) % 4
+    result = fisher_ext.fisher_trace(WithAux(), x, labels=y, logits=lambda out: out[0])
+    torch.testing.assert_close(result.per_example.double(), _oracle_total(body, x, y), rtol=1e-9, atol=1e-12)

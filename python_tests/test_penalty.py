@@ -454,3 +454,28 @@ def test_tuple_output_is_refused_clearly():
     model.forward = lambda inp: (model[0](inp), inp)
     with pytest.raises(ValueError, match="output: expected a floating-point tensor of logits .* got tuple"):
         fisher_ext.FisherPenalty(model, 0.2).backward(torch.randn(8, 6), lambda out: out[0].sum())
+
+
+@pytest.mark.parametrize("method", ["double_backward", "finite_difference"])
+def test_logits_picked_from_a_nested_output(method):
+    """A model returning {'logits', 'aux'}: logits= tells the penalty where the logits are; the
+    training loss gets the whole output."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4)).double()
+
+    class WithAux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = body
+
+        def forward(self, inp):
+            out = self.body(inp)
+            return {"logits": out, "aux": out.square().mean()}
+
+    model = WithAux()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    _, penalty, train = penalty_gradients(body, x, TRUE, 0.3, TRUE)
+    loss = lambda out: F.cross_entropy(out["logits"], TRUE)  # noqa: E731
+    fisher_ext.FisherPenalty(model, 0.3, method=method, logits=lambda out: out["logits"]).backward(
+        x, loss, labels=TRUE)
+    assert relative(grads(model), flat(train) + flat(penalty)) < (1e-6 if method == "finite_difference" else 1e-12)

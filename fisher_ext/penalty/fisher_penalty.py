@@ -7,14 +7,14 @@ import contextlib
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import torch
 from torch import nn
 
 from ..estimators import LabelGenerator
 from ..likelihoods import Likelihood, get_likelihood
-from ..capture import Capture, as_args, foreign_output
+from ..capture import Capture, as_args, foreign_output, select_logits
 from .methods import Check, DoubleBackward, FiniteDifference, Rerun, warn
 from .objectives import Batch, BatchTrace, GradientNorm, InputGradientNorm
 from .replay import BufferState, FrozenDecisions, RandomState, add_into_grads
@@ -93,12 +93,15 @@ class FisherPenalty:
             seeded from ``torch.initial_seed()``; the global random stream is never drawn from.
         report_trace: give each step's per-example ``||g_i||^2`` and Tr(F) estimate from the gbar
             backward (no extra pass; the norm kernels run right after it). False hooks nothing.
+        logits: where the likelihood's parameters are in the model's output, for a model that returns
+            more than them (``lambda out: out["logits"]``); ``loss`` still gets the whole output.
     """
 
     def __init__(self, model: nn.Module, alpha: float, *, objective: str = "fisher",
                  method: str = "double_backward", likelihood: Union[str, Likelihood] = "categorical",
                  every: int = 1, radius: float | None = None, check_every: int = 1000,
-                 generator: torch.Generator | None = None, report_trace: bool = True):
+                 generator: torch.Generator | None = None, report_trace: bool = True,
+                 logits: Callable[[Any], Tensor] | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if isinstance(alpha, Tensor) and alpha.numel() == 1:
@@ -132,6 +135,10 @@ class FisherPenalty:
         self.method = FiniteDifference(radius) if method == "finite_difference" else DoubleBackward()
         self.alpha, self.every, self.check_every = float(alpha), every, check_every
         self.report_trace = bool(report_trace)
+        if logits is not None and not callable(logits):
+            raise TypeError(f"logits: expected a callable from the model's output to its logits, got "
+                            f"{type(logits).__name__}")
+        self.logits = logits
         self._draws = LabelGenerator(generator)
         self.steps = 0  # calls of backward / penalty_term, the penalty's steps included or not
         self._fd_steps = 0
@@ -199,9 +206,10 @@ class FisherPenalty:
                 output = self._forward(args, capture)
             train_loss = _scalar_loss(loss, output)
             _check_finite(step, "the training loss", train_loss)
+            output = select_logits(self.logits, output)
             self.objective.likelihood.check(output)
             batch = Batch(self.params, output, args, self._step_labels(output, labels), capture)
-            rerun = Rerun(self.model, self.names, rng, buffers, decisions, loss, versions)
+            rerun = Rerun(self.model, self.names, rng, buffers, decisions, loss, versions, self.logits)
             outcome = self.method.gradients(self.objective, batch, train_loss, self.alpha, rerun,
                                             fd and self._check_due())
         result = self._result(step, batch, outcome.value, outcome.method, outcome.check)

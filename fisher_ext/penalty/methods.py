@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..capture import select_logits
 from .objectives import Batch, GradientNorm, Value
 from .replay import BufferState, DecisionMismatch, FrozenDecisions, RandomState
 
@@ -45,6 +46,7 @@ class Rerun:
     decisions: FrozenDecisions | None
     loss_fn: Callable[[Tensor], Tensor] | None  # the training loss, fused into the shifted pass
     input_versions: tuple = ()  # of the input tensors before the watched forward
+    logits: Callable | None = None  # where the likelihood's parameters are in the model's output
 
     def inputs_changed(self, inputs: tuple) -> bool:
         return tuple(a._version for a in inputs if isinstance(a, Tensor)) != self.input_versions
@@ -190,6 +192,7 @@ class FiniteDifference:
             with decisions.watching(rerun.model):
                 output = torch.func.functional_call(rerun.model, dict(zip(rerun.names, shifted)), batch.inputs)
             train_loss = rerun.loss_fn(output)  # its own random draws as in the watched pass
+            output = select_logits(rerun.logits, output)
         if not decisions.finished():
             raise DecisionMismatch("the replayed forward made fewer decisions than the recorded one")
         scale = 2 * alpha * norm / r
