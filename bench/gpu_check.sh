@@ -4,7 +4,7 @@
 #   2. the test suite on the GPU (every device-parametrized test runs on CUDA there)
 #   3. compute-sanitizer memcheck and racecheck on a small case of each op
 #   4. the GPU kernel benchmark (bench/ops_gpu.py)
-# Seven files go to $OUT (the device tool returns at most 8): the report gpu_check.md, build.log,
+# Seven files go to $OUT (few, so that all of them can be copied back): the report gpu_check.md, build.log,
 # tests.log, sanitizer.log, bench.log and the benchmark's ops_gpu.md + ops_gpu.json; commit the
 # report under bench/results/. A short table is printed last.
 # Without a GPU it stops at step 0 with exit code 2 and says why.
@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 report="$OUT/gpu_check.md"
 status=0
-work=$(mktemp -d)  # scratch that does not come back: the device tool returns at most 8 files from $OUT
+work=$(mktemp -d)  # scratch kept out of $OUT, which holds only the seven result files
 step() { echo "== $1"; }
 record() {  # name, exit code, log file
   local result="ok"

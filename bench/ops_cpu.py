@@ -1,4 +1,4 @@
-"""CPU benchmark of the per-example squared-norm ops on the layers of shared/bench_layers.md.
+"""CPU benchmark of the per-example squared-norm ops on the project's benchmark layers (L1-L3, C1-C7, below).
 
     python bench/ops_cpu.py [--threads 1] [--batches 64 32 128] [--repeats 7] [--out bench/results]
 

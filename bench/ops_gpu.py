@@ -1,4 +1,4 @@
-"""GPU benchmark of the per-example squared-norm ops on the layers of shared/bench_layers.md.
+"""GPU benchmark of the per-example squared-norm ops on the project's benchmark layers (L1-L3, C1-C7, below).
 
     python bench/ops_gpu.py [--batches 128 256] [--dtypes float32 bfloat16] [--out DIR]
 
