@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .capture import Capture, as_args, foreign_output, select_logits
-from .estimators import ESTIMATORS, LabelGenerator, estimate_norms
+from .estimators import LabelGenerator, estimate_norms
 from .likelihoods import Likelihood, get_likelihood
 
 

@@ -3,7 +3,6 @@ runs over this table. Each case gives the oracle's number or raises the named er
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 

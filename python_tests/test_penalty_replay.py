@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fisher_ext.penalty.replay import DecisionMismatch, FrozenDecisions, RandomState, add_into_grads
+from fisher_ext.penalty.replay import DecisionMismatch, FrozenDecisions, add_into_grads
+from fisher_ext.state import RandomState
 
 OPS = {
     "relu": F.relu,

@@ -17,7 +17,8 @@ from ..likelihoods import Likelihood, get_likelihood
 from ..capture import Capture, as_args, foreign_output, select_logits
 from .methods import Check, DoubleBackward, FiniteDifference, Rerun, warn
 from .objectives import Batch, BatchTrace, GradientNorm, InputGradientNorm
-from .replay import BufferState, FrozenDecisions, RandomState, add_into_grads
+from ..state import BufferState, RandomState
+from .replay import FrozenDecisions, add_into_grads
 
 Tensor = torch.Tensor
 OBJECTIVES = ("fisher", "trace", "gp", "gpr", "gpx")

@@ -29,7 +29,8 @@ from torch import nn
 
 from ..capture import select_logits
 from .objectives import Batch, GradientNorm, Value
-from .replay import BufferState, DecisionMismatch, FrozenDecisions, RandomState
+from ..state import BufferState, RandomState
+from .replay import DecisionMismatch, FrozenDecisions
 
 Tensor = torch.Tensor
 Grads = list  # one gradient (or None: the parameter got none) per parameter

@@ -27,7 +27,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from ..capture import tensor_args
-from ..state import BufferState, RandomState  # noqa: F401  (the penalty's passes replay them)
 
 Tensor = torch.Tensor
 
@@ -251,10 +250,12 @@ _RETURN_TYPES = {"max": torch.return_types.max, "min": torch.return_types.min, "
 
 
 def _elementwise(gate, replay):
+    """A table entry for an elementwise op: its gate recorded, replayed along the recorded piece
+    (in place on a copy where the op is in place)."""
     def record(func, args, kwargs):
         g = gate(func, args, kwargs)  # before the call: an in-place op overwrites its input
         return func(*args, **kwargs), g
-    return record, replay
+    return record, replay, True
 
 
 def _table() -> dict[Callable, tuple[Callable, Callable]]:
@@ -267,17 +268,17 @@ def _table() -> dict[Callable, tuple[Callable, Callable]]:
                 table[f] = (record, replay, elementwise)
 
     add([F.relu, F.relu_, torch.relu, torch.relu_, T.relu, T.relu_], _relu_record, _relu_replay)
-    add([F.leaky_relu, F.leaky_relu_], *_elementwise(_leaky_gate, _leaky_replay), elementwise=True)
+    add([F.leaky_relu, F.leaky_relu_], *_elementwise(_leaky_gate, _leaky_replay))
     add([F.hardtanh, F.hardtanh_, F.relu6, torch.clamp, torch.clamp_, torch.clip, torch.clip_, T.clamp, T.clamp_,
          T.clip, T.clip_, torch.clamp_min, torch.clamp_min_, torch.clamp_max, torch.clamp_max_, T.clamp_min,
-         T.clamp_min_, T.clamp_max, T.clamp_max_], *_elementwise(_clamp_gate, _clamp_replay), elementwise=True)
+         T.clamp_min_, T.clamp_max, T.clamp_max_], *_elementwise(_clamp_gate, _clamp_replay))
     add([torch.abs, torch.abs_, T.abs, T.abs_, T.__abs__, torch.absolute, T.absolute],
-        *_elementwise(_abs_gate, _abs_replay), elementwise=True)
-    add([F.threshold, F.threshold_], *_elementwise(_threshold_gate, _threshold_replay), elementwise=True)
-    add([F.hardsigmoid], *_elementwise(_hard_gate, _hardsigmoid_replay), elementwise=True)
-    add([F.hardswish], *_elementwise(_hard_gate, _hardswish_replay), elementwise=True)
+        *_elementwise(_abs_gate, _abs_replay))
+    add([F.threshold, F.threshold_], *_elementwise(_threshold_gate, _threshold_replay))
+    add([F.hardsigmoid], *_elementwise(_hard_gate, _hardsigmoid_replay))
+    add([F.hardswish], *_elementwise(_hard_gate, _hardswish_replay))
     add([torch.maximum, torch.minimum, T.maximum, T.minimum, torch.fmax, torch.fmin, T.fmax, T.fmin],
-        *_elementwise(_pick_gate, _pick_replay), elementwise=True)
+        *_elementwise(_pick_gate, _pick_replay))
     add(list(_POOLS), _pool_record, _pool_replay)
     add([torch.sort, T.sort, torch.topk, T.topk, torch.kthvalue, T.kthvalue, torch.msort, T.msort, torch.mode,
          T.mode], _indexed_record, _indexed_replay)
