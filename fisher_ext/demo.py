@@ -1,6 +1,6 @@
 """Demo: Tr(F) of a small CNN from one backward pass, checked against torch.func.
 
-    python -m fisher_ext.demo [--batch 64] [--seed 0] [--device cpu]
+    fisher-ext check [--batch 64] [--seed 0] [--device cpu]    (or python -m fisher_ext.demo)
 
 Labels are sampled from the model's own predictive distribution (the Fisher,
 docs/design.md); fisher_trace's module hooks capture each layer's input and output
@@ -47,7 +47,8 @@ def per_example_sqnorms_torch_func(model: nn.Module, x: torch.Tensor, y: torch.T
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="fisher-ext check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")

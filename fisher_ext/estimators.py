@@ -36,6 +36,23 @@ class LabelGenerator:
             self._own[device] = torch.Generator(device).manual_seed(self.seed)
         return self._own[device]
 
+    def state_dict(self) -> dict:
+        """The draws' position: the given generator's state, or each own generator's (by device)."""
+        if self.generator is not None:
+            return {"given": self.generator.get_state()}
+        return {"seed": self.seed, "own": {str(d): g.get_state() for d, g in self._own.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "given" in state:
+            if self.generator is None:
+                raise ValueError("state: saved from a LabelGenerator with a given generator; this one has none")
+            self.generator.set_state(state["given"])
+            return
+        self.seed = state["seed"]
+        self._own = {}
+        for device, rng_state in state["own"].items():
+            self.on(torch.device(device)).set_state(rng_state)
+
 
 def estimate_norms(capture: Capture, output: torch.Tensor, likelihood: Likelihood, estimator: str,
                    labels: torch.Tensor | None, samples: int, generator: LabelGenerator,

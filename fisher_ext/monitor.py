@@ -149,6 +149,14 @@ class FisherTraceMonitor:
         self._step = 0
         self._capture: Capture | None = None
 
+    def state_dict(self) -> dict:
+        """The step count, the history and the position of the label draws (to resume exactly)."""
+        return {"step": self._step, "history": list(self.history), "labels": self._draws.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._step, self.history = int(state["step"]), [tuple(h) for h in state["history"]]
+        self._draws.load_state_dict(state["labels"])
+
     def watch(self) -> "_Watch":
         """Context manager around the training forward whose output :meth:`estimate` will use."""
         return _Watch(self)

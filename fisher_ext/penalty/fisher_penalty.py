@@ -272,6 +272,24 @@ class FisherPenalty:
             if capture is not None:
                 capture.clear()
 
+    # ---- resuming ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue exactly: the step count (for ``every`` and the
+        finite difference's check schedule), the method in use (after a fallback to the exact one)
+        and the position of the label draws."""
+        return {"steps": self.steps, "fd_steps": self._fd_steps, "method": self.method.name,
+                "labels": self._draws.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (saved from a penalty built with the same arguments)."""
+        if state["method"] not in (self.method.name, DoubleBackward.name):
+            raise ValueError(f"state: saved with method {state['method']!r}, this penalty uses {self.method.name!r}")
+        self.steps, self._fd_steps = int(state["steps"]), int(state["fd_steps"])
+        if state["method"] != self.method.name:  # the saved run had fallen back to the exact method
+            self.method = DoubleBackward()
+        self._draws.load_state_dict(state["labels"])
+
     # ---- the step's parts -------------------------------------------------------------------------
 
     def _next_step(self) -> int:
