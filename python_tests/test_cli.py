@@ -110,6 +110,45 @@ def test_a_rerun_skips_finished_runs_and_report_rerenders_identically(reproduced
     assert (out / "report.md").is_file()
 
 
+def test_ctrl_c_leaves_a_folder_that_resumes_to_the_uninterrupted_result(tmp_path):
+    """Ctrl-C reaches the whole process group (the parent and its pool workers) mid-run."""
+    import signal
+    import time
+
+    args = ["explosion", "--quick", "--seeds", "0", "--epochs", "25", "--jobs", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "fisher_ext", *args, "--out", "cut"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "cut").glob("runs/*fp*/seed0/checkpoint.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "rerun the same command to resume" in err
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    resumed = cli(*args, "--out", "cut", cwd=tmp_path)
+    assert "already finished" in resumed.stderr or "runs" in resumed.stderr
+    cli(*args, "--out", "whole", cwd=tmp_path)
+    for folder in (tmp_path / "whole").glob("runs/*/seed0"):
+        twin = tmp_path / "cut" / folder.relative_to(tmp_path / "whole")
+        strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
+                              for line in path.read_text().splitlines()]
+        assert strip(twin / "metrics.jsonl") == strip(folder / "metrics.jsonl"), folder.name
+
+
+def test_diverged_runs_are_reported_as_diverged_and_leave_claims_unjudged(tmp_path):
+    done = cli("explosion", "--quick", "--epochs", "2", "--seeds", "0", "--jobs", "1", "--lr", "1e6", "--small-lr",
+               "1e5", "--out", "d", cwd=tmp_path)
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert [v["verdict"] for v in summary["verdicts"]] == ["NOT JUDGED", "NOT JUDGED"]
+    assert "no finished run for: best" in summary["verdicts"][0]["evidence"]
+    report = (tmp_path / "d" / "report.md").read_text()
+    assert "Runs that did not finish:** lr=1e+06 seed 0: diverged" in report
+    assert "| lr=1e+06 | 0/1 | n/a |" in report
+    assert "DIVERGED" in done.stderr
+
+
 def test_explosion_and_memorization_alone(tmp_path):
     cli("explosion", "--quick", "--epochs", "2", "--seeds", "0", "--jobs", "1", "--out", "e", cwd=tmp_path)
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
@@ -119,7 +158,7 @@ def test_explosion_and_memorization_alone(tmp_path):
     summary = json.loads((tmp_path / "m" / "summary.json").read_text())
     assert [v["claim"] for v in summary["verdicts"]] == ["3"]
     labels = [e["label"] for e in summary["experiments"]["memorization"].values()]
-    assert labels == ["lr=0.01, 30% noisy labels", "lr=0.01 + gpr(a=0.1), 30% noisy labels"]
+    assert labels == ["lr=0.01, 30% noisy labels", "lr=0.01 + gpr(a=1, k=10), 30% noisy labels"]
 
 
 def test_train_prints_a_line_per_epoch_and_is_deterministic(tmp_path):
@@ -138,7 +177,8 @@ def test_grid_picks_the_best_point(tmp_path):
     accs = {row["lr"]: row["test_acc"][0] for row in grid["rows"]}
     assert grid["best"]["lr"] == max(accs, key=accs.get)
     assert "| 0.1 | 1/1 |" in (tmp_path / "g" / "grid.md").read_text() and "Best" in done.stdout
-    cli("grid", "--quick", "--epochs", "1", "--lr", "0.05", "--penalty", "fp", "--alpha", "0.1", "1", "--seeds", "0",
+    cli("grid", "--quick", "--epochs", "1", "--lr", "0.05", "--penalty", "fp", "--alpha", "0.1", "1", "--every", "1",
+        "--seeds", "0",
         "--out", "a", cwd=tmp_path)
     grid = json.loads((tmp_path / "a" / "grid.json").read_text())
     assert [(row["lr"], row["alpha"]) for row in grid["rows"]] == [(0.05, 0.1), (0.05, 1.0)]

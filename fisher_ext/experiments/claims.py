@@ -42,8 +42,8 @@ class Setup:
     best_lr: float = 0.1
     small_lr: float | None = None  # default: best_lr / 10
     penalty: str = "fp"
-    alpha: float = 0.1
-    every: int = 1
+    alpha: float = 1.0
+    every: int = 10
     method: str = "auto"
     noise: float = 0.2
     noise_lr: float | None = None  # the noisy-label runs' learning rate; default: the small one
@@ -111,10 +111,10 @@ class Stat:
         return f"{self.mean:{fmt}} ± {self.std:{fmt}}" if self.n > 1 else f"{self.mean:{fmt}}"
 
 
-def early_peak(records: list[dict], epochs: int) -> float:
-    """The highest probed Tr(F) in the first ``EARLY_FRACTION`` of the epochs."""
+def early_peak(records: list[dict], epochs: int) -> dict:
+    """The probe record with the highest Tr(F) in the first ``EARLY_FRACTION`` of the epochs."""
     cut = EARLY_FRACTION * epochs
-    return max(r["trace"] for r in records if r["kind"] == "trace" and r["epoch"] <= cut + 1e-9)
+    return max((r for r in records if r["kind"] == "trace" and r["epoch"] <= cut + 1e-9), key=lambda r: r["trace"])
 
 
 def fit_area(records: list[dict], key: str) -> float:
@@ -127,7 +127,7 @@ def run_metrics(result: dict, records: list[dict]) -> dict:
     """The numbers one finished run contributes to the tables."""
     epochs = result["config"]["epochs"]
     out = {"test_acc": result["test_acc"], "train_acc": result["train_acc"], "peak_trace": result["peak_trace"],
-           "early_peak_trace": early_peak(records, epochs), "final_trace": result["final_trace"],
+           "early_peak_trace": early_peak(records, epochs)["trace"], "final_trace": result["final_trace"],
            "seconds": sum(result["seconds"].values()), "seconds_per_step": result["seconds_per_step"],
            "steps": result["steps"]}
     if "noisy_fit" in result:

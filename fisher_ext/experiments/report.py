@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 from . import claims
@@ -246,6 +247,7 @@ def _markdown(meta: dict, runs: list[dict], summary: dict, figures: dict[str, st
             cells = [_cell(entry["metrics"].get(k), fmt) for k, _, fmt in table]
             lines.append(f"| {entry['label']} | {finished}/{len(entry['status'])} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _layer_table(runs)
     lines += _cost_table(summary)
     for name, caption in (("trace", "Tr(F) on the probe set over training (log scale)."),
                           ("test_accuracy", "Final test accuracy per configuration."),
@@ -262,6 +264,30 @@ def _cell(metric: dict | None, fmt: str) -> str:
     if metric is None or not metric["values"]:
         return "n/a"
     return Stat(metric["values"]).text(fmt)
+
+
+def _layer_table(runs: list[dict]) -> list[str]:
+    """Which layer holds Tr(F) at each configuration's early peak (mean share over seeds)."""
+    done = [r for r in runs if r["status"] == "finished"]
+    if not done:
+        return []
+    shares: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for r in done:
+        peak = claims.early_peak(r["records"], r["result"]["config"]["epochs"])
+        for layer, value in peak["layers"].items():
+            shares.setdefault(r["label"], {}).setdefault(layer, []).append((value, value / peak["trace"]))
+    layers = list(dict.fromkeys(k for per in shares.values() for k in per))
+    if len(layers) > 12:
+        return []
+    lines = ["## Where Tr(F) sits at the early peak", "",
+             "Each layer's part of Tr(F) at the early peak: its value (its share), mean over seeds. A layer "
+             "whose value grows most between configurations is the one that explodes.", "",
+             "| configuration | " + " | ".join(layers) + " |", "|---" * (len(layers) + 1) + "|"]
+    for label, per in shares.items():
+        cells = [f"{statistics.fmean(v for v, _ in per[k]):.1f} ({statistics.fmean(f for _, f in per[k]):.0%})"
+                 if k in per else "" for k in layers]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _cost_table(summary: dict) -> list[str]:

@@ -89,7 +89,8 @@ class RunConfig:
         """A short readable name, e.g. 'lr=0.01 + fp(a=0.1)'."""
         text = f"lr={self.lr:g}"
         if self.penalty != "none":
-            text += f" + {self.penalty}(a={self.alpha:g}{f', k={self.every}' if self.every > 1 else ''})"
+            method = {"auto": "", "finite_difference": ", fd", "double_backward": ", exact"}[self.method]
+            text += f" + {self.penalty}(a={self.alpha:g}{f', k={self.every}' if self.every > 1 else ''}{method})"
         return text + (f", {self.noise:.0%} noisy labels" if self.noise else "")
 
     def slug(self) -> str:
@@ -97,6 +98,7 @@ class RunConfig:
         text = f"{self.dataset}-{self.model}-lr{self.lr:g}"
         if self.penalty != "none":
             text += f"-{self.penalty}{self.alpha:g}" + (f"-k{self.every}" if self.every > 1 else "")
+            text += {"auto": "", "finite_difference": "-fd", "double_backward": "-exact"}[self.method]
         return text + (f"-noise{self.noise:g}" if self.noise else "")
 
 

@@ -195,7 +195,9 @@ def _parallel(tasks, pending, jobs, progress, results, errors) -> None:
         events = manager.Queue()
         pool = ctx.Pool(jobs)
         try:
-            futures = [pool.apply_async(_work, (i, tasks[i], events)) for i in pending]
+            # the costliest first, so the last runs to finish are short ones (less idle time at the end)
+            order = sorted(pending, key=lambda i: -tasks[i].cost * (tasks[i].config.epochs - progress.epochs[i]))
+            futures = [pool.apply_async(_work, (i, tasks[i], events)) for i in order]
             waiting = set(range(len(futures)))
             while waiting:
                 try:  # wait for an event, then take the ones queued behind it, then look at the runs
