@@ -35,46 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fisher_ext.experiments.models import ResNet18
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ["step", "backward", "ours", "ours-ref", "trace", "backpack", "func"]
 
 
 # ---- models ------------------------------------------------------------------------------
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride, norm):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = norm(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = norm(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """The CIFAR ResNet-18 (3x3 stem, no max-pool), with a choice of normalization layer."""
-
-    def __init__(self, norm, classes=10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), norm(64), nn.ReLU(inplace=True))
-        layers, cin = [], 64
-        for cout, stride in [(64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1)]:
-            layers.append(BasicBlock(cin, cout, stride, norm))
-            cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.head = nn.Linear(512, classes)
-
-    def forward(self, x):
-        return self.head(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
 
 
 class SmallTransformer(nn.Module):
@@ -103,9 +70,9 @@ class SmallTransformer(nn.Module):
 def make(model_name: str, batch: int):
     torch.manual_seed(0)
     if model_name == "resnet18-groupnorm":
-        model, x = ResNet18(lambda c: nn.GroupNorm(32, c)), torch.randn(batch, 3, 32, 32)
+        model, x = ResNet18(norm=lambda c: nn.GroupNorm(32, c)), torch.randn(batch, 3, 32, 32)
     elif model_name == "resnet18-batchnorm-eval":
-        model, x = ResNet18(nn.BatchNorm2d), torch.randn(batch, 3, 32, 32)
+        model, x = ResNet18(norm=nn.BatchNorm2d), torch.randn(batch, 3, 32, 32)
         model.eval()
     else:
         model, x = SmallTransformer(), torch.randint(0, 1000, (batch, 32))

@@ -43,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import fisher_ext  # noqa: E402
 from fisher_ext.demo import small_cnn  # noqa: E402
-from monitor import ResNet18  # noqa: E402
+from fisher_ext.experiments.models import ResNet18  # noqa: E402
 
 LEGEND = ("Columns: db = double_backward through penalty_term (one backward for loss and penalty); fd = finite "
           "difference with the forward's decisions replayed, the loss fused into the shifted pass (backward(x, loss)); "
@@ -51,7 +51,7 @@ LEGEND = ("Columns: db = double_backward through penalty_term (one backward for 
           "every 1000th by default; the other fd columns are the steps between); "
           "public = sampled labels + autograd.grad(create_graph=True); -k10 = every 10th step; +tr = with "
           "report_trace (per-example norms and Tr(F) each step; the others run without).")
-MODELS = {"small-cnn": small_cnn, "resnet18-groupnorm": lambda: ResNet18(lambda c: torch.nn.GroupNorm(32, c))}
+MODELS = {"small-cnn": small_cnn, "resnet18-groupnorm": lambda: ResNet18(norm=lambda c: torch.nn.GroupNorm(32, c))}
 METHODS = ["sgd", "sgd-k10", "db-k1", "db-k10", "fd-k1", "fd-k10", "fd-check", "public", "db-k1+tr", "fd-k1+tr"]
 
 

@@ -292,7 +292,7 @@ def _grid(args: argparse.Namespace) -> int:
     penalized = args.penalty != "none"
     lines = [f"# Grid: {args.dataset}, {args.model}", "",
              f"{args.epochs} epochs, batch {args.batch}, SGD momentum {args.momentum}, seeds {args.seeds}"
-             + (f", penalty {args.penalty}" if penalized else "") + (f", {args.noise:.0%} noisy labels" if args.noise
+             + (f", penalty {args.penalty} every {args.every} step(s), method {args.method}" if penalized else "") + (f", {args.noise:.0%} noisy labels" if args.noise
                                                                      else "") + ".", "",
              "| lr |" + (" alpha |" if penalized else "") + " finished | final test acc | peak Tr(F) |",
              "|---|" + ("---|" if penalized else "") + "---|---|---|"]

@@ -149,6 +149,17 @@ def test_diverged_runs_are_reported_as_diverged_and_leave_claims_unjudged(tmp_pa
     assert "DIVERGED" in done.stderr
 
 
+def test_train_on_cifar_pickles_from_data_dir(tmp_path):
+    from test_experiments import _fake_cifar
+
+    _fake_cifar(tmp_path / "data", "cifar10", per_file=8)
+    done = cli("train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--model", "simplecnn", "--lr",
+               "0.01", "--epochs", "2", "--probe", "16", "--batch", "16", "--penalty", "fp", "--every", "1",
+               "--seeds", "0", cwd=tmp_path)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 2 and "done: test acc" in done.stdout
+
+
 def test_explosion_and_memorization_alone(tmp_path):
     cli("explosion", "--quick", "--epochs", "2", "--seeds", "0", "--jobs", "1", "--out", "e", cwd=tmp_path)
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())

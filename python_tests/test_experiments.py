@@ -231,3 +231,25 @@ def test_penalty_state_dict_continues_the_label_draws_and_the_schedule():
     fresh = fisher_ext.FisherPenalty(model, 0.1)
     fresh.load_state_dict(own.state_dict())
     assert torch.equal(own.backward(x, loss)[1].labels, fresh.backward(x, loss)[1].labels)
+
+
+def test_progress_line_counts_runs_and_epochs_and_weights_the_eta(tmp_path):
+    import io
+
+    from fisher_ext.experiments.schedule import Progress, Task
+
+    tasks = [Task(RunConfig(lr=0.1, epochs=10), tmp_path / "a"),
+             Task(RunConfig(lr=0.1, epochs=10, penalty="fp", alpha=1.0, every=1), tmp_path / "b")]
+    stream = io.StringIO()
+    progress = Progress(tasks, stream)
+    progress.event("start", 0, 0)
+    progress.event("start", 1, 0)
+    assert progress.eta() is None and progress.fraction() == 0
+    progress.event("epoch", 0, 5)
+    assert progress.fraction() == pytest.approx(5 / 35)  # the penalized run weighs 2.5 plain ones
+    progress.start -= 10  # 10 s for 5 plain epochs: 30 more weighted epochs take 60 s
+    assert progress.eta() == pytest.approx(60, rel=0.01)
+    line = progress.line()
+    assert line.startswith("[##....") and "runs 0/2 done" in line and "lr=0.1 seed 0 epoch 5/10" in line
+    progress.event("done", 0, text="test acc 0.9")
+    assert "lr=0.1 seed 0: test acc 0.9\n" in stream.getvalue() and progress.done == 1

@@ -70,18 +70,18 @@ def _norm(channels: int) -> nn.GroupNorm:
 
 
 class BasicBlock(nn.Module):
-    """ResNet's two 3x3 convolutions with a shortcut, GroupNorm after each convolution."""
+    """ResNet's two 3x3 convolutions with a shortcut, a normalization layer after each convolution."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int):
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: Callable[[int], nn.Module] = _norm):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.norm1 = _norm(c_out)
+        self.norm1 = norm(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.norm2 = _norm(c_out)
+        self.norm2 = norm(c_out)
         self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), _norm(c_out))
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), norm(c_out))
 
     def forward(self, x):
         out = self.relu1(self.norm1(self.conv1(x)))
@@ -89,14 +89,15 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """ResNet-18 for 32x32 inputs (3x3 stem, no max-pool), GroupNorm instead of BatchNorm."""
+    """ResNet-18 for 32x32 inputs (3x3 stem, no max-pool); GroupNorm instead of BatchNorm unless
+    ``norm`` (a factory from channels to a module) says otherwise."""
 
-    def __init__(self, classes: int = 10):
+    def __init__(self, classes: int = 10, norm: Callable[[int], nn.Module] = _norm):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), _norm(64), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), norm(64), nn.ReLU())
         blocks, c_in = [], 64
         for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
+            blocks += [BasicBlock(c_in, c_out, stride, norm), BasicBlock(c_out, c_out, 1, norm)]
             c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes))

@@ -259,7 +259,8 @@ class _Trainer:
     def _probe(self) -> None:
         """Tr(F) on the probe set (the model's own sampled labels), with its per-layer split."""
         start = time.perf_counter()
-        r = self.monitor.probe(self.probe_x, chunk_size=len(self.probe_x), progress=False)
+        chunk = len(self.probe_x) if self.config.dataset == "mnist1d" else 128  # image models: bounded memory
+        r = self.monitor.probe(self.probe_x, chunk_size=chunk, progress=False)
         self.times["probe"] += time.perf_counter() - start
         if not math.isfinite(r.trace):
             raise Diverged(f"step {self.step}: Tr(F) is {r.trace}")

@@ -31,15 +31,16 @@ class Task:
 
     @property
     def cost(self) -> float:
-        """Relative cost per epoch: a penalized step costs about 2.5 plain ones."""
-        return 1.0 if self.config.penalty == "none" else 2.5
+        """Relative cost per epoch: a penalized step costs about 2.5 plain ones (measured on the
+        default model), a plain step in between."""
+        return 1.0 if self.config.penalty == "none" else 1.0 + 1.5 / self.config.every
 
 
 def _work(index: int, task: Task, events) -> tuple[int, dict | None, str | None]:
     torch.set_num_threads(1)
     try:
         def progress(epoch: int, line: dict) -> None:
-            events.put(("epoch", index, epoch, line))
+            events.put(("epoch", index, epoch, None))
         events.put(("start", index, _epochs_done(task), None))
         return index, runner.run(task.config, task.folder, progress), None
     except KeyboardInterrupt:
@@ -74,6 +75,11 @@ class Progress:
     def _work(self, i: int, epochs: int) -> float:
         return epochs * self.tasks[i].cost
 
+    def fraction(self) -> float:
+        """The share of all the work (epochs weighted by cost) that is done."""
+        total = sum(self._work(i, t.config.epochs) for i, t in enumerate(self.tasks))
+        return sum(self._work(i, e) for i, e in self.epochs.items()) / total if total else 1.0
+
     def eta(self) -> float | None:
         done = sum(self._work(i, self.epochs[i] - self.first[i]) for i in self.epochs)
         left = sum(self._work(i, t.config.epochs - self.epochs[i]) for i, t in enumerate(self.tasks))
@@ -81,11 +87,13 @@ class Progress:
         return left * elapsed / done if done > 0 else None
 
     def line(self) -> str:
+        filled = int(20 * self.fraction())
         running = ", ".join(f"{self.tasks[i].name} epoch {self.epochs[i]}/{self.tasks[i].config.epochs}"
                             for i in sorted(self.running))
         eta = self.eta()
-        return (f"runs {self.done}/{len(self.tasks)} done" + (f" | {running}" if running else "") +
-                f" | {_clock(time.monotonic() - self.start)} elapsed" + (f", ETA {_clock(eta)}" if eta is not None else ""))
+        return (f"[{'#' * filled}{'.' * (20 - filled)}] runs {self.done}/{len(self.tasks)} done"
+                + (f" | {running}" if running else "") + f" | {_clock(time.monotonic() - self.start)} elapsed"
+                + (f", ETA {_clock(eta)}" if eta is not None else ""))
 
     def event(self, kind: str, i: int, epoch: int | None = None, text: str | None = None) -> None:
         if kind == "start":
@@ -97,19 +105,17 @@ class Progress:
             self.running.discard(i)
             self.done += 1
             self.epochs[i] = self.tasks[i].config.epochs
-            if not self.tty or text:
-                self._print(f"{self.tasks[i].name}: {text}", final=True)
+            self._print(f"{self.tasks[i].name}: {text}")
         self.redraw()
 
-    def redraw(self, force: bool = False) -> None:
-        now = time.monotonic()
+    def redraw(self) -> None:
         if self.tty:
             self.stream.write("\r\033[K" + self.line()[:160])
             self.stream.flush()
-        elif force or now - self.last_print >= 20:
+        elif time.monotonic() - self.last_print >= 20:
             self._print(self.line())
 
-    def _print(self, text: str, final: bool = False) -> None:
+    def _print(self, text: str) -> None:
         self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
         self.stream.flush()
         self.last_print = time.monotonic()
