@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -44,25 +45,30 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text}")
+def _number(text: str, kind: type, ok, expected: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "an int >= 1")
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
+    return _number(text, float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+def _nonnegative_float(text: str) -> float:
+    return _number(text, float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
-    return value
+    return _number(text, float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
 def _common(p: argparse.ArgumentParser, *, lr_help: str, many_lr: bool = False, allow_none: bool = False) -> None:
@@ -77,13 +83,13 @@ def _common(p: argparse.ArgumentParser, *, lr_help: str, many_lr: bool = False, 
     g.add_argument("--epochs", type=_positive_int, help="epochs per run (default: 150; --quick: 12)")
     g.add_argument("--seeds", type=int, nargs="+", help="seeds, one run each per configuration (default: 0 1 2)")
     g.add_argument("--batch", type=_positive_int, default=128, help="batch size (default: 128)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    g.add_argument("--momentum", type=_fraction, default=0.9, help="SGD momentum, in [0, 1) (default: 0.9)")
     g = p.add_argument_group("penalty")
     g.add_argument("--penalty", choices=PENALTIES if allow_none else PENALTIES[1:], default="none" if allow_none else "fp",
                    help="fp: the Fisher Penalty" + (", none: no penalty (default)" if allow_none else " (default)") +
                         "; gp / gpr / gpx: the paper's gradient-penalty baselines (true labels / random labels / "
                         "input gradient)")
-    g.add_argument("--alpha", type=float, default=[1.0] if many_lr else 1.0, nargs="+" if many_lr else None,
+    g.add_argument("--alpha", type=_nonnegative_float, nargs="+" if many_lr else None,
                    help="penalty weight" + (" or weights (a grid over both)" if many_lr else "") + " (default: 1, "
                         "with --every 10; alpha 0.1 every step trains to the same accuracy at 2.7x the cost)")
     g.add_argument("--every", type=_positive_int, default=10,
@@ -116,12 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--small-lr", type=_positive_float, help="the small learning rate (default: --lr / 10)")
         p.add_argument("--noise-lr", type=_positive_float,
                        help="the noisy-label runs' learning rate (default: the small one)")
-    p = sub.add_parser("train", help="one run per seed, a line per epoch", description="one run per seed")
+    p = sub.add_parser("train", help="one run per seed (one after another), a line per epoch",
+                       description="one run per seed (one after another), a line per epoch")
     _common(p, lr_help="learning rate (default: the best one for the model)", allow_none=True)
     p = sub.add_parser("grid", help="a learning-rate grid: which is best", description="a learning-rate grid")
     _common(p, lr_help="learning rates (default: 0.003 0.01 0.03 0.1 0.3)", many_lr=True, allow_none=True)
-    p = sub.add_parser("report", help="re-render a results folder's report.md, summary and figures")
-    p.add_argument("folder", type=Path)
+    p = sub.add_parser("report", help="re-render a results folder's report.md, summary and figures",
+                       description="re-render the report.md, summary.json and figures of a folder written by "
+                                   "reproduce, explosion or memorization, from its runs' files")
+    p.add_argument("folder", type=Path, help="the results folder (the one holding config.json)")
     p = sub.add_parser("check", help="Tr(F) of a small CNN from the kernels, checked against torch.func",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -156,12 +165,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _defaults(args: argparse.Namespace) -> None:
+    if args.alpha is not None and args.penalty == "none":
+        raise ValueError("--alpha: given without a penalty; add --penalty fp (or gp, gpr, gpx)")
+    if args.alpha is None:
+        args.alpha = [1.0] if args.command == "grid" else 1.0
+    for name in ("seeds", "lr", "alpha"):
+        values = getattr(args, name)
+        if isinstance(values, list) and len(set(values)) < len(values):
+            raise ValueError(f"--{name}: expected distinct values, got {values} (a repeated one would be counted twice)")
+    if args.command == "explosion" and (args.noise is not None or args.noise_lr is not None):
+        raise ValueError("--noise/--noise-lr: explosion runs use the clean labels; use `memorization` or `reproduce` "
+                         "for noisy labels")
     if args.model is None:
         args.model = "cnn1d" if args.dataset == "mnist1d" else "resnet18"
     if args.device is None:
         args.device = "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {args.device!r} requested, but torch sees no CUDA device")
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {args.device!r} requested, but torch sees no CUDA device")
     quick = args.quick
     args.epochs = args.epochs or (QUICK["epochs"] if quick else 150)
     args.seeds = args.seeds or (QUICK["seeds"] if quick else [0, 1, 2])
@@ -170,6 +196,8 @@ def _defaults(args: argparse.Namespace) -> None:
     args.jobs = args.jobs or (1 if args.device.startswith("cuda") else _cores())
     if args.out is None:
         args.out = Path("fisher-ext-results") / (args.command + ("-quick" if quick else ""))
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out: expected a folder (new or a results folder), got {str(args.out)!r}")
     best = BEST_LR.get((args.dataset, args.model))
     if args.lr is None:
         if args.command == "grid":
@@ -181,6 +209,8 @@ def _defaults(args: argparse.Namespace) -> None:
             args.lr = best
     if args.noise is None:
         args.noise = 0.2 if args.command in ("reproduce", "memorization") else 0.0
+    if getattr(args, "small_lr", None) is not None and args.small_lr >= args.lr:
+        raise ValueError(f"--small-lr: expected a learning rate below --lr {args.lr:g}, got {args.small_lr:g}")
 
 
 def _config(args: argparse.Namespace, lr: float, seed: int) -> RunConfig:
@@ -225,8 +255,9 @@ def _claims(args: argparse.Namespace) -> int:
             "method": runs[-1][2].resolved_method if setup.penalty != "none" else None,
             "dense_every": RunConfig.dense_every, "plan": entries}
     atomic_write_json(out / "config.json", meta)
-    print(f"fisher-ext {args.command}: {len(tasks)} runs ({', '.join(sorted({e['label'] for e in entries}))}; "
-          f"seeds {args.seeds}; {args.epochs} epochs) on {args.jobs} process(es) -> {out}", file=sys.stderr)
+    labels = "; ".join(dict.fromkeys(e["label"] for e in entries))
+    print(f"fisher-ext {args.command}: {len(tasks)} runs [{labels}] x seeds {args.seeds}, {args.epochs} epochs, "
+          f"on {min(args.jobs, len(tasks))} process(es) -> {out}", file=sys.stderr)
     execute(tasks, args.jobs)
     summary = report.render(out)
     for v in summary["verdicts"]:
@@ -292,7 +323,8 @@ def _grid(args: argparse.Namespace) -> int:
     penalized = args.penalty != "none"
     lines = [f"# Grid: {args.dataset}, {args.model}", "",
              f"{args.epochs} epochs, batch {args.batch}, SGD momentum {args.momentum}, seeds {args.seeds}"
-             + (f", penalty {args.penalty} every {args.every} step(s), method {args.method}" if penalized else "") + (f", {args.noise:.0%} noisy labels" if args.noise
+             + (f", penalty {args.penalty} {'on every step' if args.every == 1 else f'every {args.every}th step'}, "
+                f"method {args.method}" if penalized else "") + (f", {args.noise:.0%} noisy labels" if args.noise
                                                                      else "") + ".", "",
              "| lr |" + (" alpha |" if penalized else "") + " finished | final test acc | peak Tr(F) |",
              "|---|" + ("---|" if penalized else "") + "---|---|---|"]

@@ -49,10 +49,18 @@ def per_example_sqnorms_torch_func(model: nn.Module, x: torch.Tensor, y: torch.T
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fisher-ext check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64, help="examples (1 to 4096; default 64)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args(argv)
+    if not 1 <= args.batch <= 4096:  # torch.func materializes batch x 150k parameters
+        parser.error(f"--batch: expected an int from 1 to 4096, got {args.batch}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device: {args.device!r} requested, but torch sees no CUDA device")
 
     info = fisher_ext.build_info()
     print(f"fisher_ext {fisher_ext.__version__}: extension loaded={info['extension']}, "

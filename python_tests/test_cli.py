@@ -72,7 +72,8 @@ def test_the_reports_numbers_are_the_runs_numbers(reproduced):
         assert table["test_acc"]["values"] == acc
         assert table["test_acc"]["mean"] == pytest.approx(statistics.fmean(acc))
         epochs = r["result"]["config"]["epochs"]
-        early = [max(t["trace"] for t in x["records"] if t["kind"] == "trace" and t["epoch"] <= epochs / 3 + 1e-9)
+        early = [max(t["trace"] for t in x["records"]
+                     if t["kind"] == "trace" and t["step"] > 0 and t["epoch"] <= epochs / 3 + 1e-9)
                  for x in seeds]
         assert table["early_peak_trace"]["values"] == pytest.approx(early)
         last = [t for t in r["records"] if t["kind"] == "epoch"][-1]
@@ -203,7 +204,15 @@ def test_check_runs_the_kernel_demo(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("train", "--noise", "1.5"), "expected a fraction in [0, 1)"),
-    (("train", "--lr", "-1"), "expected a number > 0"),
+    (("train", "--lr", "-1"), "argument --lr: expected a finite number > 0, got '-1'"),
+    (("train", "--epochs", "abc"), "argument --epochs: expected an int >= 1, got 'abc'"),
+    (("train", "--momentum", "-1"), "argument --momentum: expected a fraction in [0, 1)"),
+    (("explosion", "--seeds", "0", "0"), "--seeds: expected distinct values"),
+    (("train", "--alpha", "3"), "--alpha: given without a penalty"),
+    (("explosion", "--noise", "0.3"), "explosion runs use the clean labels"),
+    (("explosion", "--small-lr", "0.5"), "--small-lr: expected a learning rate below --lr 0.1"),
+    (("train", "--device", "tpu"), "--device: expected cpu, cuda or cuda:N"),
+    (("train", "--out", "config.json"), "--out: expected a folder"),
     (("reproduce", "--penalty", "none"), "invalid choice: 'none'"),
     (("train", "--dataset", "cifar10", "--lr", "0.1", "--epochs", "1"), "pass --data-dir"),
     (("explosion", "--dataset", "cifar10", "--model", "vgg11"), "no known best learning rate for vgg11"),
@@ -219,6 +228,7 @@ def test_bad_arguments_get_clear_errors(tmp_path, monkeypatch, capsys, args, mes
     if "cuda:7" in args and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text("{}")  # a file where a folder is expected
     try:
         code = main(list(args))
     except SystemExit as e:  # argparse's own errors

@@ -112,9 +112,11 @@ class Stat:
 
 
 def early_peak(records: list[dict], epochs: int) -> dict:
-    """The probe record with the highest Tr(F) in the first ``EARLY_FRACTION`` of the epochs."""
+    """The probe record with the highest Tr(F) in the first ``EARLY_FRACTION`` of the epochs, the
+    initialization (step 0) left out: the claim is about how far training raises it."""
     cut = EARLY_FRACTION * epochs
-    return max((r for r in records if r["kind"] == "trace" and r["epoch"] <= cut + 1e-9), key=lambda r: r["trace"])
+    early = [r for r in records if r["kind"] == "trace" and 0 < r["step"] and r["epoch"] <= cut + 1e-9]
+    return max(early, key=lambda r: r["trace"])
 
 
 def fit_area(records: list[dict], key: str) -> float:
@@ -172,8 +174,9 @@ def _missing(stats: dict[str, dict[str, Stat]], roles) -> str | None:
 def judge_explosion(stats: dict[str, dict[str, Stat]]) -> list[Verdict]:
     best, small, pen = (stats.get(k, {}) for k in ("best", "small", "small+penalty"))
     rule1 = (f"the small learning rate's mean final test accuracy is at least {ACC_POINTS * 100:.0f} point below the "
-             f"best one's, by more than 2 standard errors, and its mean early peak Tr(F) (the highest in the first "
-             f"{EARLY_FRACTION:.0%} of the epochs) is at least {TRACE_RATIO:g}x the best one's")
+             f"best one's, by more than 2 standard errors, and its mean early peak Tr(F) (the highest after "
+             f"initialization in the first {EARLY_FRACTION:.0%} of the epochs) is at least {TRACE_RATIO:g}x the best "
+             "one's")
     rule2 = (f"the penalty lowers the small learning rate's mean early peak Tr(F) at least {TRACE_RATIO:g}x, to within "
              f"{NEAR:g}x of the best learning rate's, and recovers at least {RECOVERED:.0%} of the test-accuracy gap")
     out = []
@@ -205,6 +208,10 @@ def judge_explosion(stats: dict[str, dict[str, Stat]]) -> list[Verdict]:
     return out
 
 
+def _change(drop: float) -> str:
+    return f"{abs(drop):.0%} {'lower' if drop >= 0 else 'higher'}"
+
+
 def judge_memorization(stats: dict[str, dict[str, Stat]]) -> list[Verdict]:
     plain, pen = stats.get("noisy", {}), stats.get("noisy+penalty", {})
     rule = (f"with the penalty, the noisy examples' fit (training accuracy on their wrong labels, averaged over the "
@@ -218,7 +225,7 @@ def judge_memorization(stats: dict[str, dict[str, Stat]]) -> list[Verdict]:
     better = _below(plain["test_acc"], pen["test_acc"], 0.0)
     return [Verdict("3", bool(slowed and better), rule,
                     f"noisy examples' fit {plain['noisy_fit_area'].text()} -> {pen['noisy_fit_area'].text()} "
-                    f"({drop['noisy']:.0%} lower), clean examples' {plain['clean_fit_area'].text()} -> "
-                    f"{pen['clean_fit_area'].text()} ({drop['clean']:.0%} lower); final noisy labels fitted "
+                    f"({_change(drop['noisy'])}), clean examples' {plain['clean_fit_area'].text()} -> "
+                    f"{pen['clean_fit_area'].text()} ({_change(drop['clean'])}); final noisy labels fitted "
                     f"{plain['noisy_fit'].text()} -> {pen['noisy_fit'].text()}; test accuracy "
                     f"{plain['test_acc'].text()} -> {pen['test_acc'].text()}")]

@@ -104,7 +104,7 @@ def _figures(out: Path, runs: list[dict]) -> dict[str, str]:
                 curves = [[(t["epoch"], t["trace"]) for t in r["records"] if t["kind"] == "trace"] for r in mine]
                 x = [e for e, _ in curves[0]]
                 ys = list(zip(*[[v for _, v in c] for c in curves]))
-                lo, mid, hi = ([min(v) for v in ys], [sorted(v)[len(v) // 2] for v in ys], [max(v) for v in ys])
+                lo, mid, hi = ([min(v) for v in ys], [statistics.median(v) for v in ys], [max(v) for v in ys])
                 ax.plot(x, mid, color=colors[role], label=f"{mine[0]['label']} ({len(mine)} seeds)")
                 ax.fill_between(x, lo, hi, color=colors[role], alpha=0.2, linewidth=0)
             ax.set_yscale("log")
@@ -130,8 +130,7 @@ def _figures(out: Path, runs: list[dict]) -> dict[str, str]:
             ax.scatter([i] * len(values), values, color="black", s=10, zorder=3)
         ax.set_xticks(range(len(roles)))
         ax.set_xticklabels([_wrap(next(r["label"] for r in done if r["role"] == role)) for role in roles], fontsize=7)
-        low = min(min(s.values) for s in stats)
-        ax.set_ylim(max(0.0, low - 0.1), 1.0)
+        ax.set_ylim(0.0, 1.0)
         ax.set_ylabel("final test accuracy")
         ax.set_title("Test accuracy (bar: mean, whisker: std, dots: seeds)", fontsize=9)
         save(fig, "test_accuracy")
@@ -156,9 +155,9 @@ def _figures(out: Path, runs: list[dict]) -> dict[str, str]:
         ax.legend(fontsize=7)
         save(fig, "memorization")
 
-    layered = [role for role in ("small", "small+penalty", "best", "noisy") if any(r["role"] == role for r in done)]
+    layered = [role for role in ROLE_NAMES if any(r["role"] == role for r in done)]
     if layered:
-        fig, axes = plt.subplots(1, len(layered), figsize=(4.2 * len(layered), 3.8), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(1, len(layered), figsize=(3.6 * len(layered), 3.8), squeeze=False, sharey=True)
         for ax, role in zip(axes[0], layered):
             run = next(r for r in done if r["role"] == role)
             traces = [t for t in run["records"] if t["kind"] == "trace" and t["trace"] > 0]
@@ -187,6 +186,10 @@ def _layer_groups(layers: list[str], most: int = 10) -> dict[str, str]:
     return {k: ".".join(k.split(" ")[0].split(".")[:2]) for k in layers}
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{word}" if n == 1 else f"{n} {word}s"
+
+
 def _wrap(text: str) -> str:
     return text.replace(" + ", "\n+ ").replace(", ", ",\n")
 
@@ -206,12 +209,13 @@ def _markdown(meta: dict, runs: list[dict], summary: dict, figures: dict[str, st
              f"- SGD with momentum {setup['momentum']}, batch {setup['batch']}, constant learning rate, "
              f"{setup['epochs']} epochs; seeds {setup['seeds']} (seed: initialization, data order, label noise, "
              "probe set, label draws).",
-             f"- Penalty: `{setup['penalty']}` (alpha {setup['alpha']}, every {setup['every']} step(s), method "
+             f"- Penalty: `{setup['penalty']}` (alpha {setup['alpha']}, "
+             f"{'on every step' if setup['every'] == 1 else 'every ' + str(setup['every']) + 'th step'}, method "
              f"{meta.get('method', setup['method'])}), fisher_ext's own `FisherPenalty`.",
              f"- Tr(F): `FisherTraceMonitor.probe` on {setup['probe']} fixed training examples with labels sampled from "
              f"the model (the Fisher, not the empirical Fisher), every {meta['dense_every']} steps in the first "
-             f"{setup['dense_epochs']} epochs, then after every epoch; ± is the standard error over the probe examples "
-             "in metrics.jsonl.",
+             f"{_plural(setup['dense_epochs'], 'epoch')}, then after every epoch; each probe's standard error over "
+             "the probe examples is in metrics.jsonl (`se`).",
              "- Each cell: mean ± standard deviation over the seeds that finished; every run's numbers are in "
              "`runs/*/seed*/result.json` and `metrics.jsonl`.", ""]
     status = [r for r in runs if r["status"] != "finished"]
@@ -309,6 +313,7 @@ def _cost_table(summary: dict) -> list[str]:
     if not rows:
         return []
     return ["## Cost", "", "Wall time per run (training, Tr(F) probes and evaluation), the training step's time, and "
-            "the penalty's share of the run's time (its step time over the plain step of the same setup).", "",
+            "the penalty's share of the run's time: the extra step time over the plain step of the same setup, times "
+            "the steps, divided by the run's time.", "",
             "| configuration | s/run | ms/step | penalty's share |", "|---|---|---|---|"] + rows + [""]
 

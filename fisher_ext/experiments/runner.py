@@ -56,6 +56,8 @@ class RunConfig:
     def __post_init__(self):
         checks = [("lr", self.lr > 0 and math.isfinite(self.lr), "a finite number > 0"),
                   ("epochs", self.epochs >= 1, "an int >= 1"), ("batch", self.batch >= 1, "an int >= 1"),
+                  ("momentum", 0 <= self.momentum < 1, "a number in [0, 1)"),
+                  ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
                   ("penalty", self.penalty in PENALTIES, f"one of {PENALTIES}"),
                   ("alpha", self.alpha >= 0 and math.isfinite(self.alpha), "a finite number >= 0"),
                   ("every", self.every >= 1, "an int >= 1"), ("method", self.method in METHODS, f"one of {METHODS}"),
@@ -114,12 +116,15 @@ def run(config: RunConfig, folder: Path, progress: Callable[[int, dict], None] |
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "result.json"
     config_file = folder / "config.json"
-    if config_file.exists():
+    for stale in folder.glob(".*.tmp"):  # a write cut short by a killed process
+        stale.unlink()
+    started = done.exists() or (folder / "checkpoint.pt").exists()
+    if started and config_file.exists():
         saved = json.loads(config_file.read_text())
         if saved != config.identity():
             raise ValueError(f"{folder} holds a run with another configuration ({_diff(saved, config.identity())}); "
                              "use another --out folder, or delete that one")
-    else:
+    elif not started:  # nothing trained here yet (or a start that failed): this configuration's folder now
         atomic_write_json(config_file, config.identity())
     if done.exists():
         return json.loads(done.read_text())
@@ -226,7 +231,8 @@ class _Trainer:
         order = torch.randperm(d.x.shape[0], generator=self.order).to(self.device)
         dense_until = c.dense_epochs * self.steps_per_epoch
         for i in range(0, len(order), c.batch):
-            if 0 < self.step < dense_until and self.step % c.dense_every == 0:
+            probed = self.records and self.records[-1].get("step") == self.step  # at an epoch's end
+            if 0 < self.step < dense_until and self.step % c.dense_every == 0 and not probed:
                 self._probe()
             idx = order[i:i + c.batch]
             x, y = d.x[idx], d.y[idx]

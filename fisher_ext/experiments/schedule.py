@@ -7,7 +7,10 @@ workers and leaves the folder resumable.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.managers
 import queue
+import shutil
+import signal
 import sys
 import time
 import traceback
@@ -34,6 +37,12 @@ class Task:
         """Relative cost per epoch: a penalized step costs about 2.5 plain ones (measured on the
         default model), a plain step in between."""
         return 1.0 if self.config.penalty == "none" else 1.0 + 1.5 / self.config.every
+
+
+def _ignore_sigint() -> None:
+    """Workers and the event queue's server leave Ctrl-C to the parent, which stops them: a worker
+    interrupted inside a queue operation could leave its lock held and hang the shutdown."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _work(index: int, task: Task, events) -> tuple[int, dict | None, str | None]:
@@ -110,7 +119,7 @@ class Progress:
 
     def redraw(self) -> None:
         if self.tty:
-            self.stream.write("\r\033[K" + self.line()[:160])
+            self.stream.write("\r\033[K" + self.line()[:shutil.get_terminal_size().columns - 1])
             self.stream.flush()
         elif time.monotonic() - self.last_print >= 20:
             self._print(self.line())
@@ -161,6 +170,10 @@ def execute(tasks: list[Task], jobs: int, stream=sys.stderr) -> list[dict]:
             pending.append(i)
     if len(pending) < len(tasks):
         stream.write(f"{len(tasks) - len(pending)} of {len(tasks)} runs already finished in this folder; skipping them\n")
+    resumed = [i for i in pending if (tasks[i].folder / "checkpoint.pt").exists()]
+    if resumed:
+        stream.write(f"resuming {len(resumed)} interrupted run(s) from their last finished epoch: "
+                     + "; ".join(f"{tasks[i].name} from epoch {_epochs_done(tasks[i])}" for i in resumed) + "\n")
     if not pending:
         return results
     try:
@@ -197,9 +210,11 @@ def _serial(tasks, pending, progress, results, errors) -> None:
 
 def _parallel(tasks, pending, jobs, progress, results, errors) -> None:
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager:
+    manager = multiprocessing.managers.SyncManager(ctx=ctx)
+    manager.start(_ignore_sigint)
+    try:
         events = manager.Queue()
-        pool = ctx.Pool(jobs)
+        pool = ctx.Pool(jobs, initializer=_ignore_sigint)
         try:
             # the costliest first, so the last runs to finish are short ones (less idle time at the end)
             order = sorted(pending, key=lambda i: -tasks[i].cost * (tasks[i].config.epochs - progress.epochs[i]))
@@ -221,11 +236,12 @@ def _parallel(tasks, pending, jobs, progress, results, errors) -> None:
                         _finish(i, result, error, progress, results, errors)
                 progress.redraw()
             pool.close()
-        except BaseException:
-            pool.terminate()
-            raise
-        finally:
             pool.join()
+        except BaseException:
+            pool.terminate()  # no join: the workers are killed, their last checkpoints are complete files
+            raise
+    finally:
+        manager.shutdown()
 
 
 def _finish(i, result, error, progress, results, errors) -> None:

@@ -1,0 +1,239 @@
+"""The per-example norm op against the installed peers, per layer, on the same captured tensors.
+
+    bash bench/install_peers.sh   # Opacus 1.6.0, BackPACK 1.7.1 (and what they import)
+    python bench/peers_cpu.py [--threads 1 2] [--batches 32 64 128] [--repeats 9] [--out bench/results]
+
+With --threads 1 the process is pinned to one core.
+
+For each layer of the benchmark list (bench/ops_cpu.py: L1-L3, C1-C7) the layer's input x and
+an output gradient g are captured once; every method then computes each example's squared
+gradient norm (weight and bias) from that same (x, g), in one process, one method after the
+other within each round (interleaved rounds, median over rounds):
+
+  ours            fisher_ext.linear_sqnorm / conv_sqnorm, method auto
+  opacus          Opacus' per-sample gradient sampler for the layer (GradSampleModule.GRAD_SAMPLERS),
+                  then the norms of the per-sample gradients
+  opacus-ghost    Opacus' ghost-clipping norm sampler (NORM_SAMPLERS; Linear only)
+  backpack        BackPACK's BatchL2Grad extension functions for the layer (weight and bias)
+  func            torch.func: vmap(grad) of the layer's own functional call, per example
+  wgrad           for reference, not a peer: the layer's own weight- and bias-gradient backward
+                  (input not requiring grad), what a training step computes anyway
+
+Each method's result is checked against a float64 torch.func oracle (relative error <= 1e-3);
+a method that disagrees or fails is reported, not timed. A missing peer is reported as not
+installed. Ratio = ours / the fastest correct peer (below 1: ours is faster).
+Writes peers_cpu.md and peers_cpu.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fisher_ext  # noqa: E402
+from ops_cpu import LAYERS, _cpu_name  # noqa: E402
+
+PEERS = ("opacus", "opacus-ghost", "backpack", "func")
+
+
+def _versions() -> dict[str, str | None]:
+    out = {}
+    for name, module in (("opacus", "opacus"), ("backpack", "backpack")):
+        try:
+            from importlib.metadata import version
+
+            __import__(module)
+            out[name] = version({"opacus": "opacus", "backpack": "backpack-for-pytorch"}[name])
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def _sum_sq(per_sample: dict) -> torch.Tensor:
+    return sum(g.flatten(1).square().sum(1) for g in per_sample.values())
+
+
+def methods(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, installed: dict) -> dict[str, Callable]:
+    """name -> zero-argument callable returning the (N,) squared norms (wgrad: nothing)."""
+    bias = layer.bias is not None
+    linear = isinstance(layer, nn.Linear)
+    out: dict[str, Callable] = {}
+    if linear:
+        out["ours"] = lambda: fisher_ext.linear_sqnorm(x, g, bias=bias)
+    else:
+        out["ours"] = lambda: fisher_ext.conv_sqnorm(x, g, kernel_size=layer.kernel_size, stride=layer.stride,
+                                                     padding=layer.padding, dilation=layer.dilation,
+                                                     groups=layer.groups, bias=bias)
+    if installed["opacus"]:
+        from opacus.grad_sample import GradSampleModule
+        from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
+            GradSampleModuleFastGradientClipping as Ghost)
+
+        sampler = GradSampleModule.GRAD_SAMPLERS[type(layer)]
+        out["opacus"] = lambda: _sum_sq(sampler(layer, [x], g))
+        if type(layer) in Ghost.NORM_SAMPLERS:
+            norm_sampler = Ghost.NORM_SAMPLERS[type(layer)]
+            out["opacus-ghost"] = lambda: sum(v.square() for v in norm_sampler(layer, [x], g).values())
+    if installed["backpack"]:
+        from backpack.extensions.firstorder.batch_l2_grad.convnd import (BatchL2Conv1d, BatchL2Conv2d,
+                                                                          BatchL2Conv3d)
+        from backpack.extensions.firstorder.batch_l2_grad.linear import BatchL2Linear
+
+        ext = {nn.Linear: BatchL2Linear, nn.Conv1d: BatchL2Conv1d, nn.Conv2d: BatchL2Conv2d,
+               nn.Conv3d: BatchL2Conv3d}[type(layer)]()
+        with torch.no_grad():  # what BackPACK's forward hook stores
+            layer.input0, layer.output = x, layer(x)
+
+        def backpack_norms():
+            total = ext.weight(None, layer, (None,), (g,), None)
+            return total + ext.bias(None, layer, (None,), (g,), None) if bias else total
+
+        out["backpack"] = backpack_norms
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def inner(p, xn, gn):
+        return (functional_call(layer, p, (xn.unsqueeze(0),)) * gn.unsqueeze(0)).sum()
+
+    per_example = vmap(grad(inner), in_dims=(None, 0, 0))
+    out["func"] = lambda: _sum_sq(per_example(params, x, g))
+
+    def wgrad():
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(g)
+
+    out["wgrad"] = wgrad
+    return out
+
+
+def oracle(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """float64 per-example gradients by torch.func, then their squared norms."""
+    import copy
+
+    layer64 = copy.deepcopy(layer).double()
+    params = {k: v.detach() for k, v in layer64.named_parameters()}
+
+    def inner(p, xn, gn):
+        return (functional_call(layer64, p, (xn.unsqueeze(0),)) * gn.unsqueeze(0)).sum()
+
+    return _sum_sq(vmap(grad(inner), in_dims=(None, 0, 0))(params, x.double(), g.double()))
+
+
+def measure(layer_id: str, batch: int, repeats: int, installed: dict) -> dict:
+    make, shape, batch_override = LAYERS[layer_id]
+    batch = batch_override or batch
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.randn(batch, *shape)
+    with torch.no_grad():
+        g = torch.randn_like(layer(x))
+    want = oracle(layer, x, g)
+    fns, errors = {}, {}
+    for name, fn in methods(layer, x, g, installed).items():
+        if name == "wgrad":
+            fns[name] = fn
+            continue
+        try:
+            got = fn().double()
+            err = ((got - want).abs() / want.abs().clamp_min(1e-30)).max().item()
+        except Exception as e:  # a peer that cannot handle the layer
+            errors[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            continue
+        if err > 1e-3:
+            errors[name] = f"wrong: relative error {err:.1e}"
+            continue
+        fns[name] = fn
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    seconds = {name: statistics.median(v) for name, v in times.items()}
+    peers = {k: v for k, v in seconds.items() if k in PEERS}
+    best = min(peers, key=peers.get) if peers else None
+    return {"layer": layer_id, "batch": batch, "seconds": seconds, "errors": errors, "best_peer": best,
+            "ratio": seconds["ours"] / peers[best] if best else None,
+            "ours_vs_wgrad": seconds["ours"] / seconds["wgrad"]}
+
+
+def write_report(rows: list[dict], meta: dict, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "peers_cpu.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    lines = ["# Per-example norms against the installed peers (CPU)", "",
+             f"{meta['date']}; {meta['cpu']}; torch {meta['torch']}; fisher_ext {meta['backend']}; "
+             f"Opacus {meta['peers']['opacus'] or 'not installed'}, BackPACK {meta['peers']['backpack'] or 'not installed'}; "
+             f"float32; median of {meta['repeats']} interleaved rounds. Every method starts from the same captured "
+             "input and output gradient. ratio: ours / the fastest correct peer (below 1: ours is faster); "
+             "wgrad: the layer's own weight-gradient backward, for scale.", ""]
+    for threads in meta["threads"]:
+        for batch in meta["batches"]:
+            mine = [r for r in rows if r["threads"] == threads and r["batch_asked"] == batch]
+            if not mine:
+                continue
+            lines += [f"## {threads} thread(s), batch {batch}", "",
+                      "| layer | ours ms | " + " | ".join(f"{p} ms" for p in PEERS) + " | wgrad ms | ratio | best peer |"
+                      " ours / wgrad |", "|---" * (len(PEERS) + 6) + "|"]
+            for r in mine:
+                s = r["seconds"]
+                cells = [f"{s[p] * 1e3:.3f}" if p in s else r["errors"].get(p, "n/a") for p in PEERS]
+                name = r["layer"] if r["batch"] == batch else f"{r['layer']} (B={r['batch']})"
+                lines.append(f"| {name} | {s['ours'] * 1e3:.3f} | " + " | ".join(cells) +
+                             f" | {s['wgrad'] * 1e3:.3f} | **{r['ratio']:.2f}** | {r['best_peer']} | "
+                             f"{r['ours_vs_wgrad']:.2f} |")
+            lines.append("")
+    with open(os.path.join(out_dir, "peers_cpu.md"), "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1])
+    parser.add_argument("--batches", type=int, nargs="+", default=[64])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args()
+    installed = _versions()
+    for name, v in installed.items():
+        if v is None:
+            print(f"{name}: not installed (bash bench/install_peers.sh); reported as such", file=sys.stderr)
+    info = fisher_ext.build_info()
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": f"{_cpu_name()}, {os.cpu_count()} cores, {platform.machine()}", "torch": torch.__version__,
+            "backend": info["backends"]["CPU"]["conv_sqnorm"], "peers": installed, "threads": args.threads,
+            "batches": args.batches, "repeats": args.repeats}
+    rows = []
+    cores = os.sched_getaffinity(0)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        os.sched_setaffinity(0, {min(cores)} if threads == 1 else cores)
+        for batch in args.batches:
+            for layer_id in args.layers:
+                if LAYERS[layer_id][2] and batch != args.batches[0]:
+                    continue  # a layer with its own batch size is measured once per thread count
+                row = measure(layer_id, batch, args.repeats, installed)
+                row.update(threads=threads, batch_asked=batch)
+                rows.append(row)
+                print(f"{threads}t B={row['batch']} {layer_id}: ours/{row['best_peer']} = {row['ratio']:.2f} "
+                      f"{row['errors'] or ''}", file=sys.stderr, flush=True)
+    write_report(rows, meta, args.out)
+
+
+if __name__ == "__main__":
+    main()
