@@ -310,6 +310,23 @@ CPU_PATHS = {  # environment of each CPU kernel path (read by the kernel on ever
 }
 
 
+@pytest.mark.parametrize("ghost_path", ["shift", "im2col"])
+def test_cpu_conv_ghost_paths_agree_with_oracle(monkeypatch, ghost_path):
+    """Both ghost formulations of the CPU conv kernel: the Gram of the padded input gathered per
+    kernel offset (no im2col), and the Gram of the unfolded input; every stride, dilation,
+    padding, group count and dimensionality of the shared cases, float32 and float64."""
+    if not fisher_ext.build_info()["extension"]:
+        pytest.skip("the compiled CPU kernel is not loaded in this run")
+    monkeypatch.setenv("FISHER_EXT_CPU_CONV_GHOST", ghost_path)
+    for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
+        for case in CONV_CASES:
+            for bias in (True, False):
+                module, x, g = make_conv(case, bias, dtype=dtype, N=4)
+                want = per_example_sqnorm(module, x, g)
+                got = fisher_ext.conv_sqnorm(x, g, bias=bias, method="ghost", **conv_kwargs(module))
+                assert_close_rel(got, want, tol)
+
+
 @pytest.mark.parametrize("cpu_path", list(CPU_PATHS))
 def test_cpu_paths_agree_with_oracle(monkeypatch, cpu_path):
     """Every path of the CPU kernel (fused AVX-512 with either conv layout, BLAS) is exact in float32."""

@@ -24,7 +24,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <string>
 #include <utility>
+#include <vector>
 #include <vector>
 
 namespace fisher_ext {
@@ -385,6 +387,76 @@ Tensor conv_block_blas(const Tensor& x, const Tensor& G, const ConvShape& s, boo
   return sb;
 }
 
+// Ghost without im2col. The Gram matrix of example n's unfolded input, X^T X (P x P), is
+// sum_k Xhat[pos(p, k), pos(q, k)] with Xhat = x_pad^T x_pad over the padded input's positions
+// (A x A, contracting the channels) and pos(p, k) the input position output p reads through kernel
+// offset k: one small GEMM and a gather instead of writing the k_vol-times larger unfolded input.
+struct GramShift {
+  std::array<int64_t, 3> extent{1, 1, 1};  // the padded input each output reads, per dim
+  int64_t A = 1;                           // its volume
+};
+
+GramShift plan_gram_shift(const ConvShape& s) {
+  GramShift gs;
+  for (int d = 0; d < 3; ++d) {
+    gs.extent[d] = (s.out[d] - 1) * s.stride[d] + (s.k[d] - 1) * s.dil[d] + 1;
+    gs.A *= gs.extent[d];
+  }
+  return gs;
+}
+
+// Multiply-adds per example and group: Xhat and the gather against the unfolded input's Gram.
+bool prefer_gram_shift(const ConvShape& s, const GramShift& gs) {
+  const char* env = std::getenv("FISHER_EXT_CPU_CONV_GHOST");  // shift|im2col: tests, benchmarks
+  if (env && std::string(env) == "shift") return true;
+  if (env && std::string(env) == "im2col") return false;
+  const double P = double(s.out_vol()), K = double(s.k_vol());
+  return double(gs.A) * gs.A * s.cin_g + P * P * K < P * P * K * s.cin_g;
+}
+
+template <typename scalar_t>
+Tensor conv_block_gram_shift(const Tensor& x, const Tensor& G, const ConvShape& s, const GramShift& gs, bool bias,
+                             int64_t n0, int64_t cnt, Scratch& scratch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc = at::CppTypeToScalarType<acc_t>::value;
+  const int64_t P = s.out_vol(), K = s.k_vol(), A = gs.A, B = cnt * s.groups;
+  const Tensor Gb = G.narrow(0, n0, cnt).to(acc).contiguous();
+  // Pad (or crop) x to exactly the extent the outputs read; pad pairs go last dim first.
+  std::vector<int64_t> pads;
+  const int64_t nd = x.dim() - 2;
+  for (int64_t i = nd - 1; i >= 0; --i) {
+    const int64_t d = 3 - nd + i;
+    pads.push_back(s.pad[d]);
+    pads.push_back(gs.extent[d] - s.pad[d] - s.in[d]);
+  }
+  const Tensor xp = at::constant_pad_nd(x.narrow(0, n0, cnt).to(acc), pads).reshape({B, s.cin_g, A});
+  Tensor xhat = scratch.get(0, {B, A, A}, Gb.options());
+  at::bmm_out(xhat, xp.transpose(1, 2), xp);
+  // lin[p, q, k] = pos(p, k) * A + pos(q, k)
+  std::vector<int64_t> pos(P * K);
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t o[3] = {p / (s.out[1] * s.out[2]), (p / s.out[2]) % s.out[1], p % s.out[2]};
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t kk[3] = {k / (s.k[1] * s.k[2]), (k / s.k[2]) % s.k[1], k % s.k[2]};
+      int64_t at_ = 0;
+      for (int d = 0; d < 3; ++d) at_ = at_ * gs.extent[d] + o[d] * s.stride[d] + kk[d] * s.dil[d];
+      pos[p * K + k] = at_;
+    }
+  }
+  Tensor lin = at::empty({P, P, K}, at::kLong);
+  int64_t* l = lin.data_ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t q = 0; q < P; ++q)
+      for (int64_t k = 0; k < K; ++k) l[(p * P + q) * K + k] = pos[p * K + k] * A + pos[q * K + k];
+  const Tensor gram = xhat.view({B, A * A}).index_select(1, lin.view({-1})).view({B, P, P, K}).sum(3);
+  const Tensor Gg = Gb.view({B, s.cout_g, P});
+  Tensor gg = scratch.get(1, {B, P, P}, Gb.options());
+  at::bmm_out(gg, Gg.transpose(1, 2), Gg);
+  Tensor sb = gram.mul_(gg).sum({1, 2}).view({cnt, s.groups}).sum(1);
+  if (bias) sb.add_(Gb.sum(2).square_().sum(1));
+  return sb;
+}
+
 void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
                const std::string& method, bool add) {
   if (s.N == 0) return;
@@ -399,9 +471,12 @@ void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g
   const std::string layout = layout_env ? layout_env : "auto";
   const bool shifted =
       fused && unit_stride && P > 0 && (layout == "shift" || (layout != "panels" && prefer_shift(s, shift)));
-  const int64_t per_example = fused ? s.C_out * P
-                                    : s.C_in * s.k_vol() * P + s.C_out * P +
-                                          s.groups * (m == Method::Ghost ? 2 * P * P : s.cout_g * rows);
+  const GramShift gram_plan = plan_gram_shift(s);
+  const bool gram_shift = m == Method::Ghost && P > 0 && prefer_gram_shift(s, gram_plan);
+  const int64_t per_example =
+      fused        ? s.C_out * P
+      : gram_shift ? s.C_in * gram_plan.A + s.C_out * P + s.groups * (gram_plan.A * gram_plan.A + P * P * (s.k_vol() + 2))
+                   : s.C_in * s.k_vol() * P + s.C_out * P + s.groups * (m == Method::Ghost ? 2 * P * P : s.cout_g * rows);
   const int64_t nb = block_size(s.N, at::elementSize(acc) * per_example);
   const Tensor G = g.reshape({s.N, s.C_out, P});
 
@@ -411,6 +486,8 @@ void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g
       if (shifted) {
         sb = at::empty({cnt}, x.options().dtype(at::kFloat));
         conv_block_shifted<scalar_t>(x, g, s, shift, bias, n0, cnt, scratch, sb.data_ptr<float>());
+      } else if (gram_shift) {
+        sb = conv_block_gram_shift<scalar_t>(x, G, s, gram_plan, bias, n0, cnt, scratch);
       } else if (fused) {
         sb = at::empty({cnt}, x.options().dtype(at::kFloat));
         conv_block_fused<scalar_t>(x, g, s, bias, n0, cnt, scratch, sb.data_ptr<float>());
