@@ -405,13 +405,19 @@ GramShift plan_gram_shift(const ConvShape& s) {
   return gs;
 }
 
-// Multiply-adds per example and group: Xhat and the gather against the unfolded input's Gram.
+// Cost per example and group, in multiply-adds plus kMemory per element written or gathered:
+// Xhat's GEMM, Xhat and the gather against the unfolded Gram's GEMM and the unfolded input. The
+// weight is fitted to where each formulation won on stride-1/2, 1x1 and 3x3 layers
+// (bench/results/peers_cpu.md); both are exact, only their speed differs.
 bool prefer_gram_shift(const ConvShape& s, const GramShift& gs) {
   const char* env = std::getenv("FISHER_EXT_CPU_CONV_GHOST");  // shift|im2col: tests, benchmarks
   if (env && std::string(env) == "shift") return true;
   if (env && std::string(env) == "im2col") return false;
-  const double P = double(s.out_vol()), K = double(s.k_vol());
-  return double(gs.A) * gs.A * s.cin_g + P * P * K < P * P * K * s.cin_g;
+  constexpr double kMemory = 100.0;
+  const double P = double(s.out_vol()), K = double(s.k_vol()), A = double(gs.A), c = double(s.cin_g);
+  const double shift = A * A * c + kMemory * (A * A + P * P * K);
+  const double im2col = P * P * K * c + kMemory * K * c * P;
+  return shift < im2col;
 }
 
 template <typename scalar_t>
