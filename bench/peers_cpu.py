@@ -101,13 +101,7 @@ def methods(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, installed: dict)
             return total + ext.bias(None, layer, (None,), (g,), None) if bias else total
 
         out["backpack"] = backpack_norms
-    params = {k: v.detach() for k, v in layer.named_parameters()}
-
-    def inner(p, xn, gn):
-        return (functional_call(layer, p, (xn.unsqueeze(0),)) * gn.unsqueeze(0)).sum()
-
-    per_example = vmap(grad(inner), in_dims=(None, 0, 0))
-    out["func"] = lambda: _sum_sq(per_example(params, x, g))
+    out["func"] = _func_sqnorms(layer, x, g)
 
     def wgrad():
         layer.zero_grad(set_to_none=True)
@@ -117,17 +111,22 @@ def methods(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, installed: dict)
     return out
 
 
+def _func_sqnorms(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """torch.func's recipe: vmap(grad) of the layer's own functional call, per example."""
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def inner(p, xn, gn):
+        return (functional_call(layer, p, (xn.unsqueeze(0),)) * gn.unsqueeze(0)).sum()
+
+    per_example = vmap(grad(inner), in_dims=(None, 0, 0))
+    return lambda: _sum_sq(per_example(params, x, g))
+
+
 def oracle(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """float64 per-example gradients by torch.func, then their squared norms."""
     import copy
 
-    layer64 = copy.deepcopy(layer).double()
-    params = {k: v.detach() for k, v in layer64.named_parameters()}
-
-    def inner(p, xn, gn):
-        return (functional_call(layer64, p, (xn.unsqueeze(0),)) * gn.unsqueeze(0)).sum()
-
-    return _sum_sq(vmap(grad(inner), in_dims=(None, 0, 0))(params, x.double(), g.double()))
+    return _func_sqnorms(copy.deepcopy(layer).double(), x.double(), g.double())()
 
 
 def measure(layer_id: str, batch: int, repeats: int, installed: dict) -> dict:
