@@ -12,4 +12,10 @@ TORCH_LIBRARY(fisher_ext, m) {
   m.def(
       "conv_sqnorm_accumulate_(Tensor(a!) acc, Tensor x, Tensor g, int[] kernel_size, int[] stride, "
       "int[] padding, int[] dilation, int groups, bool bias, str method) -> ()");
+  m.def(
+      "linear_grad_sqnorm(Tensor a, Tensor g, bool bias, str method) -> "
+      "(Tensor weight_grad, Tensor bias_grad, Tensor sqnorm)");
+  m.def(
+      "conv_grad_sqnorm(Tensor x, Tensor g, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
+      "int groups, bool bias, str method) -> (Tensor weight_grad, Tensor bias_grad, Tensor sqnorm)");
 }

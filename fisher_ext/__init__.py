@@ -1,6 +1,7 @@
 """fisher_ext: per-example gradient norms, Tr(F) and the Fisher Penalty for PyTorch.
 
-The ops (``linear_sqnorm``, ``conv_sqnorm``) run on compiled C++/CUDA kernels
+The ops (``linear_sqnorm``, ``conv_sqnorm``, and ``linear_grad_sqnorm``, ``conv_grad_sqnorm``
+which also return the batch's weight and bias gradients) run on compiled C++/CUDA kernels
 when ``fisher_ext._C`` is built, and on ``fisher_ext.reference`` otherwise.
 """
 
@@ -11,11 +12,11 @@ from typing import Any
 from . import _loader, likelihoods, reference  # noqa: F401  (public submodules, not re-exported names)
 from ._schemas import SCHEMAS
 from .monitor import FisherTraceMonitor, FisherTraceResult, fisher_trace
-from .ops import conv_sqnorm, linear_sqnorm
+from .ops import conv_grad_sqnorm, conv_sqnorm, linear_grad_sqnorm, linear_sqnorm
 from .penalty import FisherPenalty, PenaltyResult
 from .rules import UnsupportedModuleError, register_rule
 
-__all__ = ["linear_sqnorm", "conv_sqnorm", "fisher_trace", "FisherTraceMonitor", "FisherTraceResult", "FisherPenalty",
+__all__ = ["linear_sqnorm", "conv_sqnorm", "linear_grad_sqnorm", "conv_grad_sqnorm", "fisher_trace", "FisherTraceMonitor", "FisherTraceResult", "FisherPenalty",
            "PenaltyResult", "UnsupportedModuleError", "register_rule", "build_info"]
 __version__ = "0.1.0"
 

@@ -44,6 +44,8 @@ _REFERENCE_KERNELS = {
     "linear_sqnorm_accumulate_": _linear_accumulate,
     "conv_sqnorm": reference.conv_sqnorm,
     "conv_sqnorm_accumulate_": _conv_accumulate,
+    "linear_grad_sqnorm": reference.linear_grad_sqnorm,
+    "conv_grad_sqnorm": reference.conv_grad_sqnorm,
 }
 
 C, FALLBACK_REASON = _load_extension()

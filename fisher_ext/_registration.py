@@ -4,7 +4,8 @@ The backward of each op is the exact vector-Jacobian product of its
 pure-PyTorch formula (fisher_ext.reference) taken with torch.func.vjp, so it is
 itself differentiable (double backward, gradgradcheck) and identical on every
 backend. It materializes what the reference's cheaper method needs
-(Gram matrices or per-example weight gradients).
+(Gram matrices or per-example weight gradients). The fused weight-gradient ops
+(``*_grad_sqnorm``) have no autograd: they serve a backward, they are not differentiated.
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ def _linear_accumulate_fake(acc, a, g, bias, method):
 @torch.library.register_fake("fisher_ext::conv_sqnorm_accumulate_")
 def _conv_accumulate_fake(acc, x, g, kernel_size, stride, padding, dilation, groups, bias, method):
     return None
+
+
+@torch.library.register_fake("fisher_ext::linear_grad_sqnorm")
+def _linear_grad_fake(a, g, bias, method):
+    bias_grad = g.new_empty(g.shape[-1]) if bias else None
+    return g.new_empty(g.shape[-1], a.shape[-1]), bias_grad, a.new_empty(a.shape[0], dtype=reference.result_dtype(a.dtype))
+
+
+@torch.library.register_fake("fisher_ext::conv_grad_sqnorm")
+def _conv_grad_fake(x, g, kernel_size, stride, padding, dilation, groups, bias, method):
+    bias_grad = g.new_empty(g.shape[1]) if bias else None
+    weight = x.new_empty(g.shape[1], x.shape[1] // groups, *kernel_size)
+    return weight, bias_grad, x.new_empty(x.shape[0], dtype=reference.result_dtype(x.dtype))
 
 
 def _save_inputs(ctx, inputs, output):

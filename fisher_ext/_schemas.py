@@ -23,6 +23,14 @@ SCHEMAS = {
         "conv_sqnorm_accumulate_(Tensor(a!) acc, Tensor x, Tensor g, int[] kernel_size, int[] stride, "
         "int[] padding, int[] dilation, int groups, bool bias, str method) -> ()"
     ),
+    "linear_grad_sqnorm": (
+        "linear_grad_sqnorm(Tensor a, Tensor g, bool bias, str method) -> "
+        "(Tensor weight_grad, Tensor bias_grad, Tensor sqnorm)"
+    ),
+    "conv_grad_sqnorm": (
+        "conv_grad_sqnorm(Tensor x, Tensor g, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
+        "int groups, bool bias, str method) -> (Tensor weight_grad, Tensor bias_grad, Tensor sqnorm)"
+    ),
 }
 
 METHODS = ("auto", "ghost", "materialize")

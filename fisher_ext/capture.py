@@ -365,13 +365,15 @@ class Capture:
                 and self.module_of[self.param_ids[id(p)]] not in self.records}
 
     def norms_from_grads(self, n: int, used_unrecorded: set[str], scale: float = 1.0,
-                         differentiable: bool = False) -> dict[str, Tensor]:
+                         differentiable: bool = False, done: frozenset = frozenset()) -> dict[str, Tensor]:
         """Per-example norms from the output gradients the hooks caught in the last backward.
 
         ``used_unrecorded``: the parameters of modules that did not run which the loss depends on.
         ``scale``: multiplies the caught gradients (N for a mean loss: docs/design.md, section 2).
         ``differentiable``: keep the graph (inputs and gradients caught with ``create_graph``), so
         the norms can be differentiated w.r.t. the parameters; only closed-form rules allow it.
+        ``done``: modules whose norms the caller has formed already (the fused backward's); they
+        count as used and keep their rule's name, but are not computed again.
         """
         if self.error is not None:
             raise self.error
@@ -407,7 +409,7 @@ class Capture:
                     self.rules[full] = "fallback"
         out: dict[str, Tensor] = {}
         for module, record in self.records.items():
-            if all(g is None for g in record.grads) or (module not in own and module not in todo):
+            if all(g is None for g in record.grads) or (module not in own and module not in todo) or module in done:
                 continue
             for o, g, d in zip(record.outputs, record.grads, record.batch_dims or [None] * len(record.grads)):
                 if g is not None and d is None:

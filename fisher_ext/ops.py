@@ -9,6 +9,11 @@ loss's norm (docs/design.md, section 2: reduction scaling).
 
 Results are float32 (float64 for float64 inputs); float16/bfloat16 inputs are
 accumulated in float32. Both ops are differentiable in their two tensor inputs.
+
+:func:`linear_grad_sqnorm` and :func:`conv_grad_sqnorm` return the batch's weight and bias
+gradient together with the same norms, for a backward that needs both: on the CPU's fused
+path each per-example tile is added into the weight gradient as it is squared, so the norms
+cost little more than the weight gradient itself.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Resolved once: looking an op up through torch.ops costs microseconds per call.
 _LINEAR, _LINEAR_ACC = torch.ops.fisher_ext.linear_sqnorm.default, torch.ops.fisher_ext.linear_sqnorm_accumulate_.default
 _CONV, _CONV_ACC = torch.ops.fisher_ext.conv_sqnorm.default, torch.ops.fisher_ext.conv_sqnorm_accumulate_.default
+_LINEAR_GRAD, _CONV_GRAD = torch.ops.fisher_ext.linear_grad_sqnorm.default, torch.ops.fisher_ext.conv_grad_sqnorm.default
+LayerGrads = tuple[torch.Tensor, Union[torch.Tensor, None], torch.Tensor]
 
 
 def linear_sqnorm(
@@ -51,16 +58,7 @@ def linear_sqnorm(
     Returns:
         ``(N,)`` float32 (float64 for float64 inputs).
     """
-    _check_pair("a", a, g)
-    if a.dim() < 2:
-        raise ValueError(f"a: expected shape (N, *, d_in) of rank >= 2, got {tuple(a.shape)}")
-    if g.shape[:-1] != a.shape[:-1] or g.dim() != a.dim():
-        raise ValueError(
-            f"g: expected shape (N, *, d_out) with (N, *) = {tuple(a.shape[:-1])} as in a, got {tuple(g.shape)}"
-        )
-    _check_method(method)
-    args = (a, g, bool(bias), method)
-    return _dispatch(_LINEAR, _LINEAR_ACC, args, accumulate)
+    return _dispatch(_LINEAR, _LINEAR_ACC, _linear_args(a, g, bias, method), accumulate)
 
 
 def conv_sqnorm(
@@ -88,6 +86,65 @@ def conv_sqnorm(
     Returns:
         ``(N,)`` float32 (float64 for float64 inputs).
     """
+    args = _conv_args(x, g, kernel_size, stride, padding, dilation, groups, bias, method)
+    return _dispatch(_CONV, _CONV_ACC, args, accumulate)
+
+
+def linear_grad_sqnorm(a: torch.Tensor, g: torch.Tensor, *, bias: bool, method: str = "auto") -> LayerGrads:
+    """An ``nn.Linear`` layer's batch gradients and per-example squared norms from one pass.
+
+    Args: as in :func:`linear_sqnorm`.
+
+    Returns:
+        ``(weight_grad, bias_grad, sqnorm)``: ``sum_n G_n^T A_n`` of shape ``(d_out, d_in)`` and
+        ``sum_{n,t} g_n,t`` of shape ``(d_out,)`` (None without ``bias``), both in the inputs'
+        dtype, and :func:`linear_sqnorm`'s ``(N,)`` norms. Not differentiable.
+    """
+    return _LINEAR_GRAD(*_linear_args(a, g, bias, method))
+
+
+def conv_grad_sqnorm(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    padding: Union[IntOrTuple, str] = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    bias: bool,
+    method: str = "auto",
+) -> LayerGrads:
+    """An ``nn.Conv1d/2d/3d`` layer's batch gradients and per-example squared norms from one pass.
+
+    Args: as in :func:`conv_sqnorm`.
+
+    Returns:
+        ``(weight_grad, bias_grad, sqnorm)``: the weight gradient ``(C_out, C_in / groups,
+        *kernel_size)`` and the bias gradient ``(C_out,)`` (None without ``bias``), both in the
+        inputs' dtype, and :func:`conv_sqnorm`'s ``(N,)`` norms. Not differentiable.
+    """
+    return _CONV_GRAD(*_conv_args(x, g, kernel_size, stride, padding, dilation, groups, bias, method))
+
+
+# ---- helpers ------------------------------------------------------------------
+
+
+def _linear_args(a, g, bias, method) -> tuple:
+    """The checked arguments of the linear ops."""
+    _check_pair("a", a, g)
+    if a.dim() < 2:
+        raise ValueError(f"a: expected shape (N, *, d_in) of rank >= 2, got {tuple(a.shape)}")
+    if g.shape[:-1] != a.shape[:-1] or g.dim() != a.dim():
+        raise ValueError(
+            f"g: expected shape (N, *, d_out) with (N, *) = {tuple(a.shape[:-1])} as in a, got {tuple(g.shape)}"
+        )
+    _check_method(method)
+    return (a, g, bool(bias), method)
+
+
+def _conv_args(x, g, kernel_size, stride, padding, dilation, groups, bias, method) -> tuple:
+    """The checked arguments of the conv ops (padding as the leading pad per dim)."""
     _check_pair("x", x, g)
     nd = x.dim() - 2
     if nd not in (1, 2, 3):
@@ -107,11 +164,7 @@ def conv_sqnorm(
             f"got {tuple(g.shape)}"
         )
     _check_method(method)
-    args = (x, g, list(ks), list(st), list(lead_pad), list(dil), groups, bool(bias), method)
-    return _dispatch(_CONV, _CONV_ACC, args, accumulate)
-
-
-# ---- helpers ------------------------------------------------------------------
+    return (x, g, list(ks), list(st), list(lead_pad), list(dil), groups, bool(bias), method)
 
 
 def _dispatch(op, accumulate_op, args, accumulate):

@@ -87,6 +87,23 @@ def im2col_view(
     return xp[(Ellipsis,) + tuple(slice(None, None, d) for d in dilation)]
 
 
+def _conv_matrices(x, g, kernel_size, stride, padding, dilation, groups):
+    """A convolution as per-group Linear layers: A (N, groups, P, C_in/groups * K) of im2col rows
+    and G (N, groups, P, C_out/groups), in the accumulation dtype."""
+    acc = result_dtype(x.dtype)
+    N, C_in, C_out = x.shape[0], x.shape[1], g.shape[1]
+    out_size = g.shape[2:]
+    P, K = math.prod(out_size), math.prod(kernel_size)
+    cols = im2col_view(x.to(acc), kernel_size, stride, padding, dilation, out_size)
+    A = (
+        cols.reshape(N, groups, C_in // groups, P, K)
+        .transpose(2, 3)
+        .reshape(N, groups, P, (C_in // groups) * K)
+    )
+    G = g.to(acc).reshape(N, groups, C_out // groups, P).transpose(2, 3)
+    return A, G
+
+
 def conv_sqnorm(
     x: torch.Tensor,
     g: torch.Tensor,
@@ -99,18 +116,28 @@ def conv_sqnorm(
     method: str,
 ) -> torch.Tensor:
     """Per-example squared weight (+ bias) gradient norm of a Conv{1,2,3}d layer."""
-    acc = result_dtype(x.dtype)
-    N, C_in, C_out = x.shape[0], x.shape[1], g.shape[1]
-    out_size = g.shape[2:]
-    P, K = math.prod(out_size), math.prod(kernel_size)
-    cols = im2col_view(x.to(acc), kernel_size, stride, padding, dilation, out_size)
-    A = (
-        cols.reshape(N, groups, C_in // groups, P, K)
-        .transpose(2, 3)
-        .reshape(N, groups, P, (C_in // groups) * K)
-    )
-    G = g.to(acc).reshape(N, groups, C_out // groups, P).transpose(2, 3)
+    A, G = _conv_matrices(x, g, kernel_size, stride, padding, dilation, groups)
     s = _rule(A, G, method).sum(1)
     if bias:
         s = s + G.sum(2).square().sum((1, 2))
     return s
+
+
+def linear_grad_sqnorm(a: torch.Tensor, g: torch.Tensor, bias: bool, method: str):
+    """The batch's weight gradient ``(d_out, d_in)``, its bias gradient (None without bias), both in
+    the inputs' dtype, and the per-example squared norms of :func:`linear_sqnorm`."""
+    norms = linear_sqnorm(a, g, bias, method)
+    acc = result_dtype(a.dtype)
+    A, G = to_accumulation_dtype(a).reshape(-1, a.shape[-1]), g.to(acc).reshape(-1, g.shape[-1])
+    bias_grad = G.sum(0).to(g.dtype) if bias else None
+    return (G.T @ A).to(a.dtype), bias_grad, norms
+
+
+def conv_grad_sqnorm(x, g, kernel_size, stride, padding, dilation, groups, bias, method):
+    """The batch's weight gradient ``(C_out, C_in / groups, *kernel_size)``, its bias gradient (None
+    without bias), both in the inputs' dtype, and the per-example squared norms of :func:`conv_sqnorm`."""
+    norms = conv_sqnorm(x, g, kernel_size, stride, padding, dilation, groups, bias, method)
+    A, G = _conv_matrices(x, g, kernel_size, stride, padding, dilation, groups)
+    weight = torch.einsum("ngpo,ngpr->gor", G, A).reshape(g.shape[1], x.shape[1] // groups, *kernel_size)
+    bias_grad = G.sum((0, 2)).reshape(-1).to(g.dtype) if bias else None
+    return weight.to(x.dtype), bias_grad, norms

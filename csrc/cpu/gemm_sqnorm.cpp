@@ -10,6 +10,8 @@
 
 #include <immintrin.h>
 
+#include <c10/util/Exception.h>
+
 #include <cstdlib>
 
 namespace fisher_ext {
@@ -22,9 +24,15 @@ namespace {
 #define FX_REP12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 #define FX_REP24(X) FX_REP12(X) X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19) X(20) X(21) X(22) X(23)
 
+// wt[0, 16) += c on the lanes of mask (a column of the weight gradient's transpose).
+FISHER_EXT_AVX512 inline void add_column(float* wt, __mmask16 mask, __m512 c) {
+  if (mask) _mm512_mask_storeu_ps(wt, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, wt), c));
+}
+
 // 32 channels x 12 columns: 24 accumulators.
 FISHER_EXT_AVX512 float tile_32x12(const float* a_base, int64_t lda, __mmask16 mask0, __mmask16 mask1,
-                                   const float* panel_base, int64_t ks, int64_t js, PositionRuns K) {
+                                   const float* panel_base, int64_t ks, int64_t js, PositionRuns K, float* wt,
+                                   int64_t ldw) {
 #define FX_DECL(j) __m512 c0_##j = _mm512_setzero_ps(), c1_##j = _mm512_setzero_ps();
   FX_REP12(FX_DECL)
   for (int64_t r = 0; r < K.count; ++r) {
@@ -45,16 +53,21 @@ FISHER_EXT_AVX512 float tile_32x12(const float* a_base, int64_t lda, __mmask16 m
   __m512 s = _mm512_setzero_ps();
 #define FX_SUM(j) s = _mm512_fmadd_ps(c0_##j, c0_##j, s); s = _mm512_fmadd_ps(c1_##j, c1_##j, s);
   FX_REP12(FX_SUM)
+  if (wt) {
+#define FX_ADD(j) add_column(wt + j * ldw, mask0, c0_##j); add_column(wt + j * ldw + 16, mask1, c1_##j);
+    FX_REP12(FX_ADD)
+  }
   return _mm512_reduce_add_ps(s);
 #undef FX_DECL
 #undef FX_STEP
 #undef FX_SUM
+#undef FX_ADD
 }
 
 // 16 channels x NR columns (NR <= 24): NR accumulators; the unused ones compile away.
 template <int NR>
 FISHER_EXT_AVX512 float tile_16xN(const float* a_base, int64_t lda, __mmask16 mask0, __mmask16, const float* panel_base,
-                                  int64_t ks, int64_t js, PositionRuns K) {
+                                  int64_t ks, int64_t js, PositionRuns K, float* wt, int64_t ldw) {
   static_assert(NR <= 24, "at most 24 accumulators");
 #define FX_DECL(j) __m512 c_##j = _mm512_setzero_ps();
   FX_REP24(FX_DECL)
@@ -72,10 +85,16 @@ FISHER_EXT_AVX512 float tile_16xN(const float* a_base, int64_t lda, __mmask16 ma
 #define FX_SUM(j) \
   if (j < NR) s = _mm512_fmadd_ps(c_##j, c_##j, s);
   FX_REP24(FX_SUM)
+  if (wt) {
+#define FX_ADD(j) \
+  if (j < NR) add_column(wt + j * ldw, mask0, c_##j);
+    FX_REP24(FX_ADD)
+  }
   return _mm512_reduce_add_ps(s);
 #undef FX_DECL
 #undef FX_STEP
 #undef FX_SUM
+#undef FX_ADD
 }
 
 inline __mmask16 lanes(int64_t n) {
@@ -83,11 +102,12 @@ inline __mmask16 lanes(int64_t n) {
 }
 
 template <int MR, float (*tile)(const float*, int64_t, __mmask16, __mmask16, const float*, int64_t, int64_t,
-                                PositionRuns)>
+                                PositionRuns, float*, int64_t)>
 FISHER_EXT_AVX512 double panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t ks,
-                                      int64_t js, PositionRuns K) {
+                                      int64_t js, PositionRuns K, float* wt, int64_t ldw) {
   double total = 0;
-  for (int64_t i0 = 0; i0 < M; i0 += MR) total += tile(a + i0, lda, lanes(M - i0), lanes(M - i0 - 16), panel, ks, js, K);
+  for (int64_t i0 = 0; i0 < M; i0 += MR)
+    total += tile(a + i0, lda, lanes(M - i0), lanes(M - i0 - 16), panel, ks, js, K, wt ? wt + i0 : nullptr, ldw);
   return total;
 }
 
@@ -102,12 +122,12 @@ bool fused_gemm_sqnorm_available() {
 int64_t fused_panel_width(int64_t M) { return M <= 16 ? 24 : 12; }
 
 double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step,
-                          int64_t j_step, PositionRuns K, int64_t width) {
+                          int64_t j_step, PositionRuns K, int64_t width, float* wt, int64_t ldw) {
   switch (width) {
-    case 12: return panel_sqnorm<32, tile_32x12>(a, lda, M, panel, k_step, j_step, K);
-    case 16: return panel_sqnorm<16, tile_16xN<16>>(a, lda, M, panel, k_step, j_step, K);
-    case 24: return panel_sqnorm<16, tile_16xN<24>>(a, lda, M, panel, k_step, j_step, K);
-    default: std::abort();  // callers pass one of kFusedPanelWidths
+    case 12: return panel_sqnorm<32, tile_32x12>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
+    case 16: return panel_sqnorm<16, tile_16xN<16>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
+    case 24: return panel_sqnorm<16, tile_16xN<24>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
+    default: TORCH_CHECK(false, "fused_panel_sqnorm: width: expected 12, 16 or 24, got ", width);
   }
 }
 

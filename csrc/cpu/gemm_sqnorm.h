@@ -6,6 +6,9 @@
 // columns of activations (im2col rows of a convolution, inputs of a linear layer).
 // W is formed tile by tile in registers, squared and summed there, never stored.
 // Columns the caller does not want must be zeros in the panel.
+// With `wt`, W is also added into memory, column by column: column j of a tile of channels
+// i0.. goes to wt[j * ldw + i0 ..] (the weight gradient's transpose, summed over the calls: the
+// fused weight-gradient op). Zero columns add zeros, so wt needs rows for them.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +32,6 @@ struct PositionRuns {
 
 // Needs fused_gemm_sqnorm_available(); width is one of kFusedPanelWidths.
 double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step,
-                          int64_t j_step, PositionRuns K, int64_t width);
+                          int64_t j_step, PositionRuns K, int64_t width, float* wt = nullptr, int64_t ldw = 0);
 
 }  // namespace fisher_ext

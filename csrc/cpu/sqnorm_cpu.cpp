@@ -27,7 +27,6 @@
 #include <string>
 #include <utility>
 #include <vector>
-#include <vector>
 
 namespace fisher_ext {
 namespace {
@@ -76,6 +75,33 @@ void for_each_block(int64_t N, int64_t nb, const F& f) {
     for (int64_t b = b0; b < b1; ++b) f(b * nb, std::min(nb, N - b * nb), scratch);
   });
 }
+
+// Per-thread partial sums of a weight gradient's transpose (float32), zeroed on first use by
+// each thread and added up at the end.
+class Partials {
+ public:
+  Partials(at::IntArrayRef sizes, const at::TensorOptions& opts)
+      : sizes_(sizes.vec()), opts_(opts.dtype(at::kFloat)), slots_(std::max(1, at::get_num_threads())) {}
+
+  float* mine() {
+    const size_t slot = static_cast<size_t>(at::get_thread_num());
+    TORCH_CHECK(slot < slots_.size(), "fisher_ext: thread ", slot, " outside the ", slots_.size(), " planned");
+    if (!slots_[slot].defined()) slots_[slot] = at::zeros(sizes_, opts_);
+    return slots_[slot].data_ptr<float>();
+  }
+
+  Tensor sum() const {
+    Tensor total;
+    for (const Tensor& t : slots_)
+      if (t.defined()) total = total.defined() ? total.add_(t) : t;
+    return total.defined() ? total : at::zeros(sizes_, opts_);
+  }
+
+ private:
+  std::vector<int64_t> sizes_;
+  at::TensorOptions opts_;
+  std::vector<Tensor> slots_;
+};
 
 void write_result(Tensor& out, int64_t n0, const Tensor& s, bool add) {
   auto dst = out.narrow(0, n0, s.size(0));
@@ -128,21 +154,26 @@ void linear_rows_into(Tensor& out, const LinearShape& sh, const Tensor& a, const
   });
 }
 
-void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
-                 const std::string& method, bool add) {
-  if (sh.N == 0) return;
+// The norms into out; with want_weight, returns the weight gradient as well (else undefined).
+Tensor linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
+                   const std::string& method, bool add, bool want_weight) {
   const auto acc = result_dtype(a.scalar_type());
-  if (sh.T == 1) {
-    choose_method(method, 1, sh.d_in, sh.d_out);  // validates the argument; both methods are this product
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "linear_rows",
-                                    [&] { linear_rows_into<scalar_t>(out, sh, a, g, bias, add); });
-    return;
+  if (sh.N == 0 || sh.T == 1) {
+    if (sh.N > 0) {
+      choose_method(method, 1, sh.d_in, sh.d_out);  // validates the argument; both methods are this product
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "linear_rows",
+                                      [&] { linear_rows_into<scalar_t>(out, sh, a, g, bias, add); });
+    }
+    return want_weight ? linear_weight_grad(sh, a, g) : Tensor();
   }
   const Tensor A = a.reshape({sh.N, sh.T, sh.d_in});
   const Tensor G = g.reshape({sh.N, sh.T, sh.d_out});
   const Method m = choose_method(method, sh.T, sh.d_in, sh.d_out, materialize_cost(acc));
   const bool fused = m == Method::Materialize && acc == at::kFloat && fused_gemm_sqnorm_available();
   const int64_t nr = fused_panel_width(sh.d_out);
+  const int64_t full = sh.d_in / nr, tail = sh.d_in - full * nr;
+  // The weight gradient's transpose, one row per panel column (the tail panel's zero columns too).
+  Partials weight({(full + (tail ? 1 : 0)) * nr, sh.d_out}, a.options());
   const int64_t elt = at::elementSize(acc);
   const int64_t ws = m == Method::Ghost ? 2 * sh.T * sh.T : sh.d_in * sh.d_out;
   const int64_t nb = block_size(sh.N, elt * (ws + sh.T * (sh.d_in + sh.d_out)));
@@ -153,8 +184,9 @@ void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tens
     if (fused) {
       // Full panels are read from a in place (row pitch d_in); the last, partial one is
       // copied into a zero-padded panel.
-      const int64_t full = sh.d_in / nr, tail = sh.d_in - full * nr;
       float* tail_panel = scratch.get(0, {sh.T * nr}, Ab.options()).zero_().data_ptr<float>();
+      float* wt = want_weight ? weight.mine() : nullptr;
+      auto at_panel = [&](int64_t t) { return wt ? wt + t * nr * sh.d_out : nullptr; };
       s = at::empty({cnt}, Ab.options());
       float* sp = s.data_ptr<float>();
       for (int64_t n = 0; n < cnt; ++n) {
@@ -162,11 +194,13 @@ void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tens
         const float* gn = Gb.data_ptr<float>() + n * sh.T * sh.d_out;
         double total = 0;
         for (int64_t t = 0; t < full; ++t)
-          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, an + t * nr, sh.d_in, 1, {1, sh.T, sh.T}, nr);
+          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, an + t * nr, sh.d_in, 1, {1, sh.T, sh.T}, nr,
+                                      at_panel(t), sh.d_out);
         if (tail) {
           for (int64_t k = 0; k < sh.T; ++k)
             std::copy(an + k * sh.d_in + full * nr, an + (k + 1) * sh.d_in, tail_panel + k * nr);
-          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, tail_panel, nr, 1, {1, sh.T, sh.T}, nr);
+          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, tail_panel, nr, 1, {1, sh.T, sh.T}, nr,
+                                      at_panel(full), sh.d_out);
         }
         sp[n] = static_cast<float>(total);
       }
@@ -176,6 +210,18 @@ void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tens
     if (bias) s.add_(Gb.sum(1).square_().sum(1));
     write_result(out, n0, s, add);
   });
+  if (!want_weight) return Tensor();
+  return fused ? weight.sum().narrow(0, 0, sh.d_in).t() : linear_weight_grad(sh, a, g);
+}
+
+void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
+                 const std::string& method, bool add) {
+  linear_impl(out, sh, a, g, bias, method, add, /*want_weight=*/false);
+}
+
+Tensor linear_grad_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
+                        const std::string& method) {
+  return linear_impl(out, sh, a, g, bias, method, /*add=*/false, /*want_weight=*/true);
 }
 
 // ---- convolution -----------------------------------------------------------
@@ -254,11 +300,13 @@ double pack_transposed(const scalar_t* gn, const std::array<int64_t, 5>& st, con
 // Fused path (float32 accumulation, AVX-512): per example and group, the im2col rows are
 // packed a panel (nr rows of P) at a time into a small cache-resident buffer and consumed
 // at once by the register-tiled kernel: implicit GEMM, no im2col matrix in memory.
+// wt (or null): the weight gradient's transpose, (groups, rows rounded up to panels, cout_g).
 template <typename scalar_t>
 void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool bias, int64_t n0, int64_t cnt,
-                      Scratch& scratch, float* result) {
+                      Scratch& scratch, float* result, float* wt) {
   const auto xst = strides5(x), gst = strides5(g);
   const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol(), nr = fused_panel_width(s.cout_g);
+  const int64_t rows_pad = (rows + nr - 1) / nr * nr;
   const auto opts = x.options().dtype(at::kFloat);
   float* panel = scratch.get(0, {P * nr}, opts).data_ptr<float>();
   float* gt = scratch.get(1, {P * s.C_out}, opts).data_ptr<float>();
@@ -272,7 +320,8 @@ void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool
         const int64_t width = std::min(nr, rows - r0);
         for (int64_t j = 0; j < width; ++j) pack_row<scalar_t, float>(xn, xst, s, gr * rows + r0 + j, panel + j * P);
         std::fill(panel + width * P, panel + nr * P, 0.f);
-        total += fused_panel_sqnorm(gt + gr * s.cout_g, s.C_out, s.cout_g, panel, 1, P, {1, P, P}, nr);
+        total += fused_panel_sqnorm(gt + gr * s.cout_g, s.C_out, s.cout_g, panel, 1, P, {1, P, P}, nr,
+                                    wt ? wt + (gr * rows_pad + r0) * s.cout_g : nullptr, s.cout_g);
       }
     }
     result[n] = static_cast<float>(total);
@@ -313,11 +362,11 @@ ShiftPlan plan_shift(const ConvShape& s) {
 // Whether the shifted layout is cheaper than packing im2col panels: flops plus ~40 flops'
 // worth of time per element written while packing (measured: packing one element costs
 // about what the kernel does in 0.4 ns). The shifted kernel streams its whole grid and g
-// per panel, so it only pays while both stay in cache: measured on a Zen 4 core (1 MiB L2),
-// it won at 183 KiB (C6: 6.4 vs 7.5 ms) and lost at 312 KiB (C3: 64 vs 57 ms).
+// per panel, so it only pays while both stay in the core's L2 cache: measured on a Zen 4 core
+// (1 MiB L2) it wins up to the 552 KiB of C2 and ties at the 313 KiB of C3 (bench/results/peers_cpu.md).
 bool prefer_shift(const ConvShape& s, const ShiftPlan& p) {
   constexpr double kPackCost = 40;
-  constexpr int64_t kMaxShiftBytes = 256 << 10;
+  constexpr int64_t kMaxShiftBytes = 640 << 10;
   if ((p.Lx * p.ctot + p.L * s.C_out) * int64_t(sizeof(float)) > kMaxShiftBytes) return false;
   const double P = s.out_vol(), rows = s.cin_g * s.k_vol(), nr = fused_panel_width(s.cout_g);
   const double packed = 2 * P * std::ceil(rows / nr) * nr * s.cout_g * s.groups + kPackCost * rows * P * s.groups;
@@ -344,9 +393,10 @@ void pack_shift_grid(const scalar_t* xn, const std::array<int64_t, 5>& st, const
   }
 }
 
+// wt (or null): the weight gradient's transpose, (groups, k_vol, cpad, cout_g).
 template <typename scalar_t>
 void conv_block_shifted(const Tensor& x, const Tensor& g, const ConvShape& s, const ShiftPlan& p, bool bias,
-                        int64_t n0, int64_t cnt, Scratch& scratch, float* result) {
+                        int64_t n0, int64_t cnt, Scratch& scratch, float* result, float* wt) {
   const auto xst = strides5(x), gst = strides5(g);
   const auto opts = x.options().dtype(at::kFloat);
   float* grid = scratch.get(0, {p.Lx * p.ctot}, opts).data_ptr<float>();
@@ -357,11 +407,13 @@ void conv_block_shifted(const Tensor& x, const Tensor& g, const ConvShape& s, co
     const double bias_sq =
         pack_transposed<scalar_t>(g.data_ptr<scalar_t>() + (n0 + n) * gst[0], gst, s, p.Wp, p.Hp * p.Wp, gt);
     double total = bias ? bias_sq : 0.0;
+    const int64_t kv = static_cast<int64_t>(p.offsets.size());
     for (int64_t gr = 0; gr < s.groups; ++gr)
-      for (int64_t off : p.offsets)
+      for (int64_t ki = 0; ki < kv; ++ki)
         for (int64_t c0 = 0; c0 < p.cpad; c0 += p.width)
-          total += fused_panel_sqnorm(gt + gr * s.cout_g, s.C_out, s.cout_g, grid + off * p.ctot + gr * p.cpad + c0,
-                                      p.ctot, 1, p.runs, p.width);
+          total += fused_panel_sqnorm(gt + gr * s.cout_g, s.C_out, s.cout_g,
+                                      grid + p.offsets[ki] * p.ctot + gr * p.cpad + c0, p.ctot, 1, p.runs, p.width,
+                                      wt ? wt + ((gr * kv + ki) * p.cpad + c0) * s.cout_g : nullptr, s.cout_g);
     result[n] = static_cast<float>(total);
   }
 }
@@ -463,9 +515,10 @@ Tensor conv_block_gram_shift(const Tensor& x, const Tensor& G, const ConvShape& 
   return sb;
 }
 
-void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
-               const std::string& method, bool add) {
-  if (s.N == 0) return;
+// The norms into out; with want_weight, returns the weight gradient as well (else undefined).
+Tensor conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
+                 const std::string& method, bool add, bool want_weight) {
+  if (s.N == 0) return want_weight ? conv_weight_grad(s, x, g) : Tensor();
   const auto acc = result_dtype(x.scalar_type());
   const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol();
   const Method m = choose_method(method, P, rows, s.cout_g, materialize_cost(acc));
@@ -485,28 +538,56 @@ void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g
                    : s.C_in * s.k_vol() * P + s.C_out * P + s.groups * (m == Method::Ghost ? 2 * P * P : s.cout_g * rows);
   const int64_t nb = block_size(s.N, at::elementSize(acc) * per_example);
   const Tensor G = g.reshape({s.N, s.C_out, P});
+  // The fused paths' weight gradient, transposed in the layout of each (see their comments).
+  const int64_t nr = fused_panel_width(s.cout_g);
+  const std::vector<int64_t> wt_sizes =
+      shifted ? std::vector<int64_t>{s.groups, s.k_vol(), shift.cpad, s.cout_g}
+              : std::vector<int64_t>{s.groups, (rows + nr - 1) / nr * nr, s.cout_g};
+  Partials weight(wt_sizes, x.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_sqnorm_cpu", [&] {
     for_each_block(s.N, nb, [&](int64_t n0, int64_t cnt, Scratch& scratch) {
       Tensor sb;
       if (shifted) {
         sb = at::empty({cnt}, x.options().dtype(at::kFloat));
-        conv_block_shifted<scalar_t>(x, g, s, shift, bias, n0, cnt, scratch, sb.data_ptr<float>());
+        conv_block_shifted<scalar_t>(x, g, s, shift, bias, n0, cnt, scratch, sb.data_ptr<float>(),
+                                     want_weight ? weight.mine() : nullptr);
       } else if (gram_shift) {
         sb = conv_block_gram_shift<scalar_t>(x, G, s, gram_plan, bias, n0, cnt, scratch);
       } else if (fused) {
         sb = at::empty({cnt}, x.options().dtype(at::kFloat));
-        conv_block_fused<scalar_t>(x, g, s, bias, n0, cnt, scratch, sb.data_ptr<float>());
+        conv_block_fused<scalar_t>(x, g, s, bias, n0, cnt, scratch, sb.data_ptr<float>(),
+                                   want_weight ? weight.mine() : nullptr);
       } else {
         sb = conv_block_blas<scalar_t>(x, G, s, bias, m, n0, cnt, scratch);
       }
       write_result(out, n0, sb, add);
     });
   });
+  if (!want_weight) return Tensor();
+  if (!fused) return conv_weight_grad(s, x, g);
+  std::vector<int64_t> kernel{s.C_out, s.cin_g};  // the weight's shape: (C_out, cin_g, *kernel)
+  for (int64_t d = 3 - (x.dim() - 2); d < 3; ++d) kernel.push_back(s.k[d]);
+  const Tensor wt = weight.sum();
+  const Tensor w = shifted ? wt.narrow(2, 0, s.cin_g).permute({0, 3, 2, 1})     // (groups, cout_g, cin_g, k_vol)
+                           : wt.narrow(1, 0, rows).permute({0, 2, 1});          // (groups, cout_g, rows)
+  return w.reshape(kernel);
+}
+
+void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
+               const std::string& method, bool add) {
+  conv_impl(out, s, x, g, bias, method, add, /*want_weight=*/false);
+}
+
+Tensor conv_grad_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
+                      const std::string& method) {
+  return conv_impl(out, s, x, g, bias, method, /*add=*/false, /*want_weight=*/true);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisher_ext, CPU, m) { SqnormEntry<linear_into, conv_into>::register_all(m); }
+TORCH_LIBRARY_IMPL(fisher_ext, CPU, m) {
+  SqnormEntry<linear_into, conv_into, linear_grad_into, conv_grad_into>::register_all(m);
+}
 
 }  // namespace fisher_ext

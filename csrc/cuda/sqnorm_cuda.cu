@@ -94,6 +94,9 @@ void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisher_ext, CUDA, m) { SqnormEntry<linear_into, conv_into>::register_all(m); }
+TORCH_LIBRARY_IMPL(fisher_ext, CUDA, m) {
+  // No fused weight-gradient kernel on CUDA yet: the norms, then ATen's weight gradient.
+  SqnormEntry<linear_into, conv_into, unfused_linear_grad<linear_into>, unfused_conv_grad<conv_into>>::register_all(m);
+}
 
 }  // namespace fisher_ext

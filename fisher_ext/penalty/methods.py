@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..capture import select_logits
+from ..fused_backward import backward_with_norms
 from .objectives import Batch, GradientNorm, Value
 from ..state import BufferState, RandomState
 from .replay import DecisionMismatch, FrozenDecisions
@@ -161,7 +162,7 @@ class FiniteDifference:
         gbar = [g.detach() if g is not None else None for g in v.gbar]
         try:
             penalty, train = self._shifted(objective, batch, gbar, float(v.value.detach()), alpha, rerun,
-                                           separate=check)
+                                           separate=check, fused=v.fused)
         except DecisionMismatch as e:
             warn(f"{e}; this step's gradient is the exact one (double backward)")
             return Outcome(self._exact(objective, batch, train_loss, alpha), v, DoubleBackward.name)
@@ -173,12 +174,14 @@ class FiniteDifference:
         return Outcome([_add(p, t) for p, t in zip(penalty, train)], v, self.name, report)
 
     def _shifted(self, objective: GradientNorm, batch: Batch, gbar: Grads, gbar_sqnorm: float, alpha: float,
-                 rerun: Rerun, separate: bool) -> tuple[Grads, Grads]:
+                 rerun: Rerun, separate: bool, fused: bool = False) -> tuple[Grads, Grads]:
         """The gradient of ``loss + c L`` at ``theta + r v`` (the decisions and random state of the
         watched pass), less ``c gbar``, with ``c = 2 alpha ||gbar|| / r``: the step's gradient. With
         ``separate``, as (penalty part, training part) from two backwards of the shifted pass;
         else (all of it, Nones) from one. The rounding of ``||gbar||`` cancels: it scales the shift
-        and the difference inversely."""
+        and the difference inversely. ``fused``: gbar's layer gradients came from the fused ops, so
+        the shifted pass takes them from the same ops (through the capture): two gradients formed
+        with different summation orders would leave their rounding difference, divided by r."""
         norm = math.sqrt(gbar_sqnorm)
         r = self.radius if self.radius is not None else self.default_radius(batch.params)
         step = r / norm if norm > 0 else 0.0  # gbar = 0: no shift, and the penalty's gradient is 0
@@ -189,9 +192,16 @@ class FiniteDifference:
         if rerun.inputs_changed(batch.inputs):
             raise DecisionMismatch("the watched forward modified its inputs in place, so they cannot be fed again")
         decisions = rerun.decisions.replay()
+        capture = batch.capture if fused and not separate else None
         with rerun.rng.replayed(), rerun.buffers.replayed():
             with decisions.watching(rerun.model):
-                output = torch.func.functional_call(rerun.model, dict(zip(rerun.names, shifted)), batch.inputs)
+                if capture is not None:
+                    capture.start()
+                try:
+                    output = torch.func.functional_call(rerun.model, dict(zip(rerun.names, shifted)), batch.inputs)
+                finally:
+                    if capture is not None:
+                        capture.stop()
             train_loss = rerun.loss_fn(output)  # its own random draws as in the watched pass
             output = select_logits(rerun.logits, output)
         if not decisions.finished():
@@ -201,6 +211,14 @@ class FiniteDifference:
         if separate:
             penalty = torch.autograd.grad(penalty_loss, shifted, retain_graph=True, allow_unused=True)
             train = list(torch.autograd.grad(train_loss, shifted, allow_unused=True))
+        elif capture is not None:
+            try:
+                capture.find_batch_dims(objective.likelihood.nll(output, batch.labels))
+                penalty, _ = backward_with_norms(capture, penalty_loss + train_loss, shifted, batch.output.shape[0],
+                                                 1.0, retain_graph=False, names=rerun.names, norms=False)
+            finally:
+                capture.clear()
+            train = [None] * len(shifted)
         else:
             penalty = torch.autograd.grad(penalty_loss + train_loss, shifted, allow_unused=True)
             train = [None] * len(shifted)

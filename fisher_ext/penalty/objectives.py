@@ -20,6 +20,7 @@ import torch
 
 from ..likelihoods import Likelihood
 from ..capture import Capture
+from ..fused_backward import backward_with_norms
 
 Tensor = torch.Tensor
 
@@ -44,11 +45,14 @@ class Value:
         gbar: the mean-loss gradient per parameter (None where it got none), for
             :class:`GradientNorm` only.
         per_example: ``(B,)`` the ``||g_i||^2`` (float32, float64 for float64), or None.
+        fused: gbar's Linear/Conv weight gradients came from the fused ops (a finite difference
+            against it must form the shifted gradient the same way, or their roundings differ).
     """
 
     value: Tensor
     gbar: list | None = None
     per_example: Tensor | None = None
+    fused: bool = False
 
 
 class GradientNorm:
@@ -84,6 +88,8 @@ class GradientNorm:
     def value(self, batch: Batch, create_graph: bool) -> Value:
         capture = batch.capture
         losses = self.likelihood.nll(batch.output, batch.labels)
+        if capture is not None and not create_graph:  # gbar and the free norms from one fused backward
+            return self._fused_value(batch, losses)
         if capture is not None:
             capture.find_batch_dims(losses)
             capture.collecting = True  # the hooks catch dl/d(output) during this backward
@@ -98,6 +104,20 @@ class GradientNorm:
         if not isinstance(value, Tensor):  # no parameter reaches the loss
             value = batch.output.new_zeros(())
         return Value(value, gbar, norms)
+
+
+    def _fused_value(self, batch: Batch, losses: Tensor) -> Value:
+        capture, n = batch.capture, batch.output.shape[0]
+        capture.find_batch_dims(losses)
+        try:
+            gbar, norms = backward_with_norms(capture, losses.mean(), batch.params, n, scale=float(n),
+                                              retain_graph=True, norms_required=False)
+        finally:
+            capture.clear()  # its inputs and gradients are not held past this call
+        value = sum(g.square().sum() for g in gbar if g is not None)
+        if not isinstance(value, Tensor):  # no parameter reaches the loss
+            value = batch.output.new_zeros(())
+        return Value(value, gbar, torch.stack(list(norms.values())).sum(0) if norms else None, fused=True)
 
 
 class BatchTrace:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..ops import conv_sqnorm
+from ..ops import conv_grad_sqnorm, conv_sqnorm
 from .registry import Call, register_rule
 from .shared import bias_norm, require_batch_first
 
@@ -25,7 +25,23 @@ def _conv(module, names: list, x, g):
     return out
 
 
-@register_rule((nn.Conv1d, nn.Conv2d, nn.Conv3d), applies=_zero_padded, differentiable=True)
+def conv_gradients(module: nn.modules.conv._ConvNd, names: list, call: Call):
+    """The weight gradient and its norms from one fused pass; the bias's from the output gradient."""
+    require_batch_first(module, call)
+    x, g = call.args[0], call.grad
+    grads, norms = {}, {}
+    if "weight" in names:
+        grads["weight"], _, norms["weight"] = conv_grad_sqnorm(
+            x, g.to(x.dtype), kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
+            dilation=module.dilation, groups=module.groups, bias=False)
+    if "bias" in names:
+        grads["bias"] = g.sum([d for d in range(g.dim()) if d != 1])
+        norms["bias"] = bias_norm(g, 1)
+    return grads, norms
+
+
+@register_rule((nn.Conv1d, nn.Conv2d, nn.Conv3d), applies=_zero_padded, differentiable=True,
+               gradients=conv_gradients)
 def conv_rule(module: nn.modules.conv._ConvNd, names: list, call: Call):
     require_batch_first(module, call)
     x, g = call.args[0], call.grad

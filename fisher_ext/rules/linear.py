@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..ops import linear_sqnorm
+from ..ops import linear_grad_sqnorm, linear_sqnorm
 from .registry import Call, register_rule
 from .shared import batch_first, bias_norm
 
 
-@register_rule(nn.Linear, differentiable=True)
+def linear_gradients(module: nn.Linear, names: list, call: Call):
+    """The weight gradient and its norms from one fused pass; the bias's from the output gradient."""
+    x, g = batch_first(call, call.args[0], call.grad)
+    grads, norms = {}, {}
+    if "weight" in names:
+        grads["weight"], _, norms["weight"] = linear_grad_sqnorm(x, g.to(x.dtype), bias=False)
+    if "bias" in names:
+        grads["bias"] = g.reshape(-1, g.shape[-1]).sum(0)
+        norms["bias"] = bias_norm(g, -1)
+    return grads, norms
+
+
+@register_rule(nn.Linear, differentiable=True, gradients=linear_gradients)
 def linear_rule(module: nn.Linear, names: list, call: Call):
     x, g = batch_first(call, call.args[0], call.grad)
     out = {}

@@ -83,6 +83,9 @@ class Call:
 
 
 RuleFn = Callable[[nn.Module, list, Call], Norms]
+# (module, names, call) -> ({name: gradient of the summed loss}, {name: (N,) norms}): a rule that
+# also gives the parameters' batch gradients from the call, so a backward needs not form them.
+GradientsFn = Callable[[nn.Module, list, Call], tuple[dict[str, torch.Tensor], Norms]]
 
 
 @dataclass
@@ -94,6 +97,7 @@ class Rule:
     types: list = field(default_factory=list)
     reruns: bool = False  # it re-runs its module (the exact fallback), so it can take descendants' parameters
     applies: Callable[[nn.Module], bool] | None = None  # False: this configuration goes to the fallback
+    gradients: GradientsFn | None = None  # the fused backward's (fisher_ext.fused_backward)
 
 
 _RULES: dict[type, Rule] = {}
@@ -101,7 +105,8 @@ _RULES: dict[type, Rule] = {}
 
 def register_rule(module_type: type | tuple, fn: RuleFn | None = None, *, name: str | None = None,
                   check: Callable[[nn.Module], None] | None = None, differentiable: bool = False,
-                  reruns: bool = False, applies: Callable[[nn.Module], bool] | None = None) -> Any:
+                  reruns: bool = False, applies: Callable[[nn.Module], bool] | None = None,
+                  gradients: GradientsFn | None = None) -> Any:
     """Registers ``fn`` as the per-example-norm rule of ``module_type`` (a type or a tuple of types),
     replacing any earlier one; usable as a decorator::
 
@@ -115,6 +120,10 @@ def register_rule(module_type: type | tuple, fn: RuleFn | None = None, *, name: 
     ``reruns``: the rule re-runs the module, so it also takes the parameters of descendants the module
     uses directly (given by names relative to it).
     ``applies(module)`` False sends that module to the exact fallback instead.
+    ``gradients(module, names, call)``: optionally, the named parameters' gradients of the summed
+    loss from the same call, with their norms; a backward that wants both (the Fisher Penalty's, the
+    monitor's :meth:`~fisher_ext.FisherTraceMonitor.backward`) then asks autograd only for the
+    module's output gradient.
     """
     types = module_type if isinstance(module_type, tuple) else (module_type,)
     for t in types:
@@ -124,7 +133,8 @@ def register_rule(module_type: type | tuple, fn: RuleFn | None = None, *, name: 
     def add(f: RuleFn) -> RuleFn:
         if not callable(f):
             raise TypeError(f"fn: expected a callable rule(module, names, call), got {type(f).__name__}")
-        rule = Rule(name or f.__name__.removesuffix("_rule"), f, check, differentiable, list(types), reruns, applies)
+        rule = Rule(name or f.__name__.removesuffix("_rule"), f, check, differentiable, list(types), reruns, applies,
+                    gradients)
         for t in types:
             _RULES[t] = rule
         return f

@@ -1,0 +1,114 @@
+"""The fused backward (gradients and per-example norms from one pass) over every model pattern of
+cases.py: its gradients are autograd's, its norms the oracle's, and the layers it fuses are the
+ones where that is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cases import CASES, CASES_BY_ID, N, build, oracle
+from fisher_ext.capture import Capture
+from fisher_ext.fused_backward import backward_with_norms, fused_layers, leaf_uses
+
+RUNS = [c for c in CASES if not c.error or c.id in ("tied_embedding", "routed_experts",  # refused after the forward
+                                                    "parent_uses_child_weight")]
+
+
+def per_example_losses(out, labels):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1), reduction="none").reshape(N, -1).sum(1)
+
+
+def fused_step(model, inputs, labels, extra=None, required=True):
+    """(grads, norms, fused layers) of the mean loss (+ ``extra(model)``) from the fused backward,
+    and autograd's gradients of the same loss."""
+    target = getattr(model, "_orig_mod", model)
+    params = [p for p in target.parameters() if p.requires_grad]
+    capture = Capture(model, strict=False)
+    with capture, torch.enable_grad():
+        capture.start()
+        out = capture.model(*inputs)
+        capture.stop()
+        losses = per_example_losses(out, labels)
+        loss = losses.mean() + (extra(target) if extra else 0)
+        capture.find_batch_dims(losses)
+        fused = fused_layers(capture, params, leaf_uses(loss))
+        grads, norms = backward_with_norms(capture, loss, params, N, scale=float(N), retain_graph=True,
+                                           norms_required=required)
+        want = torch.autograd.grad(loss, params, allow_unused=True)
+    return grads, norms, fused, want
+
+
+def assert_same_grads(grads, want):
+    for g, w in zip(grads, want):
+        assert (g is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", RUNS, ids=[c.id for c in RUNS])
+def test_gradients_and_norms(case):
+    model, inputs, labels = build(case)
+    grads, norms, _, want = fused_step(model, inputs, labels, required=not case.error)
+    assert_same_grads(grads, want)
+    if case.error:
+        assert norms is None
+        return
+    expected = oracle(case, model, inputs, labels)
+    assert set(norms) == {k for k, v in expected.items() if v.any()}
+    for k, v in norms.items():
+        torch.testing.assert_close(v.double(), expected[k], rtol=1e-9, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("case_id,fused", [
+    ("mlp", ["2"]),  # layer 0's output is modified in place by ReLU(inplace=True): autograd's path
+    ("cnn_groupnorm", ["0", "3", "6"]),
+    ("conv_reflect_padding", ["2"]),  # reflect padding has no rule: the exact fallback
+    ("conv_transpose", ["4"]),
+    ("bitfit", ["2"]),
+    ("transformer_seq_first", ["head"]),  # the attention runs with the examples on dim 1, the head on dim 0
+    ("parent_uses_child_weight", []),
+])
+def test_which_layers_are_fused(case_id, fused):
+    model, inputs, labels = build(CASES_BY_ID[case_id])
+    _, _, layers, _ = fused_step(model, inputs, labels, required=False)
+    prefix = {m: name for name, m in getattr(model, "_orig_mod", model).named_modules()}
+    assert sorted(prefix[m] for m in layers) == fused
+
+
+def test_a_weight_used_outside_its_layer_is_not_fused():
+    """A regularizer on a weight reaches it by a second graph edge: that layer keeps autograd's
+    path, and the gradient includes the regularizer's part."""
+    model, inputs, labels = build(CASES_BY_ID["cnn_groupnorm"])
+    grads, _, layers, want = fused_step(model, inputs, labels, extra=lambda m: 0.1 * m[0].weight.square().sum())
+    assert model[0] not in layers and model[3] in layers
+    assert_same_grads(grads, want)
+
+
+def test_autocast_layers_keep_autograd():
+    """Under autocast the layer's input is bfloat16 and its weight float32: not fused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    x, labels = torch.randn(N, 6), torch.randint(4, (N,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads, norms, layers, want = fused_step(model, (x,), labels)
+    assert not layers
+    assert_same_grads(grads, want)
+
+
+def test_float32_conv_net_on_the_compiled_kernels():
+    """float32 at sizes where the CPU's fused kernel runs (several threads' partial sums)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.Tanh(), nn.Conv2d(32, 32, 3, padding=1), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(32 * 64, 10))
+    x, labels = torch.randn(N, 8, 8, 8), torch.randint(10, (N,))
+    grads, norms, layers, want = fused_step(model, (x,), labels)
+    assert len(layers) == 3
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    model64 = model.double()
+    _, norms64, _, _ = fused_step(model64, (x.double(),), labels)
+    for k in norms64:
+        torch.testing.assert_close(norms[k].double(), norms64[k], rtol=1e-4, atol=0)
