@@ -17,11 +17,15 @@ other within each round (interleaved rounds, median over rounds):
   backpack        BackPACK's BatchL2Grad extension functions for the layer (weight and bias)
   func            torch.func: vmap(grad) of the layer's own functional call, per example
   wgrad           for reference, not a peer: the layer's own weight- and bias-gradient backward
-                  (input not requiring grad), what a training step computes anyway
+                  through ATen (mm / convolution_backward, what autograd calls in a training step)
+  fused           fisher_ext.linear_grad_sqnorm / conv_grad_sqnorm: that weight and bias gradient
+                  and the per-example norms together (checked against both)
 
 Each method's result is checked against a float64 torch.func oracle (relative error <= 1e-3);
 a method that disagrees or fails is reported, not timed. A missing peer is reported as not
-installed. Ratio = ours / the fastest correct peer (below 1: ours is faster).
+installed. Ratio = ours / the fastest correct peer (below 1: ours is faster). For the fused op:
+fused / wgrad (what the norms add to the weight gradient a backward forms anyway) and fused /
+(the fastest peer's norms + wgrad), what a backward that wants both would otherwise pay.
 Writes peers_cpu.md and peers_cpu.json to --out.
 """
 
@@ -103,11 +107,18 @@ def methods(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, installed: dict)
         out["backpack"] = backpack_norms
     out["func"] = _func_sqnorms(layer, x, g)
 
-    def wgrad():
-        layer.zero_grad(set_to_none=True)
-        layer(x).backward(g)
-
-    out["wgrad"] = wgrad
+    if linear:
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        out["wgrad"] = lambda: (g2.t().mm(x2), g2.sum(0))
+        out["fused"] = lambda: fisher_ext.linear_grad_sqnorm(x, g, bias=bias)
+    else:
+        w = layer.weight
+        out["wgrad"] = lambda: torch.ops.aten.convolution_backward(
+            g, x, w, [w.shape[0]], layer.stride, layer.padding, layer.dilation, False, [0] * len(layer.stride),
+            layer.groups, [False, True, bias])[1:]
+        out["fused"] = lambda: fisher_ext.conv_grad_sqnorm(
+            x, g, kernel_size=layer.kernel_size, stride=layer.stride, padding=layer.padding,
+            dilation=layer.dilation, groups=layer.groups, bias=bias)
     return out
 
 
@@ -139,12 +150,21 @@ def measure(layer_id: str, batch: int, repeats: int, installed: dict) -> dict:
         g = torch.randn_like(layer(x))
     want = oracle(layer, x, g)
     fns, errors = {}, {}
-    for name, fn in methods(layer, x, g, installed).items():
+    table = methods(layer, x, g, installed)
+    want_w, want_b = table["wgrad"]()
+    for name, fn in table.items():
         if name == "wgrad":
             fns[name] = fn
             continue
         try:
-            got = fn().double()
+            got = fn()
+            if name == "fused":
+                weight, bias_grad, got = got
+                if not (torch.allclose(weight, want_w, rtol=1e-4, atol=1e-5 * float(want_w.abs().max()))
+                        and torch.allclose(bias_grad, want_b, rtol=1e-4, atol=1e-5 * float(want_b.abs().max()))):
+                    errors[name] = "wrong: its weight gradient differs from ATen's"
+                    continue
+            got = got.double()
             err = ((got - want).abs() / want.abs().clamp_min(1e-30)).max().item()
         except Exception as e:  # a peer that cannot handle the layer
             errors[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
@@ -166,7 +186,10 @@ def measure(layer_id: str, batch: int, repeats: int, installed: dict) -> dict:
     best = min(peers, key=peers.get) if peers else None
     return {"layer": layer_id, "batch": batch, "seconds": seconds, "errors": errors, "best_peer": best,
             "ratio": seconds["ours"] / peers[best] if best else None,
-            "ours_vs_wgrad": seconds["ours"] / seconds["wgrad"]}
+            "ours_vs_wgrad": seconds["ours"] / seconds["wgrad"],
+            "fused_vs_wgrad": seconds["fused"] / seconds["wgrad"] if "fused" in seconds else None,
+            "fused_vs_peer_and_wgrad": seconds["fused"] / (peers[best] + seconds["wgrad"])
+            if "fused" in seconds and best else None}
 
 
 def write_report(rows: list[dict], meta: dict, out_dir: str) -> None:
@@ -178,7 +201,9 @@ def write_report(rows: list[dict], meta: dict, out_dir: str) -> None:
              f"Opacus {meta['peers']['opacus'] or 'not installed'}, BackPACK {meta['peers']['backpack'] or 'not installed'}; "
              f"float32; median of {meta['repeats']} interleaved rounds. Every method starts from the same captured "
              "input and output gradient. ratio: ours / the fastest correct peer (below 1: ours is faster); "
-             "wgrad: the layer's own weight-gradient backward, for scale.", ""]
+             "wgrad: the layer's own weight- and bias-gradient backward (ATen); fused: fisher_ext's weight and "
+             "bias gradient with the norms in one op, as a ratio to wgrad and to the best peer's norms + wgrad.",
+             ""]
     for threads in meta["threads"]:
         for batch in meta["batches"]:
             mine = [r for r in rows if r["threads"] == threads and r["batch_asked"] == batch]
@@ -186,14 +211,17 @@ def write_report(rows: list[dict], meta: dict, out_dir: str) -> None:
                 continue
             lines += [f"## {threads} thread(s), batch {batch}", "",
                       "| layer | ours ms | " + " | ".join(f"{p} ms" for p in PEERS) + " | wgrad ms | ratio | best peer |"
-                      " ours / wgrad |", "|---" * (len(PEERS) + 6) + "|"]
+                      " ours / wgrad | fused ms | fused / wgrad | fused / (peer + wgrad) |",
+                      "|---" * (len(PEERS) + 9) + "|"]
             for r in mine:
                 s = r["seconds"]
                 cells = [f"{s[p] * 1e3:.3f}" if p in s else r["errors"].get(p, "n/a") for p in PEERS]
                 name = r["layer"] if r["batch"] == batch else f"{r['layer']} (B={r['batch']})"
+                fused = (f"{s['fused'] * 1e3:.3f} | {r['fused_vs_wgrad']:.2f} | {r['fused_vs_peer_and_wgrad']:.2f}"
+                         if "fused" in s else f"{r['errors'].get('fused', 'n/a')} | | ")
                 lines.append(f"| {name} | {s['ours'] * 1e3:.3f} | " + " | ".join(cells) +
                              f" | {s['wgrad'] * 1e3:.3f} | **{r['ratio']:.2f}** | {r['best_peer']} | "
-                             f"{r['ours_vs_wgrad']:.2f} |")
+                             f"{r['ours_vs_wgrad']:.2f} | {fused} |")
             lines.append("")
     with open(os.path.join(out_dir, "peers_cpu.md"), "w") as f:
         f.write("\n".join(lines))

@@ -190,6 +190,7 @@ class Capture:
         self.collecting = False  # output hooks store gradients only during the capture's own backward
         self.rules: dict[str, str] = {}  # full parameter name -> rule of the last norms
         self._stack = contextlib.ExitStack()
+        self._uses: _Uses | None = None
 
     # ---- hooks -------------------------------------------------------------------------------
 
@@ -202,7 +203,7 @@ class Capture:
             self._stack.callback(m.register_forward_hook(self._hook(m), with_kwargs=True, always_call=True,
                                                          prepend=True).remove)
         self._stack.enter_context(torch.compiler.set_stance("force_eager"))
-        self._stack.enter_context(_Uses(self))
+        self._stack.callback(self.stop)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -224,12 +225,20 @@ class Capture:
         self.error = None
 
     def start(self) -> None:
+        """Records the forward that follows, up to :meth:`stop`. The parameter-use mode is active
+        only in between: every torch call under it pays a Python call."""
         self.clear()
         self.stack = []
         self.recording = True
+        if self._uses is None:
+            self._uses = _Uses(self)
+            self._uses.__enter__()
 
     def stop(self) -> None:
         self.recording = False
+        if self._uses is not None:
+            uses, self._uses = self._uses, None
+            uses.__exit__(None, None, None)
 
     def _enter(self, module: nn.Module):
         rerun = module is self.model or rule_for(module) is None or rule_for(module).reruns

@@ -13,7 +13,9 @@ for norm layers and Embedding, a torch.func fallback for anything else). Paramet
 ``.grad`` is never touched.
 
 Two entry points: :func:`fisher_trace` (one batch, its own forward) and
-:class:`FisherTraceMonitor` (reuse the training forward, or a fixed probe set).
+:class:`FisherTraceMonitor` (reuse the training forward, or a fixed probe set; or, through
+:meth:`FisherTraceMonitor.backward`, the training backward itself: the empirical Fisher's Tr(F)
+with no extra pass).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from torch import nn
 
 from .capture import Capture, as_args, foreign_output, select_logits
 from .estimators import LabelGenerator, estimate_norms
+from .fused_backward import backward_with_norms, leaf_uses
+from .penalty.replay import add_into_grads
 from .likelihoods import Likelihood, get_likelihood
 
 
@@ -176,6 +180,62 @@ class FisherTraceMonitor:
         per_example, totals = estimate_norms(self._capture, output, self.likelihood, self.estimator, labels,
                                              self.samples, self._draws, retain_graph=True)
         result = _result(self._capture, per_example, totals)
+        self.history.append((self._step - 1, result.trace))
+        return result
+
+    def backward(self, losses: torch.Tensor, *, reduction: str = "mean") -> FisherTraceResult | None:
+        """The training backward of the watched forward's per-example losses, with the Tr(F) of the
+        empirical Fisher (each example's gradient at its own loss, whatever ``estimator`` says) from
+        the same pass::
+
+            with monitor.watch():
+                logits = model(x)
+            result = monitor.backward(F.cross_entropy(logits, y, reduction="none"))
+            optimizer.step()
+
+        It adds into ``.grad`` what ``losses.mean().backward()`` (``reduction='sum'``:
+        ``losses.sum()``) would, for every tensor that backward reaches. Linear and Conv layers take
+        their weight gradients from the fused ops (:func:`fisher_ext.linear_grad_sqnorm`), so their
+        norms cost little more than the weight gradient itself; other layers get autograd's gradient
+        and their rule's norms. On steps skipped by ``every`` it is that plain backward, and
+        returns None.
+
+        Args:
+            losses: ``(N,)`` per-example losses of the watched forward's output, each depending on its
+                own example only (a loss term on the parameters, such as weight decay, belongs in a
+                separate backward: it is no example's gradient).
+            reduction: 'mean' or 'sum', the training loss made of ``losses``; the norms are those of
+                each example's own loss either way.
+        """
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+        if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or not losses.requires_grad:
+            got = f"shape {tuple(losses.shape)}{'' if losses.requires_grad else ' not requiring grad'}" \
+                if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise ValueError(f"losses: expected the (N,) per-example losses of the watched forward (reduction='none'), "
+                             f"with their graph; got {got}")
+        capture = self._capture
+        if capture is None or not capture.records:
+            raise RuntimeError("backward: no watched forward; run the model inside `with monitor.watch():` first")
+        loss = losses.mean() if reduction == "mean" else losses.sum()
+        self._step += 1
+        try:
+            if (self._step - 1) % self.every:
+                loss.backward()
+                return None
+            n = losses.shape[0]
+            capture.find_batch_dims(losses)
+            params = capture.params + [leaf for key, (leaf, _) in leaf_uses(loss).items()
+                                       if key not in capture.param_ids]  # other tensors the loss reaches
+            grads, norms = backward_with_norms(capture, loss, params, n, scale=float(n) if reduction == "mean" else 1.0,
+                                               retain_graph=False)
+            add_into_grads(params, grads)
+        finally:
+            capture.clear()
+        totals = {k: v.double() for k, v in norms.items()}  # as estimate() gives them
+        per_example = torch.stack(list(totals.values())).sum(0) if totals else torch.zeros(
+            n, dtype=torch.float64, device=losses.device)
+        result = _result(capture, per_example, totals)
         self.history.append((self._step - 1, result.trace))
         return result
 

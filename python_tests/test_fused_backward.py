@@ -112,3 +112,91 @@ def test_float32_conv_net_on_the_compiled_kernels():
     _, norms64, _, _ = fused_step(model64, (x.double(),), labels)
     for k in norms64:
         torch.testing.assert_close(norms[k].double(), norms64[k], rtol=1e-4, atol=0)
+
+
+# ---- FisherTraceMonitor.backward: the training backward with the empirical Fisher's Tr(F) ----------
+
+import copy  # noqa: E402
+
+import fisher_ext  # noqa: E402
+from training_setup import batches, relu_cnn, signals  # noqa: E402
+
+MONITORED = [c for c in CASES if not c.error]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", MONITORED, ids=[c.id for c in MONITORED])
+def test_monitor_backward(case, reduction):
+    """.grad is the plain backward's, the norms the oracle's (each example's own loss)."""
+    model, inputs, labels = build(case)
+    twin = copy.deepcopy(getattr(model, "_orig_mod", model))
+    monitor = fisher_ext.FisherTraceMonitor(model)
+    with monitor.watch():
+        out = model(*inputs)
+    result = monitor.backward(per_example_losses(out, labels), reduction=reduction)
+    losses = per_example_losses(twin(*inputs), labels)
+    (losses.mean() if reduction == "mean" else losses.sum()).backward()
+    target = getattr(model, "_orig_mod", model)
+    for (name, p), q in zip(target.named_parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
+    want = oracle(case, model, inputs, labels)
+    torch.testing.assert_close(result.per_example.double(), sum(want.values()), rtol=1e-9, atol=1e-12)
+    assert set(result.coverage) == set(want)
+
+
+def test_monitor_backward_reaches_tensors_outside_the_model_and_skips_steps():
+    model, inputs, labels = build(CASES_BY_ID["cnn_groupnorm"])
+    temperature = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    monitor = fisher_ext.FisherTraceMonitor(model, every=2)
+    results = []
+    for _ in range(2):
+        with monitor.watch():
+            out = model(*inputs)
+        results.append(monitor.backward(per_example_losses(out / temperature, labels)))
+    assert results[0] is not None and results[1] is None
+    twin_t = temperature.detach().clone().requires_grad_()
+    per_example_losses(model(*inputs) / twin_t, labels).mean().backward()
+    torch.testing.assert_close(temperature.grad, 2 * twin_t.grad)
+    assert [step for step, _ in monitor.history] == [0]
+
+
+def test_monitor_backward_refuses_bad_input():
+    model, inputs, labels = build(CASES_BY_ID["mlp"])
+    monitor = fisher_ext.FisherTraceMonitor(model)
+    with pytest.raises(RuntimeError, match="no watched forward"):
+        monitor.backward(per_example_losses(model(*inputs), labels))
+    with monitor.watch():
+        out = model(*inputs)
+    losses = per_example_losses(out, labels)
+    with pytest.raises(ValueError, match="reduction: expected 'mean' or 'sum', got 'none'"):
+        monitor.backward(losses, reduction="none")
+    with pytest.raises(ValueError, match=r"losses: expected the \(N,\) per-example losses.*got shape \(\)"):
+        monitor.backward(losses.mean())
+    with pytest.raises(ValueError, match="not requiring grad"):
+        monitor.backward(losses.detach())
+
+
+def test_monitor_backward_over_a_training_run():
+    """float32 training from initialization with the monitor's backward: every step's Tr(F)
+    is the empirical Fisher's of the independent path (fisher_trace on a copy), and the run
+    follows the plain run's trajectory."""
+    x, y = signals(600, seed=0)
+    model, plain = relu_cnn(0), relu_cnn(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9)
+    monitor = fisher_ext.FisherTraceMonitor(model)
+    for xb, yb in batches(x, y, 64, 60, seed=0):
+        want = fisher_ext.fisher_trace(copy.deepcopy(model), xb, estimator="empirical", labels=yb)
+        opt.zero_grad()
+        with monitor.watch():
+            out = model(xb)
+        result = monitor.backward(F.cross_entropy(out, yb, reduction="none"))
+        torch.testing.assert_close(result.per_example, want.per_example, rtol=1e-4, atol=1e-7)
+        opt.step()
+        opt_plain.zero_grad()
+        F.cross_entropy(plain(xb), yb).backward()
+        opt_plain.step()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
