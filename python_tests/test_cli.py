@@ -118,8 +118,11 @@ def test_ctrl_c_leaves_a_folder_that_resumes_to_the_uninterrupted_result(tmp_pat
 
     args = ["explosion", "--quick", "--seeds", "0", "--epochs", "25", "--jobs", "2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # SIGINT back to its default in the child: a test run started in the background by a
+    # non-interactive shell inherits it ignored, and so would the command under test.
     proc = subprocess.Popen([sys.executable, "-m", "fisher_ext", *args, "--out", "cut"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list((tmp_path / "cut").glob("runs/*fp*/seed0/checkpoint.pt")) and time.monotonic() < deadline:
         time.sleep(0.05)
