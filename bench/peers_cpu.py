@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -63,6 +64,15 @@ def _versions() -> dict[str, str | None]:
         except ImportError:
             out[name] = None
     return out
+
+
+def calls_per_sample(fn: Callable, at_least: float = 5e-3) -> int:
+    """How many calls one timing sample takes to last ``at_least`` seconds: single calls of a tenth
+    of a millisecond vary by 2x from one moment to the next on a shared machine."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    return max(1, math.ceil(at_least / max(time.perf_counter() - start, 1e-7)))
 
 
 def _sum_sq(per_sample: dict) -> torch.Tensor:
@@ -151,7 +161,7 @@ def measure(layer_id: str, batch: int, repeats: int, installed: dict) -> dict:
     want = oracle(layer, x, g)
     fns, errors = {}, {}
     table = methods(layer, x, g, installed)
-    want_w, want_b = table["wgrad"]()
+    want_w, want_b = (t.detach() for t in table["wgrad"]())
     for name, fn in table.items():
         if name == "wgrad":
             fns[name] = fn
@@ -176,11 +186,15 @@ def measure(layer_id: str, batch: int, repeats: int, installed: dict) -> dict:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    loops = {name: calls_per_sample(fn) for name, fn in fns.items()}
+    order = list(fns)
+    for k in range(repeats):  # the order rotates: the first after the slowest peer runs on cold caches
+        for name in order[k % len(order):] + order[:k % len(order)]:
+            fn = fns[name]
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(loops[name]):
+                fn()
+            times[name].append((time.perf_counter() - start) / loops[name])
     seconds = {name: statistics.median(v) for name, v in times.items()}
     peers = {k: v for k, v in seconds.items() if k in PEERS}
     best = min(peers, key=peers.get) if peers else None
@@ -223,9 +237,45 @@ def write_report(rows: list[dict], meta: dict, out_dir: str) -> None:
                              f" | {s['wgrad'] * 1e3:.3f} | **{r['ratio']:.2f}** | {r['best_peer']} | "
                              f"{r['ours_vs_wgrad']:.2f} | {fused} |")
             lines.append("")
+    figure = plot(rows, meta, out_dir)
+    if figure:
+        lines += [f"![time per method and layer]({os.path.basename(figure)})", ""]
     with open(os.path.join(out_dir, "peers_cpu.md"), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
+
+
+def plot(rows: list[dict], meta: dict, out_dir: str) -> str | None:
+    """peers_cpu.png: time per method per layer (log scale), one panel per thread count at the
+    middle batch size; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    batch = meta["batches"][len(meta["batches"]) // 2]
+    names = ["ours", "fused", "wgrad", *PEERS]
+    fig, axes = plt.subplots(len(meta["threads"]), 1, figsize=(11, 3.6 * len(meta["threads"])), squeeze=False)
+    for ax, threads in zip(axes[:, 0], meta["threads"]):
+        mine = [r for r in rows if r["threads"] == threads and r["batch_asked"] == batch]
+        width = 0.8 / len(names)
+        for k, name in enumerate(names):
+            xs = [i + (k - len(names) / 2) * width for i, r in enumerate(mine) if name in r["seconds"]]
+            ys = [r["seconds"][name] * 1e3 for r in mine if name in r["seconds"]]
+            ax.bar(xs, ys, width, label=name)
+        ax.set_xticks(range(len(mine)), [r["layer"] for r in mine])
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (log)")
+        ax.set_title(f"{threads} thread(s), batch {batch} (C7: its own batch); ours = norms, fused = weight "
+                     "gradient + norms, wgrad = ATen's weight gradient", fontsize=9)
+        ax.legend(ncol=len(names), fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "peers_cpu.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
@@ -235,7 +285,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--render", metavar="JSON", help="re-render the report and figure of an earlier run's JSON")
     args = parser.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        write_report(saved["rows"], saved["meta"], args.out)
+        return
     installed = _versions()
     for name, v in installed.items():
         if v is None:
