@@ -7,6 +7,7 @@ Environment overrides:
   FISHER_EXT_FORCE_CUDA=1   compile the CUDA kernels too, and fail loudly if anything does not compile
   TORCH_CUDA_ARCH_LIST      CUDA archs (default "8.0;9.0+PTX")
   CUDA_HOME                 the toolkit folder (default: found from nvcc, tools/cuda_home.py)
+  FISHER_EXT_LINEINFO=1     CUDA kernels with -lineinfo (source lines in compute-sanitizer and ncu reports)
 Without a FORCE flag, if the extension cannot be compiled, the package still installs and runs on its
 pure-PyTorch path (fisher_ext.reference), warning once at import.
 """
@@ -57,7 +58,9 @@ if with_cuda:
         "fisher_ext._C",
         sources,
         define_macros=macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr",
+                                                       *(["-lineinfo"] if os.environ.get("FISHER_EXT_LINEINFO") == "1"
+                                                         else [])]},
         extra_link_args=openmp,
     )
 else:

@@ -1,80 +1,140 @@
 #!/usr/bin/env bash
-# The one GPU check a session with a lent GPU runs, in a single device call (under 8 minutes):
-#   1. build the extension with its CUDA kernels on the GPU machine (its own torch; no network)
-#   2. the test suite on the GPU (every device-parametrized test runs on CUDA there)
-#   3. compute-sanitizer memcheck and racecheck on a small case of each op
-#   4. the GPU kernel benchmark (bench/ops_gpu.py)
-# Seven files go to $OUT (few, so that all of them can be copied back): the report gpu_check.md, build.log,
-# tests.log, sanitizer.log, bench.log and the benchmark's ops_gpu.md + ops_gpu.json; commit the
-# report under bench/results/. A short table is printed last.
-# Without a GPU it stops at step 0 with exit code 2 and says why.
+# The one GPU check to run where a GPU is available, in a single call (under 8 minutes):
+#   0. the tools: the GPU, pytest, nvcc and compute-sanitizer (found through the CUDA toolkit)
+#   1. a fresh build of the extension with its CUDA kernels for this GPU (-lineinfo), and a check
+#      that the CUDA ops are served by that build, not by the pure-PyTorch fallback
+#   2. the CUDA tests (every device-parametrized test on "cuda", and python_tests/test_cuda.py)
+#   3. compute-sanitizer memcheck, racecheck, initcheck and synccheck on a small case of each op,
+#      with torch's caching allocator off (an out-of-bounds read inside a pooled block is
+#      otherwise invisible)
+#   4. a reduced GPU kernel benchmark (bench/ops_gpu.py --quick)
+# Seven files go to $OUT: the report gpu_check.md, build.log, tests.log, sanitizer.log, bench.log
+# and the benchmark's ops_gpu.md + ops_gpu.json; commit the report under bench/results/.
+#
+#   bash bench/gpu_check.sh            on a GPU machine
+#   bash bench/gpu_check.sh --dry-run  anywhere: every step's own commands run, the GPU parts on
+#                                      the CPU (collect-only tests, the sanitizer case and the
+#                                      benchmark harness on CPU tensors, no build), each reported
+#                                      as such; the test suite runs it so that the script cannot rot
+# Without a GPU (and without --dry-run) it stops at step 0 with exit code 2 and says why.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT="$PWD"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, from any folder
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
 OUT="${OUT:-bench/results/gpu_check}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 report="$OUT/gpu_check.md"
 status=0
 work=$(mktemp -d)  # scratch kept out of $OUT, which holds only the seven result files
+trap 'rm -rf "$work"' EXIT
 step() { echo "== $1"; }
 record() {  # name, exit code, log file
   local result="ok"
   [ "$2" -eq 0 ] || { result="FAILED (exit $2; see $(basename "$3"))"; status=1; }
+  [ "$DRY" -eq 1 ] && result="$result (dry run: GPU parts on the CPU)"
   echo "| $1 | $result |" >> "$report"
 }
+stop() { echo "| $1 | STOPPED: $2 |" >> "$report"; cat "$report"; exit 1; }
 
 {
   echo "# GPU check"
   echo
-  echo "$(date -u '+%Y-%m-%d %H:%M UTC'); $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi'); $($PY -c 'import torch; print("torch", torch.__version__)' 2>&1)"
+  echo "$(date -u '+%Y-%m-%d %H:%M UTC'); $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi'); $($PY -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)' 2>&1)"
+  [ "$DRY" -eq 1 ] && echo && echo "**Dry run**: no GPU was used; the GPU parts ran on the CPU."
   echo
   echo "| step | result |"
   echo "|---|---|"
 } > "$report"
 
-step "0. device"
-if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+step "0. tools"
+$PY -c 'import pytest' 2>/dev/null || stop "tools" "pytest is not installed for $PY"
+if [ "$DRY" -eq 0 ] && ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_check.sh: no CUDA device is visible to $PY (torch.cuda.is_available() is False); nothing to check" | tee -a "$report"
   exit 2
 fi
+cuda_home=$($PY -c 'from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or "")' 2>/dev/null)
+sanitizer=$(command -v compute-sanitizer || true)
+for candidate in "$cuda_home/bin/compute-sanitizer" "$cuda_home/compute-sanitizer/compute-sanitizer" \
+                 /usr/local/cuda/bin/compute-sanitizer; do
+  [ -z "$sanitizer" ] && [ -x "$candidate" ] && sanitizer="$candidate"
+done
+{ echo "nvcc: $("${cuda_home:-/usr/local/cuda}/bin/nvcc" --version 2>&1 | tail -2 | tr '\n' ' ')"
+  echo "compute-sanitizer: ${sanitizer:-not found}"; } | tee "$OUT/build.log"
 
 step "1. build"
-arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
-FISHER_EXT_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
-  $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
-record "build (sm_${arch/./})" $? "$OUT/build.log"
-$PY -c 'import fisher_ext, json; print(json.dumps(fisher_ext.build_info()))' >> "$OUT/build.log" 2>&1
+if [ "$DRY" -eq 1 ]; then
+  echo "dry run: no build; the installed extension serves the steps below" >> "$OUT/build.log"
+  record "build" 0 "$OUT/build.log"
+else
+  arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+  rm -f fisher_ext/_C*.so  # a stale build must not be what gets tested
+  FISHER_EXT_FORCE_CUDA=1 FISHER_EXT_LINEINFO=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
+    $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1
+  code=$?
+  record "build (sm_${arch/./})" $code "$OUT/build.log"
+  [ $code -eq 0 ] || stop "build" "the build failed; nothing else can be checked"
+  $PY - >> "$OUT/build.log" 2>&1 <<'PY' || stop "extension" "the CUDA ops are not served by the fresh build (build.log)"
+import json, sys, fisher_ext
+info = fisher_ext.build_info()
+print(json.dumps(info))
+cuda = info["backends"]["CUDA"]
+sys.exit(0 if info["extension"] and all(v.startswith("compiled") for v in cuda.values()) else 1)
+PY
+fi
 
 step "2. tests"
-timeout 240 $PY -m pytest -q -x -p no:cacheprovider python_tests > "$OUT/tests.log" 2>&1
-record "pytest (CPU and CUDA)" $? "$OUT/tests.log"
+if [ "$DRY" -eq 1 ]; then
+  timeout 240 $PY -m pytest -q -p no:cacheprovider --collect-only -k cuda python_tests > "$OUT/tests.log" 2>&1
+else
+  timeout 240 $PY -m pytest -q -p no:cacheprovider -k cuda python_tests > "$OUT/tests.log" 2>&1
+fi
+record "pytest -k cuda" $? "$OUT/tests.log"
 tail -3 "$OUT/tests.log"
 
 step "3. compute-sanitizer"
 cat > "$work/sanitize_case.py" <<'PY'
-import torch, fisher_ext
+import sys, torch, fisher_ext
+device = sys.argv[1]
 torch.manual_seed(0)
-# every program (materialize, ghost, row norm) and engine (FFMA, tensor cores), tiles cut at the edges
+# every program (materialize, ghost, row norm) and engine (FFMA, tensor cores), tiles cut at the edges,
+# and the fused weight-gradient ops
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
     for method in ("materialize", "ghost"):
-        a = torch.randn(3, 70, 37, device="cuda", dtype=dtype); g = torch.randn(3, 70, 19, device="cuda", dtype=dtype)
+        a = torch.randn(3, 70, 37, device=device, dtype=dtype); g = torch.randn(3, 70, 19, device=device, dtype=dtype)
         fisher_ext.linear_sqnorm(a, g, bias=True, method=method)
         fisher_ext.linear_sqnorm(a[:, :1], g[:, :1], bias=True, method=method)
-        x = torch.randn(2, 6, 9, 7, device="cuda", dtype=dtype); gy = torch.randn(2, 70, 5, 4, device="cuda", dtype=dtype)
-        acc = torch.zeros(2, device="cuda", dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        fisher_ext.linear_grad_sqnorm(a, g, bias=True, method=method)
+        x = torch.randn(2, 6, 9, 7, device=device, dtype=dtype); gy = torch.randn(2, 70, 5, 4, device=device, dtype=dtype)
+        acc = torch.zeros(2, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         fisher_ext.conv_sqnorm(x, gy, kernel_size=3, stride=2, padding=1, groups=2, bias=True, accumulate=acc,
                                method=method)
-torch.cuda.synchronize()
-print("sanitize case done")
+        fisher_ext.conv_grad_sqnorm(x, gy, kernel_size=3, stride=2, padding=1, groups=2, bias=True, method=method)
+if device == "cuda":
+    torch.cuda.synchronize()
+print("sanitize case done on", device)
 PY
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck initcheck synccheck; do
   echo "== compute-sanitizer --tool $tool" >> "$OUT/sanitizer.log"
-  timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 3 $PY "$work/sanitize_case.py" >> "$OUT/sanitizer.log" 2>&1
+  if [ "$DRY" -eq 1 ]; then
+    $PY "$work/sanitize_case.py" cpu >> "$OUT/sanitizer.log" 2>&1
+  elif [ -z "$sanitizer" ]; then
+    echo "compute-sanitizer not found (PATH, \$CUDA_HOME/bin)" >> "$OUT/sanitizer.log"; false
+  else
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 120 "$sanitizer" --tool "$tool" --error-exitcode 3 \
+      $PY "$work/sanitize_case.py" cuda >> "$OUT/sanitizer.log" 2>&1
+  fi
   record "compute-sanitizer $tool" $? "$OUT/sanitizer.log"
 done
 
 step "4. benchmark"
-timeout 240 $PY bench/ops_gpu.py --out "$OUT" > "$OUT/bench.log" 2>&1
+if [ "$DRY" -eq 1 ]; then
+  timeout 240 $PY bench/ops_gpu.py --smoke --out "$OUT" > "$OUT/bench.log" 2>&1
+else
+  timeout 240 $PY bench/ops_gpu.py --quick --out "$OUT" > "$OUT/bench.log" 2>&1
+fi
 record "bench/ops_gpu.py" $? "$OUT/bench.log"
 
 echo >> "$report"

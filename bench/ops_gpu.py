@@ -135,7 +135,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--smoke", action="store_true", help="check the harness on the CPU (tiny sizes, no GPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a reduced run for bench/gpu_check.sh: batch 128, every layer and dtype, 5 repeats")
     args = parser.parse_args()
+    if args.quick:
+        args.batches, args.repeats = [128], 5
     if args.smoke:
         global DEVICE
         DEVICE = "cpu"

@@ -39,13 +39,17 @@ inline void check_inputs(const at::Tensor& a, const char* a_name, const at::Tens
               g.size(0));
 }
 
-// The accumulator of the *_accumulate_ ops: (N,) of the result dtype on the inputs' device.
-inline void check_accumulator(const at::Tensor& acc, const at::Tensor& a) {
+// The accumulator of the *_accumulate_ ops: (N,) of the result dtype on the inputs' device, sharing
+// no memory with the inputs (the kernels read them while writing it).
+inline void check_accumulator(const at::Tensor& acc, const at::Tensor& a, const char* a_name, const at::Tensor& g) {
   TORCH_CHECK(acc.dim() == 1 && acc.size(0) == a.size(0), "acc: expected shape (", a.size(0), ",), got ",
               acc.sizes());
   TORCH_CHECK(acc.scalar_type() == result_dtype(a.scalar_type()), "acc: expected dtype ",
               result_dtype(a.scalar_type()), ", got ", acc.scalar_type());
   TORCH_CHECK(acc.device() == a.device(), "acc: expected device ", a.device(), ", got ", acc.device());
+  // Same storage is refused outright: ATen's overlap test gives up on strided views.
+  TORCH_CHECK(!acc.is_alias_of(a), "acc: expected a buffer of its own, got one that shares memory with ", a_name);
+  TORCH_CHECK(!acc.is_alias_of(g), "acc: expected a buffer of its own, got one that shares memory with g");
 }
 
 // Linear: a (N, *, d_in) and g (N, *, d_out), flattened to (N, T, d).

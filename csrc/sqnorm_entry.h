@@ -89,7 +89,7 @@ struct SqnormEntry {
   static void linear_accumulate(at::Tensor acc, const at::Tensor& a, const at::Tensor& g, bool bias,
                                 c10::string_view method) {
     const LinearShape sh = linear_shape(a, g);
-    check_accumulator(acc, a);
+    check_accumulator(acc, a, "a", g);
     linear_into(acc, sh, a, g, bias, std::string(method), /*add=*/true);
   }
 
@@ -106,7 +106,7 @@ struct SqnormEntry {
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                               int64_t groups, bool bias, c10::string_view method) {
     const ConvShape s = conv_shape(x, g, kernel_size, stride, padding, dilation, groups);
-    check_accumulator(acc, x);
+    check_accumulator(acc, x, "x", g);
     conv_into(acc, s, x, g, bias, std::string(method), /*add=*/true);
   }
 

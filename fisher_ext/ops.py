@@ -185,6 +185,9 @@ def _dispatch(op, accumulate_op, args, accumulate):
             else type(accumulate).__name__
         )
         raise ValueError(f"accumulate: expected a ({first.shape[0]},) {expected} tensor on {first.device}, got {got}")
+    for name, t in (("a" if len(args) == 4 else "x", args[0]), ("g", args[1])):  # linear ops have 4 arguments
+        if accumulate.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            raise ValueError(f"accumulate: expected a buffer of its own, got one that shares memory with {name}")
     tensors = (accumulate, args[0], args[1])
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return accumulate.add_(op(*args))

@@ -166,6 +166,16 @@ def test_empty_batch(backend, device):
     assert backend.conv(x, g, bias=True, **conv_kwargs(module)).shape == (0,)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_no_output_channels(backend, device, method):
+    """A layer with no outputs has no gradient: zeros (the CUDA planner used to divide by its 0 channels)."""
+    a, g = torch.randn(3, 4, 5, device=device), torch.randn(3, 4, 0, device=device)
+    assert torch.equal(backend.linear(a, g, bias=True, method=method), torch.zeros(3, device=device))
+    x, gy = torch.randn(2, 4, 6, 6, device=device), torch.randn(2, 0, 6, 6, device=device)
+    got = backend.conv(x, gy, kernel_size=3, stride=1, padding=1, dilation=1, groups=1, bias=True, method=method)
+    assert torch.equal(got, torch.zeros(2, device=device))
+
+
 @pytest.mark.parametrize("method", ["ghost", "materialize"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_stays_in_its_example(backend, device, method, bad):
@@ -236,6 +246,13 @@ def test_accumulate_bad_buffer():
         fisher_ext.linear_sqnorm(a, g, bias=True, accumulate=torch.zeros(4, dtype=torch.float64))
     with pytest.raises(ValueError, match="accumulate: expected"):
         fisher_ext.linear_sqnorm(a, g, bias=True, accumulate=torch.zeros(5))
+    with pytest.raises(ValueError, match="accumulate: expected a buffer of its own, got one that shares memory with a"):
+        fisher_ext.linear_sqnorm(a, g, bias=True, accumulate=a[:, 0])
+    with pytest.raises(ValueError, match="shares memory with g"):
+        fisher_ext.linear_sqnorm(a, g, bias=True, accumulate=g[:, 1])
+    if fisher_ext.build_info()["extension"]:  # the op itself refuses too
+        with pytest.raises(RuntimeError, match="acc: expected a buffer of its own, got one that shares memory with g"):
+            torch.ops.fisher_ext.linear_sqnorm_accumulate_(g[:, 1], a, g, True, "auto")
 
 
 # ---- bad input -----------------------------------------------------------------------------

@@ -59,7 +59,7 @@ struct Geometry {
   bool bias;
 
   FE_HD int64_t positions() const { return out[0] * out[1] * out[2]; }
-  FE_HD int64_t groups() const { return C_out / cout_g; }
+  FE_HD int64_t groups() const { return cout_g > 0 ? C_out / cout_g : 0; }  // no output channels: no work
   FE_HD int64_t columns() const { return cin_g * K + (bias ? 1 : 0); }  // a group's im2col width
 };
 

@@ -142,7 +142,10 @@ int main() {
     linear_case(3, 1, 67, 9, true, false, at::kFloat, method);  // T = 1: row norm (ghost, auto)
     linear_case(2, 70, 13, 66, false, false, at::kFloat, method);
     linear_case(2, 5, 40, 3, true, true, at::kDouble, method);
+    linear_case(2, 5, 7, 0, true, false, at::kFloat, method);  // no output channels: zeros, no division by 0
   }
+  conv_case({2, 4, 0, 5, 5, 3, 1, 1, 1, 1, true, false}, at::kFloat, "materialize");
+  conv_case({2, 4, 0, 5, 5, 3, 1, 1, 1, 1, true, false}, at::kFloat, "ghost");
   for (const char* method : {"materialize", "ghost"}) {
     linear_case(2, 70, 13, 66, true, false, at::kHalf, method);
     linear_case(2, 5, 40, 3, true, true, at::kBFloat16, method);
