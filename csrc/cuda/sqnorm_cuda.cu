@@ -28,11 +28,23 @@ namespace {
 using at::Tensor;
 using tiles::Geometry;
 
+// Blocks per SM each kernel must fit (its register cap: 65536 / (256 threads x blocks)). One
+// kernel per program, so each gets its own count: the row norm needs 40 registers; materialize
+// fits 128 (two blocks) without spilling except in float64; ghost spills at 128, so it keeps its
+// own count (ptxas -v, sm_80 and sm_90).
+template <tiles::Program kProgram, typename acc_t>
+constexpr int min_blocks() {
+  if constexpr (kProgram == tiles::Program::RowNorm) return 4;
+  if constexpr (kProgram == tiles::Program::Materialize && !std::is_same_v<acc_t, double>) return 2;
+  return 1;
+}
+
 // float16 / bfloat16 on tensor cores where the architecture has them for both (sm_80+), FFMA
 // in the accumulation type otherwise.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(tiles::kThreads)
-    program_kernel(tiles::Program program, tiles::Problem<scalar_t> problem, int64_t per_example, acc_t* partial) {
+template <tiles::Program kProgram, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(tiles::kThreads, (min_blocks<kProgram, acc_t>()))
+    program_kernel(tiles::Problem<scalar_t> problem, int64_t per_example, acc_t* partial) {
+  constexpr tiles::Program program = kProgram;
   const tiles::DeviceBlock b{static_cast<int>(threadIdx.x)};
   const int64_t block = blockIdx.x;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -65,9 +77,23 @@ void launch(Tensor& out, const Tensor& x, const Tensor& g, const Geometry& geo, 
     using acc_t = at::opmath_type<scalar_t>;
     Tensor partial = at::empty({N * plan.per_example}, out.options());
     const tiles::Problem<scalar_t> problem{x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), geo};
-    if (plan.per_example > 0) {  // none: no positions (ghost); every example's total is then 0
-      program_kernel<scalar_t, acc_t><<<static_cast<unsigned>(N * plan.per_example), tiles::kThreads, 0, stream>>>(
-          plan.program, problem, plan.per_example, partial.data_ptr<acc_t>());
+    if (plan.per_example > 0) {  // none: no positions (ghost) or no output channels; every total is then 0
+      const unsigned blocks = static_cast<unsigned>(N * plan.per_example);
+      acc_t* partials = partial.data_ptr<acc_t>();
+      switch (plan.program) {
+        case tiles::Program::Materialize:
+          program_kernel<tiles::Program::Materialize, scalar_t, acc_t>
+              <<<blocks, tiles::kThreads, 0, stream>>>(problem, plan.per_example, partials);
+          break;
+        case tiles::Program::Ghost:
+          program_kernel<tiles::Program::Ghost, scalar_t, acc_t>
+              <<<blocks, tiles::kThreads, 0, stream>>>(problem, plan.per_example, partials);
+          break;
+        case tiles::Program::RowNorm:
+          program_kernel<tiles::Program::RowNorm, scalar_t, acc_t>
+              <<<blocks, tiles::kThreads, 0, stream>>>(problem, plan.per_example, partials);
+          break;
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     constexpr int kFinishThreads = 128;
