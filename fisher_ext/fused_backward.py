@@ -26,11 +26,13 @@ from .rules.registry import Call
 Tensor = torch.Tensor
 
 
-def leaf_uses(loss: Tensor) -> dict[int, tuple[Tensor, int]]:
-    """``{id(leaf): (leaf, edges)}``: every leaf tensor the loss's graph reaches, with the number of
-    graph edges into it (1 for a weight used by one op)."""
+def leaf_uses(*roots: Tensor, seen: set | None = None) -> dict[int, tuple[Tensor, int]]:
+    """``{id(leaf): (leaf, edges)}``: every leaf tensor the graphs of ``roots`` reach, with the number
+    of graph edges into it (1 for a weight used by one op). ``seen`` (a set) receives the graph's
+    nodes."""
     found: dict[int, tuple[Tensor, int]] = {}
-    seen, stack = set(), [loss.grad_fn]
+    seen = set() if seen is None else seen
+    stack = [r.grad_fn for r in roots]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -81,21 +83,23 @@ def fused_layers(capture: Capture, params: Sequence[Tensor], uses: dict,
 
 def backward_with_norms(capture: Capture, loss: Tensor, params: Sequence[Tensor], n: int, scale: float,
                         retain_graph: bool, norms_required: bool = True, names: Sequence[str] | None = None,
-                        norms: bool = True) -> tuple[list[Tensor | None], dict[str, Tensor] | None]:
+                        norms: bool = True, errors: list | None = None
+                        ) -> tuple[list[Tensor | None], dict[str, Tensor] | None]:
     """``torch.autograd.grad(loss, params, allow_unused=True)`` and ``{parameter name: (N,) squared
     norms}`` of the per-example gradients (the caught output gradients times ``scale``: ``n`` for a
     mean loss), from one backward. ``capture.find_batch_dims`` must have run on the losses.
 
-    ``names``: the capture's parameter name of each of ``params``, where the forward ran on other
-    tensors than the model's own (``torch.func.functional_call``). ``norms=False``: the gradients
+    ``names``: the capture's parameter name of each of ``params`` (None for a tensor that is none of
+    them), where the forward ran on other tensors than the model's own (``functional_call``). ``norms=False``: the gradients
     only (None for the norms), with the fused layers' weight gradients still from their fused ops.
     A model the rules cannot handle raises :meth:`Capture.norms_from_grads`'s error, or, without
-    ``norms_required``, gives None for the norms (the gradients stand).
+    ``norms_required``, gives None for the norms (the gradients stand) and appends the error to
+    ``errors`` when given.
     """
     if names is None:
         owned = {capture.param_ids[id(p)]: p for p in params if id(p) in capture.param_ids}
     else:
-        owned = dict(zip(names, params))
+        owned = {name: p for name, p in zip(names, params) if name is not None}
     fused = fused_layers(capture, params, leaf_uses(loss), owned if names is not None else None)
     fused_ids = {id(owned[full]) for m in fused for _, full in capture.owners[m]}
     rest = [p for p in params if id(p) not in fused_ids]
@@ -126,8 +130,10 @@ def backward_with_norms(capture: Capture, loss: Tensor, params: Sequence[Tensor]
         with torch.no_grad():
             found.update(capture.norms_from_grads(n, capture.used_unrecorded(params, ordered), scale=scale,
                                                   done=frozenset(fused)))
-    except ValueError:  # e.g. BatchNorm in train mode couples the examples
+    except ValueError as e:  # e.g. BatchNorm in train mode couples the examples
         if norms_required:
             raise
+        if errors is not None:
+            errors.append(e)
         return ordered, None
     return ordered, found

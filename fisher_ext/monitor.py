@@ -201,11 +201,18 @@ class FisherTraceMonitor:
         returns None.
 
         Args:
-            losses: ``(N,)`` per-example losses of the watched forward's output, each depending on its
-                own example only (a loss term on the parameters, such as weight decay, belongs in a
-                separate backward: it is no example's gradient).
+            losses: ``(N,)`` per-example losses of the watched forward's output, ``losses[n]``
+                depending on example n only. A term that reads the model's parameters outside its
+                forward (weight decay) is refused: it is no example's gradient, so it belongs in a
+                separate backward. Tensors outside the model that require grad (a learnable
+                temperature) get their ``.grad``; Tr(F) covers the model's parameters.
             reduction: 'mean' or 'sum', the training loss made of ``losses``; the norms are those of
                 each example's own loss either way.
+
+        Raises:
+            ValueError: the losses do not come from the watched forward, read the model's parameters
+                directly, or (after ``.grad`` is written) do not give per-example norms (a loss that
+                mixes examples, or a model the rules refuse).
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
@@ -216,8 +223,20 @@ class FisherTraceMonitor:
                              f"with their graph; got {got}")
         capture = self._capture
         if capture is None or not capture.records:
-            raise RuntimeError("backward: no watched forward; run the model inside `with monitor.watch():` first")
+            raise RuntimeError("backward: no watched forward since the last estimate() or backward(); run the model "
+                               "inside `with monitor.watch():` before each call")
         loss = losses.mean() if reduction == "mean" else losses.sum()
+        nodes: set = set()
+        uses = leaf_uses(loss, seen=nodes)
+        if not any(o.grad_fn in nodes for o in capture.output_leaves if o.grad_fn is not None):
+            raise ValueError("losses: expected the per-example losses of the watched forward's output; these do not "
+                             "depend on it (a forward run outside `with monitor.watch():`?)")
+        in_forward = leaf_uses(*(o for o in capture.output_leaves if o.grad_fn is not None))
+        for name, p in zip(capture.param_names, capture.params):
+            if uses.get(id(p), (p, 0))[1] > in_forward.get(id(p), (p, 0))[1]:
+                raise ValueError(f"losses: read the parameter {name} outside the model's forward (weight decay?); "
+                                 "that term is no example's gradient: backpropagate it separately, after "
+                                 "monitor.backward(losses)")
         self._step += 1
         try:
             if (self._step - 1) % self.every:
@@ -225,11 +244,16 @@ class FisherTraceMonitor:
                 return None
             n = losses.shape[0]
             capture.find_batch_dims(losses)
-            params = capture.params + [leaf for key, (leaf, _) in leaf_uses(loss).items()
+            params = capture.params + [leaf for key, (leaf, _) in uses.items()
                                        if key not in capture.param_ids]  # other tensors the loss reaches
+            errors: list = []
             grads, norms = backward_with_norms(capture, loss, params, n, scale=float(n) if reduction == "mean" else 1.0,
-                                               retain_graph=False)
+                                               retain_graph=False, norms_required=False, errors=errors)
             add_into_grads(params, grads)
+            if errors:
+                raise ValueError(f"losses: no per-example norms ({errors[0]}); .grad holds this step's gradient. "
+                                 f"losses[n] must be example n's own loss, of the watched forward's batch, in order"
+                                 ) from errors[0]
         finally:
             capture.clear()
         totals = {k: v.double() for k, v in norms.items()}  # as estimate() gives them

@@ -100,15 +100,32 @@ def test_deterministic_and_equal_to_the_cpu_backend():
                                    rtol=2e-5, atol=0)
 
 
-def test_accumulate_on_a_side_stream():
+@pytest.mark.parametrize("op", ["norms", "accumulate", "fused"])
+def test_captured_in_a_cuda_graph_on_a_side_stream(op):
+    """Every launch on the current stream: captured in a CUDA graph on a side stream, a kernel
+    launched on another stream (or a synchronizing call) fails the capture; replaying the graph
+    on new inputs gives the op's result for them."""
     _, x, g, kw = _conv(CONV[1], torch.float32, "cuda")
     acc = torch.ones(x.shape[0], device="cuda")
+    calls = {"norms": lambda: fisher_ext.conv_sqnorm(x, g, bias=True, **kw),
+             "accumulate": lambda: fisher_ext.conv_sqnorm(x, g, bias=True, accumulate=acc, **kw),
+             "fused": lambda: fisher_ext.conv_grad_sqnorm(x, g, bias=True, **kw)}
     stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())  # x, g and acc were made on the default stream
+    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fisher_ext.conv_sqnorm(x, g, bias=True, accumulate=acc, **kw)
-    stream.synchronize()
-    torch.testing.assert_close(acc - 1, fisher_ext.conv_sqnorm(x, g, bias=True, **kw), rtol=1e-6, atol=0)
+        calls[op]()  # warm-up outside the capture (workspace allocations)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = calls[op]()
+    x.copy_(torch.randn_like(x))
+    g.copy_(torch.randn_like(g))
+    acc.fill_(1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = fisher_ext.conv_sqnorm(x, g, bias=True, **kw)
+    got = {"norms": lambda: out, "accumulate": lambda: acc - 1, "fused": lambda: out[2]}[op]()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("method", ["ghost", "materialize", "auto"])

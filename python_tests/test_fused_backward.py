@@ -200,3 +200,60 @@ def test_monitor_backward_over_a_training_run():
         opt_plain.step()
     for p, q in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
+
+
+def test_monitor_backward_refuses_what_gives_no_per_example_norms():
+    model, inputs, labels = build(CASES_BY_ID["cnn_groupnorm"])
+    monitor = fisher_ext.FisherTraceMonitor(model)
+    with monitor.watch():
+        model(*inputs)
+    with pytest.raises(ValueError, match="do not depend on it .a forward run outside"):
+        monitor.backward(per_example_losses(model(*inputs), labels))
+    with monitor.watch():
+        out = model(*inputs)
+    with pytest.raises(ValueError, match=r"read the parameter 0\.weight outside the model's forward"):
+        monitor.backward(per_example_losses(out, labels) + 1e-3 * model[0].weight.square().sum())
+    assert all(p.grad is None for p in model.parameters())  # refused before any backward
+    with monitor.watch():
+        out = model(*inputs)
+    losses = per_example_losses(out, labels)
+    with pytest.raises(ValueError, match=r"no per-example norms .*\.grad holds this step's gradient"):
+        monitor.backward(losses - 0.5 * losses.mean())  # every loss mixes all examples
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.grad = None
+    losses = per_example_losses(twin(*inputs), labels)
+    (losses - 0.5 * losses.mean()).mean().backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("report_trace", [True, False])
+def test_finite_difference_with_weight_decay_in_the_loss(report_trace):
+    """A loss that reads the model's weights outside the forward: the shifted pass runs on other
+    tensors, so that term's gradient must be taken at the parameters themselves."""
+    model, inputs, labels = build(CASES_BY_ID["cnn_groupnorm"])
+    twin = copy.deepcopy(model)
+    penalty = fisher_ext.FisherPenalty(model, 0.5, method="finite_difference", check_every=0,
+                                       report_trace=report_trace)
+
+    def loss(m):
+        return lambda out: F.cross_entropy(out, labels) + 0.1 * m[0].weight.square().sum()
+
+    _, result = penalty.backward(inputs, loss(model))
+    params = list(twin.parameters())
+    out = twin(*inputs)
+    gbar = torch.autograd.grad(F.cross_entropy(out, result.labels), params, create_graph=True)
+    total = loss(twin)(out) + 0.5 * sum(g.square().sum() for g in gbar)
+    want = torch.cat([w.flatten() for w in torch.autograd.grad(total, params)])
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert float((got - want).norm() / want.norm()) < 1e-5  # the finite difference's own error: ~1e-7
+
+
+def test_penalty_refuses_a_loss_that_trains_tensors_outside_the_model():
+    model, inputs, labels = build(CASES_BY_ID["mlp"])
+    temperature = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    for method in ("finite_difference", "double_backward"):
+        penalty = fisher_ext.FisherPenalty(model, 0.5, method=method)
+        with pytest.raises(ValueError, match=r"loss: trains 1 tensor\(s\) outside the model \(shapes \(\)\)"):
+            penalty.backward(inputs, lambda out: F.cross_entropy(out / temperature, labels))

@@ -15,6 +15,7 @@ from torch import nn
 from ..estimators import LabelGenerator
 from ..likelihoods import Likelihood, get_likelihood
 from ..capture import Capture, as_args, foreign_output, select_logits
+from ..fused_backward import leaf_uses
 from .methods import Check, DoubleBackward, FiniteDifference, Rerun, warn
 from .objectives import Batch, BatchTrace, GradientNorm, InputGradientNorm
 from ..state import BufferState, RandomState
@@ -207,6 +208,7 @@ class FisherPenalty:
                 output = self._forward(args, capture)
             train_loss = _scalar_loss(loss, output)
             _check_finite(step, "the training loss", train_loss)
+            self._refuse_outside_leaves(train_loss, args)
             output = select_logits(self.logits, output)
             self.objective.likelihood.check(output)
             batch = Batch(self.params, output, args, self._step_labels(output, labels), capture)
@@ -291,6 +293,17 @@ class FisherPenalty:
         self._draws.load_state_dict(state["labels"])
 
     # ---- the step's parts -------------------------------------------------------------------------
+
+    def _refuse_outside_leaves(self, train_loss: Tensor, args: tuple) -> None:
+        """The step writes the model's parameters' gradients only: a loss that also trains another
+        tensor (a learnable temperature) would leave it without its gradient."""
+        known = {id(p) for p in self.params} | {id(a) for a in args if isinstance(a, Tensor)}
+        outside = [leaf for key, (leaf, _) in leaf_uses(train_loss).items() if key not in known]
+        if outside:
+            shapes = ", ".join(str(tuple(t.shape)) for t in outside[:3])
+            raise ValueError(f"loss: trains {len(outside)} tensor(s) outside the model (shapes {shapes}); "
+                             "FisherPenalty writes the model's parameters' gradients only: register them as "
+                             "parameters of the model, or detach them in the loss")
 
     def _next_step(self) -> int:
         self.steps += 1

@@ -208,20 +208,27 @@ class FiniteDifference:
             raise DecisionMismatch("the replayed forward made fewer decisions than the recorded one")
         scale = 2 * alpha * norm / r
         penalty_loss = scale * objective.loss(output, batch.labels)
+        # The loss may also read the model's own parameters outside the forward (weight decay in
+        # the loss): those uses reach the parameters themselves, not the shifted tensors.
+        direct = list(batch.params)
+        n = len(shifted)
         if separate:
             penalty = torch.autograd.grad(penalty_loss, shifted, retain_graph=True, allow_unused=True)
-            train = list(torch.autograd.grad(train_loss, shifted, allow_unused=True))
-        elif capture is not None:
-            try:
-                capture.find_batch_dims(objective.likelihood.nll(output, batch.labels))
-                penalty, _ = backward_with_norms(capture, penalty_loss + train_loss, shifted, batch.output.shape[0],
-                                                 1.0, retain_graph=False, names=rerun.names, norms=False)
-            finally:
-                capture.clear()
-            train = [None] * len(shifted)
+            got = torch.autograd.grad(train_loss, shifted + direct, allow_unused=True)
+            train = [_add(a, b) for a, b in zip(got[:n], got[n:])]
         else:
-            penalty = torch.autograd.grad(penalty_loss + train_loss, shifted, allow_unused=True)
-            train = [None] * len(shifted)
+            if capture is not None:
+                try:
+                    capture.find_batch_dims(objective.likelihood.nll(output, batch.labels))
+                    got, _ = backward_with_norms(capture, penalty_loss + train_loss, shifted + direct,
+                                                 batch.output.shape[0], 1.0, retain_graph=False,
+                                                 names=list(rerun.names) + [None] * n, norms=False)
+                finally:
+                    capture.clear()
+            else:
+                got = torch.autograd.grad(penalty_loss + train_loss, shifted + direct, allow_unused=True)
+            penalty = [_add(a, b) for a, b in zip(got[:n], got[n:])]
+            train = [None] * n
         return [_add(a, g, -scale) for a, g in zip(penalty, gbar)], train
 
     def _compare(self, params: Sequence[Tensor], penalty: Grads, train: Grads, exact: tuple[Grads, Grads]) -> Check:
