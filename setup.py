@@ -77,7 +77,7 @@ class OptionalBuildExtension(BuildExtension):
             if _flag("FISHER_EXT_FORCE_CUDA") or _flag("FISHER_EXT_FORCE_CPU"):
                 raise  # a build asked for explicitly must fail loudly
             warnings.warn(f"fisher_ext: building {extension.name} failed ({err}); the package will use its "
-                          "pure-PyTorch path.")
+                          "pure-PyTorch path.", stacklevel=2)
             self.failed = [*getattr(self, "failed", []), extension]
 
     def copy_extensions_to_source(self):  # editable installs: copy only what was built

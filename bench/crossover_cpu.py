@@ -86,7 +86,7 @@ def main() -> None:
     for T in TS:
         rows.append(measure(args.d, args.batch, T, args.repeats, installed))
         print(f"T={T}: auto/{rows[-1]['best_peer']} = {rows[-1]['ratio']:.2f}", file=sys.stderr, flush=True)
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu": f"{_cpu_name()}, {os.cpu_count()} cores, {platform.machine()}", "torch": torch.__version__,
             "d": args.d, "batch": args.batch, "threads": args.threads, "repeats": args.repeats, "peers": installed}
     write(rows, meta, args.out)

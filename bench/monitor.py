@@ -188,7 +188,8 @@ def run_one(model_name, method, args) -> dict:
            "--repeats", str(args.repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
-        return {"skipped": f"failed: {proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else proc.returncode}"}
+        why = proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else proc.returncode
+        return {"skipped": f"failed: {why}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -222,7 +223,7 @@ def main() -> None:
 
 def write_report(rows: dict, args) -> None:
     os.makedirs(args.out, exist_ok=True)
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
             "threads": torch.get_num_threads(), "batch": args.batch, "repeats": args.repeats}
     with open(os.path.join(args.out, "monitor.json"), "w") as f:

@@ -143,7 +143,7 @@ BAR = {"L1": 0.1, "L2": 0.45, "L3": 0.1}  # the issue's CPU bar; every conv: 0.4
 def write_report(rows: list[dict], args, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores)".strip(),
         "cpu": _cpu_name(),
         "torch": torch.__version__,

@@ -66,7 +66,6 @@ def machine_ceilings(dtype: torch.dtype) -> tuple[float, float]:
     dst = torch.empty_like(src)
     seconds = cuda_time(lambda: dst.copy_(src), 20)
     bandwidth = 2 * src.numel() * 4 / seconds
-    del src, dst
     a = torch.randn(m, m, device=DEVICE, dtype=dtype)
     b = torch.randn(m, m, device=DEVICE, dtype=dtype)
     peak = 2 * m ** 3 / cuda_time(lambda: a @ b, 10)
@@ -157,11 +156,12 @@ def main() -> None:
                 row = layer_case(lid, batch, dtype, args.repeats, ceilings)
                 rows.append(row)
                 r = row["ratio"]
-                print(f"{lid} B={batch} {dtype_name}: wgrad {row['seconds']['wgrad'] * 1e3:.3f} ms | ours {r['ours']:.2f}x "
+                print(f"{lid} B={batch} {dtype_name}: wgrad {row['seconds']['wgrad'] * 1e3:.3f} ms | "
+                      f"ours {r['ours']:.2f}x "
                       f"torch-best {r['torch-best']:.2f}x unfold {r['unfold']:.2f}x func {r['func']:.2f}x roofline "
                       f"{r['roofline']:.2f}x | err {row['max_rel_err_vs_func']:.1e}", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (--smoke)", "torch": torch.__version__,
             "backend": fisher_ext.build_info()["backends"][DEVICE.upper()]["conv_sqnorm"]}
     with open(os.path.join(args.out, "ops_gpu.json"), "w") as f:

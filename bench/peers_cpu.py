@@ -40,7 +40,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -212,7 +212,8 @@ def write_report(rows: list[dict], meta: dict, out_dir: str) -> None:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = ["# Per-example norms against the installed peers (CPU)", "",
              f"{meta['date']}; {meta['cpu']}; torch {meta['torch']}; fisher_ext {meta['backend']}; "
-             f"Opacus {meta['peers']['opacus'] or 'not installed'}, BackPACK {meta['peers']['backpack'] or 'not installed'}; "
+             f"Opacus {meta['peers']['opacus'] or 'not installed'}, "
+             f"BackPACK {meta['peers']['backpack'] or 'not installed'}; "
              f"float32; median of {meta['repeats']} interleaved rounds. Every method starts from the same captured "
              "input and output gradient. ratio: ours / the fastest correct peer (below 1: ours is faster); "
              "wgrad: the layer's own weight- and bias-gradient backward (ATen); fused: fisher_ext's weight and "
@@ -224,7 +225,8 @@ def write_report(rows: list[dict], meta: dict, out_dir: str) -> None:
             if not mine:
                 continue
             lines += [f"## {threads} thread(s), batch {batch}", "",
-                      "| layer | ours ms | " + " | ".join(f"{p} ms" for p in PEERS) + " | wgrad ms | ratio | best peer |"
+                      "| layer | ours ms | " + " | ".join(f"{p} ms" for p in PEERS)
+                      + " | wgrad ms | ratio | best peer |"
                       " ours / wgrad | fused ms | fused / wgrad | fused / (peer + wgrad) |",
                       "|---" * (len(PEERS) + 9) + "|"]
             for r in mine:
@@ -297,7 +299,7 @@ def main() -> None:
         if v is None:
             print(f"{name}: not installed (bash bench/install_peers.sh); reported as such", file=sys.stderr)
     info = fisher_ext.build_info()
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu": f"{_cpu_name()}, {os.cpu_count()} cores, {platform.machine()}", "torch": torch.__version__,
             "backend": info["backends"]["CPU"]["conv_sqnorm"], "peers": installed, "threads": args.threads,
             "batches": args.batches, "repeats": args.repeats}

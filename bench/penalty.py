@@ -91,7 +91,7 @@ def make_step(model, x, y, method, alpha=0.01):
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def time_methods(steps: dict, repeats: int, min_seconds: float = 2.0) -> dict:

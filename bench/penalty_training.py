@@ -59,7 +59,7 @@ def main() -> None:
         results = execute(tasks, args.jobs)
     for name, r in zip(names, results):
         r["name"] = name
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
             "epochs": args.epochs, "seeds": args.seeds}
     os.makedirs(args.out, exist_ok=True)

@@ -12,9 +12,7 @@ namespace fisher_ext {
 enum class Method { Ghost, Materialize };
 
 // Every op returns float32, or float64 for float64 inputs (docs/design.md, section 2).
-inline at::ScalarType result_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+inline at::ScalarType result_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // 'auto' resolves by flop count: ghost ~ 2 T^2 (d_in + d_out), materialize ~ 2 T d_in d_out,
 // the latter weighted by materialize_cost, the time per flop of the backend's materialize
@@ -28,24 +26,22 @@ inline Method choose_method(const std::string& method, int64_t T, int64_t d_in, 
 }
 
 inline void check_inputs(const at::Tensor& a, const char* a_name, const at::Tensor& g) {
-  TORCH_CHECK(a.device() == g.device(), a_name, " and g: expected tensors on one device, got ", a.device(),
-              " and ", g.device());
-  TORCH_CHECK(a.scalar_type() == g.scalar_type(), a_name, " and g: expected one dtype, got ", a.scalar_type(),
-              " and ", g.scalar_type());
+  TORCH_CHECK(a.device() == g.device(), a_name, " and g: expected tensors on one device, got ", a.device(), " and ",
+              g.device());
+  TORCH_CHECK(a.scalar_type() == g.scalar_type(), a_name, " and g: expected one dtype, got ", a.scalar_type(), " and ",
+              g.scalar_type());
   const auto t = a.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, a_name,
               ": expected float32, float64, float16 or bfloat16, got ", t);
-  TORCH_CHECK(a.size(0) == g.size(0), "g: expected the batch size N=", a.size(0), " of ", a_name, ", got ",
-              g.size(0));
+  TORCH_CHECK(a.size(0) == g.size(0), "g: expected the batch size N=", a.size(0), " of ", a_name, ", got ", g.size(0));
 }
 
 // The accumulator of the *_accumulate_ ops: (N,) of the result dtype on the inputs' device, sharing
 // no memory with the inputs (the kernels read them while writing it).
 inline void check_accumulator(const at::Tensor& acc, const at::Tensor& a, const char* a_name, const at::Tensor& g) {
-  TORCH_CHECK(acc.dim() == 1 && acc.size(0) == a.size(0), "acc: expected shape (", a.size(0), ",), got ",
-              acc.sizes());
-  TORCH_CHECK(acc.scalar_type() == result_dtype(a.scalar_type()), "acc: expected dtype ",
-              result_dtype(a.scalar_type()), ", got ", acc.scalar_type());
+  TORCH_CHECK(acc.dim() == 1 && acc.size(0) == a.size(0), "acc: expected shape (", a.size(0), ",), got ", acc.sizes());
+  TORCH_CHECK(acc.scalar_type() == result_dtype(a.scalar_type()), "acc: expected dtype ", result_dtype(a.scalar_type()),
+              ", got ", acc.scalar_type());
   TORCH_CHECK(acc.device() == a.device(), "acc: expected device ", a.device(), ", got ", acc.device());
   // Same storage is refused outright: ATen's overlap test gives up on strided views.
   TORCH_CHECK(!acc.is_alias_of(a), "acc: expected a buffer of its own, got one that shares memory with ", a_name);
@@ -62,8 +58,8 @@ inline LinearShape linear_shape(const at::Tensor& a, const at::Tensor& g) {
   TORCH_CHECK(g.dim() == a.dim(), "g: expected rank ", a.dim(), " like a, got shape ", g.sizes());
   check_inputs(a, "a", g);
   for (int64_t i = 1; i + 1 < a.dim(); ++i)
-    TORCH_CHECK(a.size(i) == g.size(i), "g: expected middle dims ", a.sizes().slice(1, a.dim() - 2),
-                " of a, got ", g.sizes().slice(1, g.dim() - 2));
+    TORCH_CHECK(a.size(i) == g.size(i), "g: expected middle dims ", a.sizes().slice(1, a.dim() - 2), " of a, got ",
+                g.sizes().slice(1, g.dim() - 2));
   const int64_t N = a.size(0), d_in = a.size(-1), d_out = g.size(-1);
   int64_t T = 1;
   for (int64_t i = 1; i + 1 < a.dim(); ++i) T *= a.size(i);
@@ -74,24 +70,21 @@ inline LinearShape linear_shape(const at::Tensor& a, const at::Tensor& g) {
 // padding is the leading pad; the output size comes from g; reads outside x are zero.
 struct ConvShape {
   int64_t N, C_in, C_out, groups, cin_g, cout_g;
-  std::array<int64_t, 3> in{1, 1, 1}, out{1, 1, 1}, k{1, 1, 1}, stride{1, 1, 1}, pad{0, 0, 0},
-      dil{1, 1, 1};
+  std::array<int64_t, 3> in{1, 1, 1}, out{1, 1, 1}, k{1, 1, 1}, stride{1, 1, 1}, pad{0, 0, 0}, dil{1, 1, 1};
   int64_t out_vol() const { return out[0] * out[1] * out[2]; }
   int64_t k_vol() const { return k[0] * k[1] * k[2]; }
   int64_t in_vol() const { return in[0] * in[1] * in[2]; }
 };
 
 inline ConvShape conv_shape(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size,
-                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                            int64_t groups) {
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const int64_t nd = static_cast<int64_t>(kernel_size.size());
   TORCH_CHECK(nd >= 1 && nd <= 3, "kernel_size: expected 1 to 3 spatial dims, got ", kernel_size);
   TORCH_CHECK(x.dim() == nd + 2, "x: expected rank ", nd + 2, " (N, C_in, *spatial) for a ", nd,
               "-d kernel, got shape ", x.sizes());
   TORCH_CHECK(g.dim() == nd + 2, "g: expected rank ", nd + 2, " (N, C_out, *spatial), got shape ", g.sizes());
   TORCH_CHECK(stride.size() == size_t(nd) && padding.size() == size_t(nd) && dilation.size() == size_t(nd),
-              "stride, padding, dilation: expected ", nd, " values each, got ", stride, ", ", padding, ", ",
-              dilation);
+              "stride, padding, dilation: expected ", nd, " values each, got ", stride, ", ", padding, ", ", dilation);
   check_inputs(x, "x", g);
   TORCH_CHECK(groups >= 1, "groups: expected >= 1, got ", groups);
   ConvShape s;
@@ -112,8 +105,8 @@ inline ConvShape conv_shape(const at::Tensor& x, const at::Tensor& g, at::IntArr
     s.pad[j] = padding[i];
     s.dil[j] = dilation[i];
     TORCH_CHECK(s.k[j] >= 1 && s.stride[j] >= 1 && s.dil[j] >= 1 && s.pad[j] >= 0,
-                "kernel_size, stride, dilation: expected >= 1 and padding >= 0, got ", kernel_size, ", ", stride,
-                ", ", dilation, ", ", padding);
+                "kernel_size, stride, dilation: expected >= 1 and padding >= 0, got ", kernel_size, ", ", stride, ", ",
+                dilation, ", ", padding);
   }
   return s;
 }

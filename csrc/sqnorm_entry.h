@@ -93,9 +93,9 @@ struct SqnormEntry {
     linear_into(acc, sh, a, g, bias, std::string(method), /*add=*/true);
   }
 
-  static at::Tensor conv(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size,
-                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                         bool bias, c10::string_view method) {
+  static at::Tensor conv(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool bias,
+                         c10::string_view method) {
     const ConvShape s = conv_shape(x, g, kernel_size, stride, padding, dilation, groups);
     at::Tensor out = at::empty({s.N}, x.options().dtype(result_dtype(x.scalar_type())));
     conv_into(out, s, x, g, bias, std::string(method), /*add=*/false);
@@ -103,8 +103,8 @@ struct SqnormEntry {
   }
 
   static void conv_accumulate(at::Tensor acc, const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size,
-                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                              int64_t groups, bool bias, c10::string_view method) {
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                              bool bias, c10::string_view method) {
     const ConvShape s = conv_shape(x, g, kernel_size, stride, padding, dilation, groups);
     check_accumulator(acc, x, "x", g);
     conv_into(acc, s, x, g, bias, std::string(method), /*add=*/true);

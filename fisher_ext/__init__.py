@@ -16,7 +16,8 @@ from .ops import conv_grad_sqnorm, conv_sqnorm, linear_grad_sqnorm, linear_sqnor
 from .penalty import FisherPenalty, PenaltyResult
 from .rules import UnsupportedModuleError, register_rule
 
-__all__ = ["linear_sqnorm", "conv_sqnorm", "linear_grad_sqnorm", "conv_grad_sqnorm", "fisher_trace", "FisherTraceMonitor", "FisherTraceResult", "FisherPenalty",
+__all__ = ["linear_sqnorm", "conv_sqnorm", "linear_grad_sqnorm", "conv_grad_sqnorm", "fisher_trace",
+           "FisherTraceMonitor", "FisherTraceResult", "FisherPenalty",
            "PenaltyResult", "UnsupportedModuleError", "register_rule", "build_info"]
 __version__ = "0.1.0"
 

@@ -39,7 +39,8 @@ def _conv_accumulate_fake(acc, x, g, kernel_size, stride, padding, dilation, gro
 @torch.library.register_fake("fisher_ext::linear_grad_sqnorm")
 def _linear_grad_fake(a, g, bias, method):
     bias_grad = g.new_empty(g.shape[-1]) if bias else None
-    return g.new_empty(g.shape[-1], a.shape[-1]), bias_grad, a.new_empty(a.shape[0], dtype=reference.result_dtype(a.dtype))
+    norms = a.new_empty(a.shape[0], dtype=reference.result_dtype(a.dtype))
+    return g.new_empty(g.shape[-1], a.shape[-1]), bias_grad, norms
 
 
 @torch.library.register_fake("fisher_ext::conv_grad_sqnorm")

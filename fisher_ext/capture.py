@@ -39,7 +39,7 @@ def tensor_args(args: tuple, kwargs: dict) -> list:
     for a in (*args, *kwargs.values()):
         if isinstance(a, Tensor):
             found.append(a)
-        elif isinstance(a, (list, tuple)):
+        elif isinstance(a, list | tuple):
             found.extend(b for b in a if isinstance(b, Tensor))
     return found
 
@@ -77,7 +77,7 @@ def as_args(inputs: Any) -> tuple:
 
 def leaves(obj: Any) -> list:
     """The leaves of a nested output: tensors (and other non-container values) in a fixed order."""
-    if isinstance(obj, (tuple, list)):
+    if isinstance(obj, tuple | list):
         return [x for item in obj for x in leaves(item)]
     if isinstance(obj, dict):
         return [x for item in obj.values() for x in leaves(item)]
@@ -144,7 +144,7 @@ class Record:
 class _Uses(TorchFunctionMode):
     """Notes, for each trainable parameter used in a torch call, which hooked module was running."""
 
-    def __init__(self, capture: "Capture"):
+    def __init__(self, capture: Capture):
         super().__init__()
         self.capture = capture
 
@@ -194,7 +194,7 @@ class Capture:
 
     # ---- hooks -------------------------------------------------------------------------------
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         hooked = list(self.owners) + ([self.model] if self.model not in self.owners else [])
         # prepended: the capture sees the module's own output, before any user hook replaces it,
         # and is on the module stack while user pre-hooks run
@@ -482,7 +482,7 @@ class Capture:
         return best
 
 
-_BATCH_DIMS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_BATCH_DIMS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def _batch_dim(shape: torch.Size, probes: list, n: int) -> int | None:

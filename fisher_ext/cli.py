@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import os
 import platform
@@ -85,7 +84,8 @@ def _common(p: argparse.ArgumentParser, *, lr_help: str, many_lr: bool = False, 
     g.add_argument("--batch", type=_positive_int, default=128, help="batch size (default: 128)")
     g.add_argument("--momentum", type=_fraction, default=0.9, help="SGD momentum, in [0, 1) (default: 0.9)")
     g = p.add_argument_group("penalty")
-    g.add_argument("--penalty", choices=PENALTIES if allow_none else PENALTIES[1:], default="none" if allow_none else "fp",
+    g.add_argument("--penalty", choices=PENALTIES if allow_none else PENALTIES[1:],
+                   default="none" if allow_none else "fp",
                    help="fp: the Fisher Penalty" + (", none: no penalty (default)" if allow_none else " (default)") +
                         "; gp / gpr / gpx: the paper's gradient-penalty baselines (true labels / random labels / "
                         "input gradient)")
@@ -172,7 +172,8 @@ def _defaults(args: argparse.Namespace) -> None:
     for name in ("seeds", "lr", "alpha"):
         values = getattr(args, name)
         if isinstance(values, list) and len(set(values)) < len(values):
-            raise ValueError(f"--{name}: expected distinct values, got {values} (a repeated one would be counted twice)")
+            raise ValueError(f"--{name}: expected distinct values, got {values} "
+                             "(a repeated one would be counted twice)")
     if args.command == "explosion" and (args.noise is not None or args.noise_lr is not None):
         raise ValueError("--noise/--noise-lr: explosion runs use the clean labels; use `memorization` or `reproduce` "
                          "for noisy labels")
@@ -226,7 +227,7 @@ def _meta(args: argparse.Namespace, argv_command: str) -> dict:
     import fisher_ext
 
     info = fisher_ext.build_info()
-    return {"command": argv_command, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    return {"command": argv_command, "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {_cores()} cores" + (
                 f", {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else ""),
             "python": platform.python_version(), "torch": torch.__version__, "fisher_ext": fisher_ext.__version__,

@@ -14,7 +14,7 @@ tying or a parent reading a child's weight all keep autograd's path for that lay
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -71,7 +71,8 @@ def fused_layers(capture: Capture, params: Sequence[Tensor], uses: dict,
         if record.outputs[i]._version != record.versions[i] or not record.batch_dims or record.batch_dims[i] != 0:
             continue
         own = [by_name.get(full) for _, full in names]
-        if any(p is None for p in own) or not isinstance(x, Tensor) or record.outputs[i].dtype != x.dtype or any(p.dtype != x.dtype or id(p) not in wanted
+        if any(p is None for p in own) or not isinstance(x, Tensor) or record.outputs[i].dtype != x.dtype \
+                or any(p.dtype != x.dtype or id(p) not in wanted
                                                                                   for p in own):
             continue
         if any(uses.get(id(p), (p, 0))[1] > 1 or capture.users.get(full, {module}) - {module}
@@ -90,7 +91,8 @@ def backward_with_norms(capture: Capture, loss: Tensor, params: Sequence[Tensor]
     mean loss), from one backward. ``capture.find_batch_dims`` must have run on the losses.
 
     ``names``: the capture's parameter name of each of ``params`` (None for a tensor that is none of
-    them), where the forward ran on other tensors than the model's own (``functional_call``). ``norms=False``: the gradients
+    them), where the forward ran on other tensors than the model's own (``functional_call``).
+    ``norms=False``: the gradients
     only (None for the norms), with the fused layers' weight gradients still from their fused ops.
     A model the rules cannot handle raises :meth:`Capture.norms_from_grads`'s error, or, without
     ``norms_required``, gives None for the norms (the gradients stand) and appends the error to

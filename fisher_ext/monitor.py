@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Union
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -66,7 +67,7 @@ class FisherTraceResult:
 
 def _result(capture: Capture, per_example: torch.Tensor, totals: dict[str, torch.Tensor]) -> FisherTraceResult:
     coverage, per_parameter = {}, {}
-    for module, names in capture.owners.items():
+    for names in capture.owners.values():
         for _, full in names:
             coverage[full] = capture.rules.get(full, "unused")
             per_parameter[full] = float(totals[full].mean()) if full in totals else 0.0
@@ -161,7 +162,7 @@ class FisherTraceMonitor:
         self._step, self.history = int(state["step"]), [tuple(h) for h in state["history"]]
         self._draws.load_state_dict(state["labels"])
 
-    def watch(self) -> "_Watch":
+    def watch(self) -> _Watch:
         """Context manager around the training forward whose output :meth:`estimate` will use."""
         return _Watch(self)
 
@@ -282,7 +283,7 @@ class FisherTraceMonitor:
         try:
             parts, per_param, coverage = [], {}, {}
             for i, batch in enumerate(batches):
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                x = batch[0] if isinstance(batch, tuple | list) else batch
                 r = _trace(self.model, x, self.likelihood, self.estimator, None, self.samples, self._draws, self.logits)
                 parts.append(r.per_example)
                 for k, v in r.per_parameter.items():

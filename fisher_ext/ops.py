@@ -19,7 +19,8 @@ cost little more than the weight gradient itself.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Union
+from collections.abc import Sequence
 
 import torch
 
@@ -30,9 +31,10 @@ from .reference import result_dtype
 IntOrTuple = Union[int, Sequence[int]]
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Resolved once: looking an op up through torch.ops costs microseconds per call.
-_LINEAR, _LINEAR_ACC = torch.ops.fisher_ext.linear_sqnorm.default, torch.ops.fisher_ext.linear_sqnorm_accumulate_.default
-_CONV, _CONV_ACC = torch.ops.fisher_ext.conv_sqnorm.default, torch.ops.fisher_ext.conv_sqnorm_accumulate_.default
-_LINEAR_GRAD, _CONV_GRAD = torch.ops.fisher_ext.linear_grad_sqnorm.default, torch.ops.fisher_ext.conv_grad_sqnorm.default
+_OPS = torch.ops.fisher_ext
+_LINEAR, _LINEAR_ACC = _OPS.linear_sqnorm.default, _OPS.linear_sqnorm_accumulate_.default
+_CONV, _CONV_ACC = _OPS.conv_sqnorm.default, _OPS.conv_sqnorm_accumulate_.default
+_LINEAR_GRAD, _CONV_GRAD = _OPS.linear_grad_sqnorm.default, _OPS.conv_grad_sqnorm.default
 LayerGrads = tuple[torch.Tensor, Union[torch.Tensor, None], torch.Tensor]
 
 

@@ -16,7 +16,7 @@ A convolution is the same rule on its im2col matrix, one rule per group.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

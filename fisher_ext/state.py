@@ -5,7 +5,7 @@ what the first one saw and leaves the state as the first one left it."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

@@ -4,7 +4,7 @@ runs over this table. Each case gives the oracle's number or raises the named er
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

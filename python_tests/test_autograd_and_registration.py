@@ -30,7 +30,8 @@ def test_linear_gradcheck(device, method, shape):
     assert gradgradcheck(fn, inputs)
 
 
-@pytest.mark.parametrize("case", [CONV_CASES[3], CONV_CASES[7], (2, 16, 3, (4, 4), dict(kernel_size=2, padding="same"))],
+@pytest.mark.parametrize("case", [CONV_CASES[3], CONV_CASES[7],
+                                  (2, 16, 3, (4, 4), dict(kernel_size=2, padding="same"))],
                          ids=str)
 def test_conv_gradcheck(device, case):
     module, x, g = make_conv(case, True, N=2, device=device)

@@ -169,7 +169,8 @@ def test_unused_parameter_is_reported():
     assert result.coverage["used.weight"] == "linear" and result.per_parameter["used.weight"] > 0
 
 
-@pytest.mark.parametrize("lik", [Bernoulli(), Gaussian(), Gaussian(variance=0.25)], ids=["bernoulli", "gauss1", "gauss.25"])
+@pytest.mark.parametrize("lik", [Bernoulli(), Gaussian(), Gaussian(variance=0.25)],
+                         ids=["bernoulli", "gauss1", "gauss.25"])
 def test_other_likelihoods(lik):
     model, x = build("mlp"), inputs_for("mlp")
     y = sampled_labels(model, x, lik)

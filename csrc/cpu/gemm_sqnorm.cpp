@@ -38,23 +38,27 @@ FISHER_EXT_AVX512 float tile_32x12(const float* a_base, int64_t lda, __mmask16 m
   for (int64_t r = 0; r < K.count; ++r) {
     const float* a = a_base + r * K.stride * lda;
     const float* panel = panel_base + r * K.stride * ks;
-  for (int64_t k = 0; k < K.length; ++k, a += lda, panel += ks) {
-    const __m512 a0 = _mm512_maskz_loadu_ps(mask0, a);
-    const __m512 a1 = _mm512_maskz_loadu_ps(mask1, a + 16);
-#define FX_STEP(j)                                      \
-  {                                                     \
-    const __m512 b = _mm512_set1_ps(panel[j * js]);          \
-    c0_##j = _mm512_fmadd_ps(a0, b, c0_##j);            \
-    c1_##j = _mm512_fmadd_ps(a1, b, c1_##j);            \
+    for (int64_t k = 0; k < K.length; ++k, a += lda, panel += ks) {
+      const __m512 a0 = _mm512_maskz_loadu_ps(mask0, a);
+      const __m512 a1 = _mm512_maskz_loadu_ps(mask1, a + 16);
+#define FX_STEP(j)                                  \
+  {                                                 \
+    const __m512 b = _mm512_set1_ps(panel[j * js]); \
+    c0_##j = _mm512_fmadd_ps(a0, b, c0_##j);        \
+    c1_##j = _mm512_fmadd_ps(a1, b, c1_##j);        \
   }
-    FX_REP12(FX_STEP)
-  }
+      FX_REP12(FX_STEP)
+    }
   }
   __m512 s = _mm512_setzero_ps();
-#define FX_SUM(j) s = _mm512_fmadd_ps(c0_##j, c0_##j, s); s = _mm512_fmadd_ps(c1_##j, c1_##j, s);
+#define FX_SUM(j)                         \
+  s = _mm512_fmadd_ps(c0_##j, c0_##j, s); \
+  s = _mm512_fmadd_ps(c1_##j, c1_##j, s);
   FX_REP12(FX_SUM)
   if (wt) {
-#define FX_ADD(j) add_column(wt + j * ldw, mask0, c0_##j); add_column(wt + j * ldw + 16, mask1, c1_##j);
+#define FX_ADD(j)                          \
+  add_column(wt + j * ldw, mask0, c0_##j); \
+  add_column(wt + j * ldw + 16, mask1, c1_##j);
     FX_REP12(FX_ADD)
   }
   return _mm512_reduce_add_ps(s);
@@ -74,12 +78,12 @@ FISHER_EXT_AVX512 float tile_16xN(const float* a_base, int64_t lda, __mmask16 ma
   for (int64_t r = 0; r < K.count; ++r) {
     const float* a = a_base + r * K.stride * lda;
     const float* panel = panel_base + r * K.stride * ks;
-  for (int64_t k = 0; k < K.length; ++k, a += lda, panel += ks) {
-    const __m512 a0 = _mm512_maskz_loadu_ps(mask0, a);
+    for (int64_t k = 0; k < K.length; ++k, a += lda, panel += ks) {
+      const __m512 a0 = _mm512_maskz_loadu_ps(mask0, a);
 #define FX_STEP(j) \
   if (j < NR) c_##j = _mm512_fmadd_ps(a0, _mm512_set1_ps(panel[j * js]), c_##j);
-    FX_REP24(FX_STEP)
-  }
+      FX_REP24(FX_STEP)
+    }
   }
   __m512 s = _mm512_setzero_ps();
 #define FX_SUM(j) \
@@ -121,13 +125,17 @@ bool fused_gemm_sqnorm_available() {
 
 int64_t fused_panel_width(int64_t M) { return M <= 16 ? 24 : 12; }
 
-double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step,
-                          int64_t j_step, PositionRuns K, int64_t width, float* wt, int64_t ldw) {
+double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step, int64_t j_step,
+                          PositionRuns K, int64_t width, float* wt, int64_t ldw) {
   switch (width) {
-    case 12: return panel_sqnorm<32, tile_32x12>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
-    case 16: return panel_sqnorm<16, tile_16xN<16>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
-    case 24: return panel_sqnorm<16, tile_16xN<24>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
-    default: TORCH_CHECK(false, "fused_panel_sqnorm: width: expected 12, 16 or 24, got ", width);
+    case 12:
+      return panel_sqnorm<32, tile_32x12>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
+    case 16:
+      return panel_sqnorm<16, tile_16xN<16>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
+    case 24:
+      return panel_sqnorm<16, tile_16xN<24>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
+    default:
+      TORCH_CHECK(false, "fused_panel_sqnorm: width: expected 12, 16 or 24, got ", width);
   }
 }
 

@@ -31,7 +31,7 @@ struct PositionRuns {
 };
 
 // Needs fused_gemm_sqnorm_available(); width is one of kFusedPanelWidths.
-double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step,
-                          int64_t j_step, PositionRuns K, int64_t width, float* wt = nullptr, int64_t ldw = 0);
+double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step, int64_t j_step,
+                          PositionRuns K, int64_t width, float* wt = nullptr, int64_t ldw = 0);
 
 }  // namespace fisher_ext

@@ -37,9 +37,7 @@ constexpr int64_t kBlockBytes = 8 << 20;  // working memory of one block
 
 // Time per flop of the fused materialize kernel relative to BLAS Gram matrices (measured on a
 // Zen 4 core: ~95 against ~70 GFLOPS), for the cost model; 1 where the kernel is not used.
-double materialize_cost(at::ScalarType acc) {
-  return acc == at::kFloat && fused_gemm_sqnorm_available() ? 0.75 : 1.0;
-}
+double materialize_cost(at::ScalarType acc) { return acc == at::kFloat && fused_gemm_sqnorm_available() ? 0.75 : 1.0; }
 
 // Examples per block: within the memory budget, and at least one block per thread.
 int64_t block_size(int64_t N, int64_t bytes_per_example) {
@@ -194,13 +192,13 @@ Tensor linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Te
         const float* gn = Gb.data_ptr<float>() + n * sh.T * sh.d_out;
         double total = 0;
         for (int64_t t = 0; t < full; ++t)
-          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, an + t * nr, sh.d_in, 1, {1, sh.T, sh.T}, nr,
-                                      at_panel(t), sh.d_out);
+          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, an + t * nr, sh.d_in, 1, {1, sh.T, sh.T}, nr, at_panel(t),
+                                      sh.d_out);
         if (tail) {
           for (int64_t k = 0; k < sh.T; ++k)
             std::copy(an + k * sh.d_in + full * nr, an + (k + 1) * sh.d_in, tail_panel + k * nr);
-          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, tail_panel, nr, 1, {1, sh.T, sh.T}, nr,
-                                      at_panel(full), sh.d_out);
+          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, tail_panel, nr, 1, {1, sh.T, sh.T}, nr, at_panel(full),
+                                      sh.d_out);
         }
         sp[n] = static_cast<float>(total);
       }
@@ -359,14 +357,15 @@ bool prefer_swap(const ConvShape& s, const SwapPlan& p) {
   constexpr double kPackCost = 40;
   const double P = s.out_vol(), rows = s.cin_g * s.k_vol(), nr = fused_panel_width(s.cout_g);
   const double lanes = std::ceil(s.cout_g / 16.0) * 16;
-  const double panels = 2 * P * std::ceil(rows / nr) * nr * lanes * s.groups + kPackCost * (rows * s.groups + s.C_out) * P;
+  const double panels =
+      2 * P * std::ceil(rows / nr) * nr * lanes * s.groups + kPackCost * (rows * s.groups + s.C_out) * P;
   const double swapped = 2 * P * p.rows_pad * p.cout_pad * s.groups + kPackCost * rows * s.groups * P;
   return swapped < panels;
 }
 
 template <typename scalar_t>
-void conv_block_swapped(const Tensor& x, const Tensor& g, const ConvShape& s, const SwapPlan& p, bool bias,
-                        int64_t n0, int64_t cnt, Scratch& scratch, float* result, float* wt) {
+void conv_block_swapped(const Tensor& x, const Tensor& g, const ConvShape& s, const SwapPlan& p, bool bias, int64_t n0,
+                        int64_t cnt, Scratch& scratch, float* result, float* wt) {
   const auto xst = strides5(x), gst = strides5(g);
   const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol();
   const int64_t pitch = P + kPitchPad;
@@ -397,8 +396,8 @@ void conv_block_swapped(const Tensor& x, const Tensor& g, const ConvShape& s, co
       for (int64_t q = 0; q < P; ++q)
         for (int64_t r = 0; r < rows; ++r) cols[q * p.rows_pad + r] = packed[r * pitch + q];
       for (int64_t c0 = 0; c0 < p.cout_pad; c0 += p.width)
-        total += fused_panel_sqnorm(cols, p.rows_pad, rows, gbuf + (gr * p.cout_pad + c0) * pitch, 1, pitch,
-                                    {1, P, P}, p.width, wt ? wt + (gr * p.cout_pad + c0) * rows : nullptr, rows);
+        total += fused_panel_sqnorm(cols, p.rows_pad, rows, gbuf + (gr * p.cout_pad + c0) * pitch, 1, pitch, {1, P, P},
+                                    p.width, wt ? wt + (gr * p.cout_pad + c0) * rows : nullptr, rows);
     }
     result[n] = static_cast<float>(total);
   }
@@ -471,8 +470,8 @@ void pack_shift_grid(const scalar_t* xn, const std::array<int64_t, 5>& st, const
 
 // wt (or null): the weight gradient's transpose, (groups, k_vol, cpad, cout_g).
 template <typename scalar_t>
-void conv_block_shifted(const Tensor& x, const Tensor& g, const ConvShape& s, const ShiftPlan& p, bool bias,
-                        int64_t n0, int64_t cnt, Scratch& scratch, float* result, float* wt) {
+void conv_block_shifted(const Tensor& x, const Tensor& g, const ConvShape& s, const ShiftPlan& p, bool bias, int64_t n0,
+                        int64_t cnt, Scratch& scratch, float* result, float* wt) {
   const auto xst = strides5(x), gst = strides5(g);
   const auto opts = x.options().dtype(at::kFloat);
   float* grid = scratch.get(0, {p.Lx * p.ctot}, opts).data_ptr<float>();
@@ -604,24 +603,24 @@ Tensor conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor&
   // FISHER_EXT_CPU_CONV_LAYOUT=shift|swap|panels overrides the cost model (tests, benchmarks).
   const char* layout_env = std::getenv("FISHER_EXT_CPU_CONV_LAYOUT");
   const std::string layout = layout_env ? layout_env : "auto";
-  const bool shifted = fused && unit_stride && P > 0 &&
-                       (layout == "shift" || (layout == "auto" && prefer_shift(s, shift)));
+  const bool shifted =
+      fused && unit_stride && P > 0 && (layout == "shift" || (layout == "auto" && prefer_shift(s, shift)));
   const SwapPlan swap = plan_swap(s);
   const bool swapped = fused && !shifted && (layout == "swap" || (layout == "auto" && prefer_swap(s, swap)));
   const GramShift gram_plan = plan_gram_shift(s);
   const bool gram_shift = m == Method::Ghost && P > 0 && prefer_gram_shift(s, gram_plan);
   const int64_t per_example =
-      fused        ? s.C_out * P
-      : gram_shift ? s.C_in * gram_plan.A + s.C_out * P + s.groups * (gram_plan.A * gram_plan.A + P * P * (s.k_vol() + 2))
-                   : s.C_in * s.k_vol() * P + s.C_out * P + s.groups * (m == Method::Ghost ? 2 * P * P : s.cout_g * rows);
+      fused ? s.C_out * P
+      : gram_shift
+          ? s.C_in * gram_plan.A + s.C_out * P + s.groups * (gram_plan.A * gram_plan.A + P * P * (s.k_vol() + 2))
+          : s.C_in * s.k_vol() * P + s.C_out * P + s.groups * (m == Method::Ghost ? 2 * P * P : s.cout_g * rows);
   const int64_t nb = block_size(s.N, at::elementSize(acc) * per_example);
   const Tensor G = g.reshape({s.N, s.C_out, P});
   // The fused paths' weight gradient, transposed in the layout of each (see their comments).
   const int64_t nr = fused_panel_width(s.cout_g);
-  const std::vector<int64_t> wt_sizes =
-      shifted   ? std::vector<int64_t>{s.groups, s.k_vol(), shift.cpad, s.cout_g}
-      : swapped ? std::vector<int64_t>{s.groups, swap.cout_pad, rows}
-                : std::vector<int64_t>{s.groups, (rows + nr - 1) / nr * nr, s.cout_g};
+  const std::vector<int64_t> wt_sizes = shifted   ? std::vector<int64_t>{s.groups, s.k_vol(), shift.cpad, s.cout_g}
+                                        : swapped ? std::vector<int64_t>{s.groups, swap.cout_pad, rows}
+                                                  : std::vector<int64_t>{s.groups, (rows + nr - 1) / nr * nr, s.cout_g};
   Partials weight(wt_sizes, x.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_sqnorm_cpu", [&] {
@@ -653,13 +652,13 @@ Tensor conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor&
   for (int64_t d = 3 - (x.dim() - 2); d < 3; ++d) kernel.push_back(s.k[d]);
   const Tensor wt = weight.sum();
   const Tensor w = shifted   ? wt.narrow(2, 0, s.cin_g).permute({0, 3, 2, 1})  // (groups, cout_g, cin_g, k_vol)
-                   : swapped ? wt.narrow(1, 0, s.cout_g)                        // (groups, cout_g, rows)
-                             : wt.narrow(1, 0, rows).permute({0, 2, 1});        // (groups, cout_g, rows)
+                   : swapped ? wt.narrow(1, 0, s.cout_g)                       // (groups, cout_g, rows)
+                             : wt.narrow(1, 0, rows).permute({0, 2, 1});       // (groups, cout_g, rows)
   return w.reshape(kernel);
 }
 
-void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
-               const std::string& method, bool add) {
+void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias, const std::string& method,
+               bool add) {
   conv_impl(out, s, x, g, bias, method, add, /*want_weight=*/false);
 }
 

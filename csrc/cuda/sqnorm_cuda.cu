@@ -69,8 +69,8 @@ __global__ void finish_kernel(const acc_t* partial, int64_t per_example, int64_t
 void launch(Tensor& out, const Tensor& x, const Tensor& g, const Geometry& geo, const tiles::Plan& plan, int64_t N,
             bool add) {
   if (N == 0) return;
-  TORCH_CHECK(N * plan.per_example <= std::numeric_limits<int32_t>::max(), "fisher_ext (CUDA): ", N,
-              " examples x ", plan.per_example, " tiles each exceed one launch's grid; split the batch");
+  TORCH_CHECK(N * plan.per_example <= std::numeric_limits<int32_t>::max(), "fisher_ext (CUDA): ", N, " examples x ",
+              plan.per_example, " tiles each exceed one launch's grid; split the batch");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sqnorm_cuda", [&] {
@@ -97,9 +97,9 @@ void launch(Tensor& out, const Tensor& x, const Tensor& g, const Geometry& geo, 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     constexpr int kFinishThreads = 128;
-    finish_kernel<acc_t><<<static_cast<unsigned>((N + kFinishThreads - 1) / kFinishThreads), kFinishThreads, 0,
-                           stream>>>(partial.data_ptr<acc_t>(), plan.per_example, N, out.data_ptr<acc_t>(),
-                                     out.stride(0), add);
+    finish_kernel<acc_t>
+        <<<static_cast<unsigned>((N + kFinishThreads - 1) / kFinishThreads), kFinishThreads, 0, stream>>>(
+            partial.data_ptr<acc_t>(), plan.per_example, N, out.data_ptr<acc_t>(), out.stride(0), add);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -112,8 +112,8 @@ void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tens
   launch(out, A, G, geo, tiles::plan_for(method, geo), sh.N, add);
 }
 
-void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
-               const std::string& method, bool add) {
+void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias, const std::string& method,
+               bool add) {
   const Geometry geo = tiles::conv_geometry(s, x, g, bias);
   launch(out, x, g, geo, tiles::plan_for(method, geo), s.N, add);
 }

@@ -60,7 +60,7 @@ struct Geometry {
 
   FE_HD int64_t positions() const { return out[0] * out[1] * out[2]; }
   FE_HD int64_t groups() const { return cout_g > 0 ? C_out / cout_g : 0; }  // no output channels: no work
-  FE_HD int64_t columns() const { return cin_g * K + (bias ? 1 : 0); }  // a group's im2col width
+  FE_HD int64_t columns() const { return cin_g * K + (bias ? 1 : 0); }      // a group's im2col width
 };
 
 // One example's operands within one group, read in place. An element is (position, column)
@@ -455,12 +455,18 @@ FE_HD void row_norm_program(const Block& b, Shared<Engine>& sm, const Problem<sc
 }
 
 template <class Engine, class Block, typename scalar_t, typename acc_t = typename Engine::acc_t>
-FE_HD void run_program(Program program, const Block& b, Shared<Engine>& sm, const Problem<scalar_t>& pr,
-                       int64_t block, int64_t per_example, acc_t* partial) {
+FE_HD void run_program(Program program, const Block& b, Shared<Engine>& sm, const Problem<scalar_t>& pr, int64_t block,
+                       int64_t per_example, acc_t* partial) {
   switch (program) {
-    case Program::Materialize: materialize_program(b, sm, pr, block, per_example, partial); break;
-    case Program::Ghost: ghost_program(b, sm, pr, block, per_example, partial); break;
-    case Program::RowNorm: row_norm_program(b, sm, pr, block, per_example, partial); break;
+    case Program::Materialize:
+      materialize_program(b, sm, pr, block, per_example, partial);
+      break;
+    case Program::Ghost:
+      ghost_program(b, sm, pr, block, per_example, partial);
+      break;
+    case Program::RowNorm:
+      row_norm_program(b, sm, pr, block, per_example, partial);
+      break;
   }
 }
 

@@ -52,14 +52,16 @@ at::Tensor emulate(const at::Tensor& x, const at::Tensor& g, const tiles::Geomet
 at::Tensor emulate_any(const at::Tensor& x, const at::Tensor& g, const tiles::Geometry& geo, const tiles::Plan& plan,
                        bool fma) {
   switch (x.scalar_type()) {
-    case at::kDouble: return emulate<double, tiles::FmaEngine<double>>(x, g, geo, plan);
+    case at::kDouble:
+      return emulate<double, tiles::FmaEngine<double>>(x, g, geo, plan);
     case at::kHalf:
       return fma ? emulate<c10::Half, tiles::FmaEngine<float>>(x, g, geo, plan)
                  : emulate<c10::Half, tiles::MmaEngine<c10::Half>>(x, g, geo, plan);
     case at::kBFloat16:
       return fma ? emulate<c10::BFloat16, tiles::FmaEngine<float>>(x, g, geo, plan)
                  : emulate<c10::BFloat16, tiles::MmaEngine<c10::BFloat16>>(x, g, geo, plan);
-    default: return emulate<float, tiles::FmaEngine<float>>(x, g, geo, plan);
+    default:
+      return emulate<float, tiles::FmaEngine<float>>(x, g, geo, plan);
   }
 }
 
@@ -93,13 +95,14 @@ void conv_case(const ConvCase& c, at::ScalarType dtype, const char* method, bool
   const tiles::Plan plan = tiles::plan_for(method, geo);
   const at::Tensor got = emulate_any(x, g, geo, plan, fma);
   if (c.channels_last)  // a missing barrier would show as a result that moves between runs
-    check(at::equal(got, emulate_any(x, g, geo, plan, fma)), std::string("conv2d ") + program_name(plan.program) +
-                                                                 engine_name(dtype, fma) + " the same run to run");
+    check(at::equal(got, emulate_any(x, g, geo, plan, fma)),
+          std::string("conv2d ") + program_name(plan.program) + engine_name(dtype, fma) + " the same run to run");
   check(max_rel_err(got, want) < tolerance(dtype),
-        std::string("conv2d ") + program_name(plan.program) + engine_name(dtype, fma) + " C_in=" + std::to_string(c.C_in) + " C_out=" +
-            std::to_string(c.C_out) + " out=" + std::to_string(Ho) + "x" + std::to_string(Wo) + " stride=" +
-            std::to_string(c.stride) + " dil=" + std::to_string(c.dil) + " groups=" + std::to_string(c.groups) +
-            (c.bias ? " bias" : "") + (c.channels_last ? " channels_last " : " ") + c10::toString(dtype));
+        std::string("conv2d ") + program_name(plan.program) + engine_name(dtype, fma) +
+            " C_in=" + std::to_string(c.C_in) + " C_out=" + std::to_string(c.C_out) + " out=" + std::to_string(Ho) +
+            "x" + std::to_string(Wo) + " stride=" + std::to_string(c.stride) + " dil=" + std::to_string(c.dil) +
+            " groups=" + std::to_string(c.groups) + (c.bias ? " bias" : "") +
+            (c.channels_last ? " channels_last " : " ") + c10::toString(dtype));
 }
 
 void linear_case(int64_t N, int64_t T, int64_t d_in, int64_t d_out, bool bias, bool transposed, at::ScalarType dtype,
@@ -114,8 +117,8 @@ void linear_case(int64_t N, int64_t T, int64_t d_in, int64_t d_out, bool bias, b
   const tiles::Geometry geo = tiles::linear_geometry(sh, a, g, bias);
   const tiles::Plan plan = tiles::plan_for(method, geo);
   check(max_rel_err(emulate_any(a, g, geo, plan, fma), want) < tolerance(dtype),
-        std::string("linear ") + program_name(plan.program) + engine_name(dtype, fma) + " T=" + std::to_string(T) + " d_in=" +
-            std::to_string(d_in) + " d_out=" + std::to_string(d_out) + (bias ? " bias" : "") +
+        std::string("linear ") + program_name(plan.program) + engine_name(dtype, fma) + " T=" + std::to_string(T) +
+            " d_in=" + std::to_string(d_in) + " d_out=" + std::to_string(d_out) + (bias ? " bias" : "") +
             (transposed ? " transposed " : " ") + c10::toString(dtype));
 }
 

@@ -18,8 +18,12 @@ int main() {
                     .findSchemaOrThrow("fisher_ext::linear_sqnorm", "")
                     .typed<at::Tensor(const at::Tensor&, const at::Tensor&, bool, c10::string_view)>();
 
-  struct ConvCase { int64_t N, C_in, C_out, H, k, stride, pad, dil, groups; };
-  const ConvCase cases[] = {{3, 3, 8, 9, 3, 1, 1, 1, 1}, {2, 32, 20, 7, 3, 1, 2, 2, 2}, {2, 6, 4, 10, 3, 2, 1, 1, 2},
+  struct ConvCase {
+    int64_t N, C_in, C_out, H, k, stride, pad, dil, groups;
+  };
+  const ConvCase cases[] = {{3, 3, 8, 9, 3, 1, 1, 1, 1},
+                            {2, 32, 20, 7, 3, 1, 2, 2, 2},
+                            {2, 6, 4, 10, 3, 2, 1, 1, 2},
                             {4, 48, 40, 5, 2, 1, 0, 1, 1}};
   for (const char* fused : {"0", "1"}) {
     setenv("FISHER_EXT_CPU_NO_AVX512", fused[0] == '1' ? "0" : "1", 1);
@@ -31,11 +35,11 @@ int main() {
         auto g = at::randn({c.N, c.C_out, Ho, Ho}).to(dtype);
         const auto want = naive_conv2d(x, g, c.k, c.stride, c.pad, c.dil, c.groups);
         for (const char* method : {"ghost", "materialize"}) {
-          auto s = conv.call(x, g, {c.k, c.k}, {c.stride, c.stride}, {c.pad, c.pad}, {c.dil, c.dil}, c.groups, true,
-                             method);
+          auto s =
+              conv.call(x, g, {c.k, c.k}, {c.stride, c.stride}, {c.pad, c.pad}, {c.dil, c.dil}, c.groups, true, method);
           const double tol = dtype == at::kDouble ? 1e-10 : 1e-4;
-          check(max_rel_err(s, want) < tol, "conv2d C_in=" + std::to_string(c.C_in) + " groups=" +
-                                                std::to_string(c.groups) + " " + method + " " +
+          check(max_rel_err(s, want) < tol, "conv2d C_in=" + std::to_string(c.C_in) +
+                                                " groups=" + std::to_string(c.groups) + " " + method + " " +
                                                 c10::toString(dtype) + " " + path);
         }
       }

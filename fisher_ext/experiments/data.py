@@ -34,7 +34,7 @@ class Dataset:
     y_test: torch.Tensor
     classes: int
 
-    def to(self, device: torch.device | str) -> "Dataset":
+    def to(self, device: torch.device | str) -> Dataset:
         return Dataset(self.name, self.x.to(device), self.y.to(device), self.x_test.to(device),
                        self.y_test.to(device), self.classes)
 

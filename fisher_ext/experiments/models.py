@@ -4,7 +4,7 @@ normalize with GroupNorm instead."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

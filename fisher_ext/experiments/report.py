@@ -203,17 +203,17 @@ def _markdown(meta: dict, runs: list[dict], summary: dict, figures: dict[str, st
              f"Written by `fisher-ext {meta['command']}` on {meta['date']}; {meta['machine']}; torch {meta['torch']}; "
              f"fisher_ext {meta['fisher_ext']} ({meta['backend']}).", "",
              "## Setup", "",
-             f"- Data: {setup['dataset']}" + (" (MNIST-1D, 4000 training and 1000 test sequences of length 40, "
-                                              "generated locally by the mnist1d package)" if setup["dataset"] == "mnist1d"
-                                              else "") + f"; model: {setup['model']}.",
+             f"- Data: {setup['dataset']}"
+             + (" (MNIST-1D, 4000 training and 1000 test sequences of length 40, generated locally by the mnist1d "
+                "package)" if setup["dataset"] == "mnist1d" else "") + f"; model: {setup['model']}.",
              f"- SGD with momentum {setup['momentum']}, batch {setup['batch']}, constant learning rate, "
              f"{setup['epochs']} epochs; seeds {setup['seeds']} (seed: initialization, data order, label noise, "
              "probe set, label draws).",
              f"- Penalty: `{setup['penalty']}` (alpha {setup['alpha']}, "
              f"{'on every step' if setup['every'] == 1 else 'every ' + str(setup['every']) + 'th step'}, method "
              f"{meta.get('method', setup['method'])}), fisher_ext's own `FisherPenalty`.",
-             f"- Tr(F): `FisherTraceMonitor.probe` on {setup['probe']} fixed training examples with labels sampled from "
-             f"the model (the Fisher, not the empirical Fisher), every {meta['dense_every']} steps in the first "
+             f"- Tr(F): `FisherTraceMonitor.probe` on {setup['probe']} fixed training examples with labels sampled "
+             f"from the model (the Fisher, not the empirical Fisher), every {meta['dense_every']} steps in the first "
              f"{_plural(setup['dense_epochs'], 'epoch')}, then after every epoch; each probe's standard error over "
              "the probe examples is in metrics.jsonl (`se`).",
              "- Each cell: mean ± standard deviation over the seeds that finished; every run's numbers are in "
@@ -246,7 +246,7 @@ def _markdown(meta: dict, runs: list[dict], summary: dict, figures: dict[str, st
         table = cols + extra
         lines += [f"## {title}", "", "| configuration | runs | " + " | ".join(c[1] for c in table) + " |",
                   "|---" * (len(table) + 2) + "|"]
-        for role, entry in roles.items():
+        for entry in roles.values():
             finished = sum(s == "finished" for s in entry["status"])
             cells = [_cell(entry["metrics"].get(k), fmt) for k, _, fmt in table]
             lines.append(f"| {entry['label']} | {finished}/{len(entry['status'])} | " + " | ".join(cells) + " |")
@@ -308,8 +308,8 @@ def _cost_table(summary: dict) -> list[str]:
                 extra = m["seconds_per_step"]["mean"] - plain["metrics"]["seconds_per_step"]["mean"]
                 steps_share = extra * m["steps"]["mean"] / m["seconds"]["mean"] if m["seconds"]["mean"] else math.nan
                 share = f"{max(steps_share, 0):.0%}"
-            rows.append(f"| {entry['label']} | {m['seconds']['mean']:.1f} | {m['seconds_per_step']['mean'] * 1e3:.2f} | "
-                        f"{share} |")
+            per_step = m["seconds_per_step"]["mean"] * 1e3
+            rows.append(f"| {entry['label']} | {m['seconds']['mean']:.1f} | {per_step:.2f} | {share} |")
     if not rows:
         return []
     return ["## Cost", "", "Wall time per run (training, Tr(F) probes and evaluation), the training step's time, and "

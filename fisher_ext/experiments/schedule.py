@@ -169,7 +169,8 @@ def execute(tasks: list[Task], jobs: int, stream=sys.stderr) -> list[dict]:
         else:
             pending.append(i)
     if len(pending) < len(tasks):
-        stream.write(f"{len(tasks) - len(pending)} of {len(tasks)} runs already finished in this folder; skipping them\n")
+        done = len(tasks) - len(pending)
+        stream.write(f"{done} of {len(tasks)} runs already finished in this folder; skipping them\n")
     resumed = [i for i in pending if (tasks[i].folder / "checkpoint.pt").exists()]
     if resumed:
         stream.write(f"resuming {len(resumed)} interrupted run(s) from their last finished epoch: "

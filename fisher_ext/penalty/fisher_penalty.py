@@ -7,7 +7,8 @@ import contextlib
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Union
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -116,7 +117,7 @@ class FisherPenalty:
             raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected an int >= 1, got {every!r}")
-        if radius is not None and not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
+        if radius is not None and not (isinstance(radius, int | float) and math.isfinite(radius) and radius > 0):
             raise ValueError(f"radius: expected a finite number > 0 or None, got {radius!r}")
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
             raise ValueError(f"check_every: expected an int >= 0, got {check_every!r}")
@@ -150,17 +151,17 @@ class FisherPenalty:
     # ---- named constructors: the paper's baselines ------------------------------------------------
 
     @classmethod
-    def gp(cls, model: nn.Module, alpha: float, **kwargs) -> "FisherPenalty":
+    def gp(cls, model: nn.Module, alpha: float, **kwargs) -> FisherPenalty:
         """GP: the gradient norm at the true labels (pass them as ``labels``)."""
         return cls(model, alpha, objective="gp", **kwargs)
 
     @classmethod
-    def gpr(cls, model: nn.Module, alpha: float, **kwargs) -> "FisherPenalty":
+    def gpr(cls, model: nn.Module, alpha: float, **kwargs) -> FisherPenalty:
         """GPr: the gradient norm at uniformly random labels."""
         return cls(model, alpha, objective="gpr", **kwargs)
 
     @classmethod
-    def gpx(cls, model: nn.Module, alpha: float, **kwargs) -> "FisherPenalty":
+    def gpx(cls, model: nn.Module, alpha: float, **kwargs) -> FisherPenalty:
         """GPx: the per-example input-gradient norm at the true labels (:meth:`backward` only)."""
         return cls(model, alpha, objective="gpx", **kwargs)
 

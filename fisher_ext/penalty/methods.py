@@ -22,7 +22,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn

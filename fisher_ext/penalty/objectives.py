@@ -14,7 +14,7 @@ methods (:mod:`fisher_ext.penalty.methods`) take it from there.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

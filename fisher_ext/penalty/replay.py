@@ -18,7 +18,8 @@ apart from the parameters they are asked to move (docs/design.md, "Extra passes"
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -312,7 +313,7 @@ class FrozenDecisions(TorchFunctionMode):
         self.log: list[tuple[Callable, Any]] = []
         self._next = 0
 
-    def replay(self) -> "FrozenDecisions":
+    def replay(self) -> FrozenDecisions:
         """Switches to replaying the recorded decisions from the first one."""
         self.mode, self._next = "replay", 0
         return self
@@ -369,7 +370,7 @@ class FrozenDecisions(TorchFunctionMode):
         return self.log[self._next - 1][1]
 
     @contextlib.contextmanager
-    def watching(self, model: nn.Module) -> Iterator["FrozenDecisions"]:
+    def watching(self, model: nn.Module) -> Iterator[FrozenDecisions]:
         """Active for the block, recording or replaying only inside ``model``'s own forward (not
         in the code around it, such as ``functional_call``'s parameter swap)."""
         def start(*_):
