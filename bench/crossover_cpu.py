@@ -17,9 +17,7 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 from torch import nn
@@ -27,7 +25,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fisher_ext  # noqa: E402
 from ops_cpu import _cpu_name  # noqa: E402
-from peers_cpu import PEERS, _versions, calls_per_sample, methods, oracle  # noqa: E402
+from peers_cpu import PEERS, _versions, interleaved_medians, methods, oracle  # noqa: E402
 
 TS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -53,17 +51,7 @@ def measure(d: int, batch: int, T: int, repeats: int, installed: dict) -> dict:
             continue
         if err > 1e-3:
             errors[name], _ = f"wrong: relative error {err:.1e}", fns.pop(name)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    loops = {name: calls_per_sample(fn) for name, fn in fns.items()}
-    order = list(fns)
-    for k in range(repeats):  # the order rotates: the first after the slowest peer runs on cold caches
-        for name in order[k % len(order):] + order[:k % len(order)]:
-            fn = fns[name]
-            start = time.perf_counter()
-            for _ in range(loops[name]):
-                fn()
-            times[name].append((time.perf_counter() - start) / loops[name])
-    seconds = {name: statistics.median(v) for name, v in times.items()}
+    seconds = interleaved_medians(fns, repeats)
     peers = {k: v for k, v in seconds.items() if k in PEERS}
     best = min(peers, key=peers.get) if peers else None
     return {"T": T, "seconds": seconds, "errors": errors, "best_peer": best,

@@ -75,6 +75,22 @@ def calls_per_sample(fn: Callable, at_least: float = 5e-3) -> int:
     return max(1, math.ceil(at_least / max(time.perf_counter() - start, 1e-7)))
 
 
+def interleaved_medians(fns: dict[str, Callable], repeats: int) -> dict[str, float]:
+    """Seconds per call of each function: the median over ``repeats`` rounds in which every
+    function runs once (a loop of calls, for short ones), in an order that rotates from round to
+    round (the first after the slowest peer runs on cold caches)."""
+    loops = {name: calls_per_sample(fn) for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for k in range(repeats):
+        for name in order[k % len(order):] + order[:k % len(order)]:
+            start = time.perf_counter()
+            for _ in range(loops[name]):
+                fns[name]()
+            times[name].append((time.perf_counter() - start) / loops[name])
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def _sum_sq(per_sample: dict) -> torch.Tensor:
     return sum(g.flatten(1).square().sum(1) for g in per_sample.values())
 
@@ -183,19 +199,7 @@ def measure(layer_id: str, batch: int, repeats: int, installed: dict) -> dict:
             errors[name] = f"wrong: relative error {err:.1e}"
             continue
         fns[name] = fn
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    loops = {name: calls_per_sample(fn) for name, fn in fns.items()}
-    order = list(fns)
-    for k in range(repeats):  # the order rotates: the first after the slowest peer runs on cold caches
-        for name in order[k % len(order):] + order[:k % len(order)]:
-            fn = fns[name]
-            start = time.perf_counter()
-            for _ in range(loops[name]):
-                fn()
-            times[name].append((time.perf_counter() - start) / loops[name])
-    seconds = {name: statistics.median(v) for name, v in times.items()}
+    seconds = interleaved_medians(fns, repeats)
     peers = {k: v for k, v in seconds.items() if k in PEERS}
     best = min(peers, key=peers.get) if peers else None
     return {"layer": layer_id, "batch": batch, "seconds": seconds, "errors": errors, "best_peer": best,
