@@ -84,7 +84,7 @@ def fused_layers(capture: Capture, params: Sequence[Tensor], uses: dict,
 
 def backward_with_norms(capture: Capture, loss: Tensor, params: Sequence[Tensor], n: int, scale: float,
                         retain_graph: bool, norms_required: bool = True, names: Sequence[str] | None = None,
-                        norms: bool = True, errors: list | None = None
+                        norms: bool = True, errors: list | None = None, uses: dict | None = None
                         ) -> tuple[list[Tensor | None], dict[str, Tensor] | None]:
     """``torch.autograd.grad(loss, params, allow_unused=True)`` and ``{parameter name: (N,) squared
     norms}`` of the per-example gradients (the caught output gradients times ``scale``: ``n`` for a
@@ -92,8 +92,9 @@ def backward_with_norms(capture: Capture, loss: Tensor, params: Sequence[Tensor]
 
     ``names``: the capture's parameter name of each of ``params`` (None for a tensor that is none of
     them), where the forward ran on other tensors than the model's own (``functional_call``).
-    ``norms=False``: the gradients
-    only (None for the norms), with the fused layers' weight gradients still from their fused ops.
+    ``norms=False``: the gradients only (None for the norms), with the fused layers' weight
+    gradients still from their fused ops. ``uses``: :func:`leaf_uses` of ``loss``, if the caller has
+    it already.
     A model the rules cannot handle raises :meth:`Capture.norms_from_grads`'s error, or, without
     ``norms_required``, gives None for the norms (the gradients stand) and appends the error to
     ``errors`` when given.
@@ -102,7 +103,7 @@ def backward_with_norms(capture: Capture, loss: Tensor, params: Sequence[Tensor]
         owned = {capture.param_ids[id(p)]: p for p in params if id(p) in capture.param_ids}
     else:
         owned = {name: p for name, p in zip(names, params) if name is not None}
-    fused = fused_layers(capture, params, leaf_uses(loss), owned if names is not None else None)
+    fused = fused_layers(capture, params, uses if uses is not None else leaf_uses(loss), owned)
     fused_ids = {id(owned[full]) for m in fused for _, full in capture.owners[m]}
     rest = [p for p in params if id(p) not in fused_ids]
     outputs = [capture.records[m].outputs[i] for m, i in fused.items()]

@@ -249,7 +249,8 @@ class FisherTraceMonitor:
                                        if key not in capture.param_ids]  # other tensors the loss reaches
             errors: list = []
             grads, norms = backward_with_norms(capture, loss, params, n, scale=float(n) if reduction == "mean" else 1.0,
-                                               retain_graph=False, norms_required=False, errors=errors)
+                                               retain_graph=False, norms_required=False, errors=errors,
+                                               uses=uses)
             add_into_grads(params, grads)
             if errors:
                 raise ValueError(f"losses: no per-example norms ({errors[0]}); .grad holds this step's gradient. "
