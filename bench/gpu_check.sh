@@ -7,9 +7,14 @@
 #   3. compute-sanitizer memcheck, racecheck, initcheck and synccheck on a small case of each op,
 #      with torch's caching allocator off (an out-of-bounds read inside a pooled block is
 #      otherwise invisible)
-#   4. a reduced GPU kernel benchmark (bench/ops_gpu.py --quick)
-# Seven files go to $OUT: the report gpu_check.md, build.log, tests.log, sanitizer.log, bench.log
-# and the benchmark's ops_gpu.md + ops_gpu.json; commit the report under bench/results/.
+#   4. a reduced GPU kernel benchmark against the installed peers (bench/ops_gpu.py --quick)
+#   5. end to end: ResNet-18 (GroupNorm) training steps with the monitor and the penalty
+#      (bench/penalty.py --device cuda --quick)
+# The whole script keeps to a time budget (GPU_CHECK_SECONDS, default 480): each step's timeout is
+# its own cap or what is left, whichever is less, and a step with too little time left is reported
+# as SKIPPED, which fails the check like a failure does.
+# Eight files go to $OUT: the report gpu_check.md, build.log, tests.log, sanitizer.log, bench.log,
+# the benchmark's ops_gpu.md + ops_gpu.json and penalty_gpu.md; commit them under bench/results/.
 #
 #   bash bench/gpu_check.sh            on a GPU machine
 #   bash bench/gpu_check.sh --dry-run  anywhere: every step's own commands run, the GPU parts on
@@ -30,7 +35,14 @@ report="$OUT/gpu_check.md"
 status=0
 work=$(mktemp -d)  # scratch kept out of $OUT, which holds only the seven result files
 trap 'rm -rf "$work"' EXIT
-step() { echo "== $1"; }
+deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-480}))
+step() { echo "== $1 ($((deadline - SECONDS)) s left)"; }
+budget() {  # cap in seconds -> the timeout for the next command, or 0 when under 20 s are left
+  local left=$((deadline - SECONDS - 5))
+  [ "$left" -lt 20 ] && { echo 0; return; }
+  [ "$1" -lt "$left" ] && echo "$1" || echo "$left"
+}
+skipped() { echo "| $1 | SKIPPED: out of time (GPU_CHECK_SECONDS) |" >> "$report"; status=1; }
 record() {  # name, exit code, log file
   local result="ok"
   [ "$2" -eq 0 ] || { result="FAILED (exit $2; see $(basename "$3"))"; status=1; }
@@ -72,7 +84,7 @@ else
   arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
   rm -f fisher_ext/_C*.so  # a stale build must not be what gets tested
   FISHER_EXT_FORCE_CUDA=1 FISHER_EXT_LINEINFO=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
-    $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1
+    timeout "$(budget 300)" $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1
   code=$?
   record "build (sm_${arch/./})" $code "$OUT/build.log"
   [ $code -eq 0 ] || stop "build" "the build failed; nothing else can be checked"
@@ -86,13 +98,15 @@ PY
 fi
 
 step "2. tests"
-if [ "$DRY" -eq 1 ]; then
-  timeout 240 $PY -m pytest -q -p no:cacheprovider --collect-only -k cuda python_tests > "$OUT/tests.log" 2>&1
+t=$(budget 200)
+if [ "$t" -eq 0 ]; then
+  skipped "pytest -k cuda"
 else
-  timeout 240 $PY -m pytest -q -p no:cacheprovider -k cuda python_tests > "$OUT/tests.log" 2>&1
+  collect=(); [ "$DRY" -eq 1 ] && collect=(--collect-only)
+  timeout "$t" $PY -m pytest -q -p no:cacheprovider "${collect[@]}" -k cuda python_tests > "$OUT/tests.log" 2>&1
+  record "pytest -k cuda" $? "$OUT/tests.log"
+  tail -3 "$OUT/tests.log"
 fi
-record "pytest -k cuda" $? "$OUT/tests.log"
-tail -3 "$OUT/tests.log"
 
 step "3. compute-sanitizer"
 cat > "$work/sanitize_case.py" <<'PY'
@@ -116,28 +130,52 @@ if device == "cuda":
     torch.cuda.synchronize()
 print("sanitize case done on", device)
 PY
-for tool in memcheck racecheck initcheck synccheck; do
-  echo "== compute-sanitizer --tool $tool" >> "$OUT/sanitizer.log"
+sanitize() {  # tool
+  local t
+  t=$(budget 75)
+  [ "$t" -eq 0 ] && { skipped "compute-sanitizer $1"; return; }
+  echo "== compute-sanitizer --tool $1" >> "$OUT/sanitizer.log"
   if [ "$DRY" -eq 1 ]; then
-    $PY "$work/sanitize_case.py" cpu >> "$OUT/sanitizer.log" 2>&1
+    timeout "$t" $PY "$work/sanitize_case.py" cpu >> "$OUT/sanitizer.log" 2>&1
   elif [ -z "$sanitizer" ]; then
     echo "compute-sanitizer not found (PATH, \$CUDA_HOME/bin)" >> "$OUT/sanitizer.log"; false
   else
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 120 "$sanitizer" --tool "$tool" --error-exitcode 3 \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" "$sanitizer" --tool "$1" --error-exitcode 3 \
       $PY "$work/sanitize_case.py" cuda >> "$OUT/sanitizer.log" 2>&1
   fi
-  record "compute-sanitizer $tool" $? "$OUT/sanitizer.log"
-done
+  record "compute-sanitizer $1" $? "$OUT/sanitizer.log"
+}
+# memcheck and racecheck first; initcheck and synccheck get what the benchmarks leave
+sanitize memcheck
+sanitize racecheck
 
 step "4. benchmark"
-if [ "$DRY" -eq 1 ]; then
-  timeout 240 $PY bench/ops_gpu.py --smoke --out "$OUT" > "$OUT/bench.log" 2>&1
+mode=--quick; [ "$DRY" -eq 1 ] && mode=--smoke
+t=$(budget 120)
+if [ "$t" -eq 0 ]; then
+  skipped "bench/ops_gpu.py"
 else
-  timeout 240 $PY bench/ops_gpu.py --quick --out "$OUT" > "$OUT/bench.log" 2>&1
+  timeout "$t" $PY bench/ops_gpu.py $mode --out "$OUT" > "$OUT/bench.log" 2>&1
+  record "bench/ops_gpu.py" $? "$OUT/bench.log"
 fi
-record "bench/ops_gpu.py" $? "$OUT/bench.log"
+
+step "5. end to end"
+t=$(budget 90)
+if [ "$t" -eq 0 ]; then
+  skipped "bench/penalty.py"
+else
+  timeout "$t" $PY bench/penalty.py --device "$([ "$DRY" -eq 1 ] && echo cpu || echo cuda)" $mode --out "$OUT" \
+    >> "$OUT/bench.log" 2>&1
+  record "bench/penalty.py" $? "$OUT/bench.log"
+fi
+
+step "3b. compute-sanitizer, the rest"
+sanitize initcheck
+sanitize synccheck
 
 echo >> "$report"
-[ -f "$OUT/ops_gpu.md" ] && tail -n +3 "$OUT/ops_gpu.md" >> "$report"
+for table in ops_gpu.md penalty_gpu.md; do
+  [ -f "$OUT/$table" ] && { tail -n +3 "$OUT/$table"; echo; } >> "$report"
+done
 cat "$report"
 exit $status

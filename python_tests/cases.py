@@ -266,6 +266,16 @@ def build(case: Case, seed: int = 0):
     return model, inputs, labels
 
 
+def per_example_losses(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) cross-entropy of each example, summed over its tokens (batch-first outputs)."""
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1), reduction="none").reshape(N, -1).sum(1)
+
+
+def mean_ce(labels: torch.Tensor):
+    """The training loss of the cases: cross-entropy summed over tokens, averaged over examples."""
+    return lambda out: F.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1), reduction="sum") / N
+
+
 def oracle(case: Case, model: nn.Module, inputs: tuple, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """{trainable parameter name: (N,) ||d l_n / d p||^2}, one ordinary backward per example, with
     the loss written out here (cross-entropy summed over an example's tokens)."""

@@ -8,21 +8,16 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fisher_ext
-from cases import CASES, N, Scale, build, oracle
+from cases import CASES, N, Scale, build, mean_ce, oracle
 
 
 @fisher_ext.register_rule(Scale)
 def scale_rule(module, names, call):
     x, g = call.args[0], call.grad  # y = x * scale: dl_n/dscale = x_n * g_n
     return {"scale": (x * g).square().sum(1)}
-
-
-def mean_ce(labels):
-    return lambda out: F.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1), reduction="sum") / N
 
 
 def assert_matches(result, want):

@@ -137,3 +137,94 @@ def test_no_positions_gives_zeros(method):
     acc = torch.full((3,), 2.0, device="cuda")
     fisher_ext.linear_sqnorm(a, g, bias=True, method=method, accumulate=acc)
     assert torch.equal(acc, torch.full((3,), 2.0, device="cuda"))
+
+
+# ---- whole models on the GPU: Tr(F), the monitor's backward and the penalty step ----------------------------
+
+import copy  # noqa: E402
+
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from cases import CASES, CASES_BY_ID, build, mean_ce, oracle, per_example_losses  # noqa: E402
+
+# Every model pattern that the rules accept, in float64 on the GPU, against the float64 oracle on the CPU
+# (one ordinary backward per example). Left to the CPU suite: the compiled cases (capture does not
+# depend on the device, and Triton's compile time would take the GPU check's budget) and the user
+# rule (registered by test_cases.py).
+ON_CUDA = [c for c in CASES if not c.error and c.id not in ("torch_compile", "module_compile", "user_rule")]
+
+
+def _on_cuda(model, inputs, labels):
+    getattr(model, "_orig_mod", model).to("cuda")
+    return tuple(a.to("cuda") for a in inputs), labels.to("cuda")
+
+
+@pytest.mark.parametrize("case", ON_CUDA, ids=[c.id for c in ON_CUDA])
+def test_fisher_trace_and_monitor_backward_of_every_pattern(case):
+    model, inputs, labels = build(case)
+    want = sum(oracle(case, model, inputs, labels).values())
+    twin = copy.deepcopy(model)
+    inputs, labels = _on_cuda(model, inputs, labels)
+    result = fisher_ext.fisher_trace(model, inputs, labels=labels)
+    assert result.per_example.is_cuda
+    torch.testing.assert_close(result.per_example.double().cpu(), want, rtol=1e-9, atol=1e-12)
+
+    monitor = fisher_ext.FisherTraceMonitor(model)
+    with monitor.watch():
+        out = model(*inputs)
+    result = monitor.backward(per_example_losses(out, labels))  # the fused weight-gradient ops on CUDA
+    torch.testing.assert_close(result.per_example.double().cpu(), want, rtol=1e-9, atol=1e-12)
+    twin.to("cuda")
+    per_example_losses(twin(*inputs), labels).mean().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("case", ON_CUDA, ids=[c.id for c in ON_CUDA])
+def test_penalty_step_and_its_free_trace(case):
+    """The exact penalty step (double backward) with report_trace on the GPU: its gradient is the
+    one written out by hand on the CPU, its per-example norms the oracle's."""
+    model, inputs, labels = build(case)
+    want_norms = sum(oracle(case, model, inputs, labels).values())
+    twin = copy.deepcopy(model)
+    params = [p for p in twin.parameters() if p.requires_grad]
+    with sdpa_kernel(SDPBackend.MATH):  # the flash kernel has no double backward
+        out = twin(*inputs)
+        gbar = torch.autograd.grad(mean_ce(labels)(out), params, create_graph=True, allow_unused=True)
+        total = mean_ce(labels)(out) + 0.3 * sum(g.square().sum() for g in gbar if g is not None)
+        want = torch.autograd.grad(total, params, allow_unused=True)
+    inputs, labels = _on_cuda(model, inputs, labels)
+    rnn = any(isinstance(m, nn.RNNBase) for m in model.modules())
+    if rnn:  # cuDNN's RNN backward has no double backward: the error says what to do
+        with pytest.raises(RuntimeError, match=r"cudnn\.flags\(enabled=False\)"):
+            fisher_ext.FisherPenalty(model, 0.3).backward(inputs, mean_ce(labels), labels=labels)
+        model.zero_grad(set_to_none=True)
+    with sdpa_kernel(SDPBackend.MATH), torch.backends.cudnn.flags(enabled=not rnn):
+        _, result = fisher_ext.FisherPenalty(model, 0.3, report_trace=True).backward(inputs, mean_ce(labels),
+                                                                                     labels=labels)
+    torch.testing.assert_close(result.per_example.double().cpu(), want_norms, rtol=1e-9, atol=1e-12)
+    for p, w in zip([p for p in model.parameters() if p.requires_grad], want):
+        if w is not None:
+            torch.testing.assert_close(p.grad.cpu(), w, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("case_id", ["mlp", "cnn_groupnorm", "transformer"])
+def test_finite_difference_penalty_step(case_id):
+    """The finite-difference step on the GPU (the shifted pass on the fused ops) within its O(r)
+    bound of the exact step computed on the CPU."""
+    case = CASES_BY_ID[case_id]
+    model, inputs, labels = build(case)
+    twin = copy.deepcopy(model)
+    params = [p for p in twin.parameters() if p.requires_grad]
+    with sdpa_kernel(SDPBackend.MATH):
+        out = twin(*inputs)
+        gbar = torch.autograd.grad(mean_ce(labels)(out), params, create_graph=True)
+        total = mean_ce(labels)(out) + 0.3 * sum(g.square().sum() for g in gbar)
+        want = torch.cat([g.flatten() for g in torch.autograd.grad(total, params)])
+    inputs, labels = _on_cuda(model, inputs, labels)
+    fisher_ext.FisherPenalty(model, 0.3, method="finite_difference", check_every=0).backward(
+        inputs, mean_ce(labels), labels=labels)
+    got = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]).cpu()
+    assert float((got - want).norm() / want.norm()) < 1e-6  # as on the CPU (test_penalty.py)

@@ -9,16 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cases import CASES, CASES_BY_ID, N, build, oracle
+from cases import CASES, CASES_BY_ID, N, build, oracle, per_example_losses
 from fisher_ext.capture import Capture
 from fisher_ext.fused_backward import backward_with_norms, fused_layers, leaf_uses
 
 RUNS = [c for c in CASES if not c.error or c.id in ("tied_embedding", "routed_experts",  # refused after the forward
                                                     "parent_uses_child_weight")]
-
-
-def per_example_losses(out, labels):
-    return F.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1), reduction="none").reshape(N, -1).sum(1)
 
 
 def fused_step(model, inputs, labels, extra=None, required=True):

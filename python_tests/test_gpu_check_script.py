@@ -25,8 +25,9 @@ def test_dry_run_executes_every_step(tmp_path):
     assert done.returncode == 0, report + done.stdout[-2000:] + done.stderr[-2000:]
     assert "**Dry run**" in report
     for step in ("build", "pytest -k cuda", "compute-sanitizer memcheck", "compute-sanitizer racecheck",
-                 "compute-sanitizer initcheck", "compute-sanitizer synccheck", "bench/ops_gpu.py"):
+                 "compute-sanitizer initcheck", "compute-sanitizer synccheck", "bench/ops_gpu.py", "bench/penalty.py"):
         assert f"| {step} | ok (dry run: GPU parts on the CPU) |" in report, step
     assert report.count("sanitize case done on cpu") == 0  # logs stay in their files
     assert (tmp_path / "out" / "sanitizer.log").read_text().count("sanitize case done on cpu") == 4
     assert (tmp_path / "out" / "ops_gpu.md").is_file()
+    assert (tmp_path / "out" / "penalty.md").is_file()

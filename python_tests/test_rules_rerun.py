@@ -60,3 +60,42 @@ def test_the_fallback_takes_a_users_module():
     got = per_example_grads(module, ["w"], Call((x, scale), {}, outs, grads, 5, [0]))
     want = oracle(module, (x, scale), grads, [0], [0, None])
     torch.testing.assert_close(got["w"], want["w"], rtol=1e-10, atol=1e-12)
+
+
+def test_the_fallback_takes_ops_without_a_batching_rule():
+    """An op whose backward cannot be vmapped (here a backward with data-dependent control flow; on
+    the GPU, cuDNN's RNN backward): one backward per example instead, same norms."""
+    from fisher_ext.rules.functional import per_example_grads
+    from fisher_ext.rules.registry import Call
+    from rule_oracle import oracle, output_grads
+
+    class Cube(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x ** 3
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            if not bool(torch.isfinite(g).all()):  # data-dependent control flow: no batching rule
+                raise FloatingPointError("non-finite output gradient")
+            return 3 * x ** 2 * g
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, dtype=torch.float64))
+
+        def forward(self, x):
+            return Cube.apply(x * self.w)
+
+    torch.manual_seed(0)
+    module, x = Gate(), torch.randn(5, 3, 6, dtype=torch.float64)
+    outs, grads = output_grads(module, (x,), {}, [0])
+    with pytest.raises(RuntimeError, match="atching rule"):  # the batched backward really is refused
+        torch.autograd.grad(outs[0], module.w, grads[0].expand(2, *grads[0].shape), retain_graph=True,
+                            is_grads_batched=True)
+    got = per_example_grads(module, ["w"], Call((x,), {}, outs, grads, 5, [0]))
+    want = oracle(module, (x,), grads, [0], [0])
+    torch.testing.assert_close(got["w"], want["w"], rtol=1e-10, atol=1e-12)

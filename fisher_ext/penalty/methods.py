@@ -117,7 +117,9 @@ def explain_missing_double_backward():
         raise RuntimeError(
             f"method='double_backward' differentiates the gradient, and torch has no double backward for an op of "
             f"this model ({e}); use method='finite_difference' (no second-order graph), or, for attention, the math "
-            "kernel (with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH): ...)") from e
+            "kernel (with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH): ...), for RNNs on "
+            "the GPU, torch's own kernels instead of cuDNN's (with torch.backends.cudnn.flags(enabled=False): ...)"
+        ) from e
 
 
 class FiniteDifference:

@@ -34,6 +34,21 @@ def check_replayable(module: nn.Module) -> None:
                                          "its layers cannot be replayed; evaluate in eval mode")
 
 
+def _batched_grads(outputs: list, params: list, cotangents: list) -> tuple:
+    """The gradients of ``outputs`` for each row of the batched ``cotangents`` (one vmapped backward),
+    or, where an op of the graph has no batching rule (cuDNN's RNN backward, custom autograd
+    Functions without vmap support), one backward per row."""
+    try:
+        return torch.autograd.grad(outputs, params, cotangents, retain_graph=True, allow_unused=True,
+                                   is_grads_batched=True)
+    except RuntimeError as e:
+        if "atching rule" not in str(e) and "vmap" not in str(e):
+            raise
+    rows = [torch.autograd.grad(outputs, params, [c[j] for c in cotangents], retain_graph=True, allow_unused=True)
+            for j in range(cotangents[0].shape[0])]
+    return tuple(None if col[0] is None else torch.stack(col) for col in zip(*rows))
+
+
 def per_example_grads(module: nn.Module, names: list, call: Call) -> dict[str, torch.Tensor]:
     """``{name: (N,) ||dl_n/d param||^2}`` for the parameters ``names`` of ``module`` (its own or its
     descendants'), from the captured call."""
@@ -69,8 +84,7 @@ def per_example_grads(module: nn.Module, names: list, call: Call) -> dict[str, t
             c = g.new_zeros((len(rows),) + tuple(g.shape))
             c.movedim(d + 1, 1)[torch.arange(len(rows)), rows] = g.movedim(d, 0)[rows]
             cotangents.append(c)
-        grads = torch.autograd.grad([o for o, _, _ in pairs], params, cotangents, retain_graph=True,
-                                    allow_unused=True, is_grads_batched=True)
+        grads = _batched_grads([o for o, _, _ in pairs], params, cotangents)
         for k, gr in zip(names, grads):
             if gr is not None:
                 totals[k].append(sqnorm_per_example(gr))
