@@ -12,6 +12,7 @@ each timed with CUDA events over a loop of calls, median of --repeats rounds. Ea
 against a float64 torch.func oracle on the same (x, g) (relative error at most 1e-3 in float32,
 5e-2 in bfloat16; the fused op's weight gradient against wgrad's); a method that disagrees or fails
 is reported, not timed.
+  wgrad-fp32 float32 convolutions: wgrad with cuDNN's TF32 off (torch's default rounds to TF32)
   roofline   max(bytes / bandwidth, flops / peak) of our op, with the bandwidth (device copy) and the
              matrix peak (large GEMM in the dtype) measured in the same run
 Ratios: to wgrad, and ours / the fastest correct peer. Writes ops_gpu.md and ops_gpu.json; prints the
@@ -100,6 +101,11 @@ def layer_case(lid: str, batch: int, dtype: torch.dtype, repeats: int, ceilings,
     want_w, want_b = (t.detach() for t in table["wgrad"]())
     tol = TOLERANCE[dtype]
     fns, errors, rel = {"wgrad": table.pop("wgrad")}, {}, {}
+    if dtype == torch.float32 and not isinstance(layer, nn.Linear):  # cuDNN's default rounds to TF32
+        def wgrad_fp32(wgrad=fns["wgrad"]):
+            with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+                return wgrad()
+        fns["wgrad-fp32"] = wgrad_fp32
     for name, fn in table.items():
         try:
             got = fn()
@@ -182,11 +188,13 @@ def main() -> None:
             "peers": {k: v or "not installed" for k, v in installed.items()}, "repeats": args.repeats}
     with open(os.path.join(args.out, "ops_gpu.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    cols = ["ours", "fused", *PEERS, "roofline"]
+    cols = ["ours", "fused", *PEERS, "wgrad-fp32", "roofline"]
     lines = ["# Per-example squared-norm ops on the GPU, against the installed peers", "",
              f"{meta['date']}; {meta['device']}; torch {meta['torch']}; our CUDA ops served by {meta['backend']}; "
              f"peers: opacus {meta['peers']['opacus']}, backpack-for-pytorch {meta['peers']['backpack']}, torch.func. "
-             f"Times over the layer's own weight gradient (wgrad: cuDNN/cuBLAS), medians of {args.repeats} "
+             f"Times over the layer's own weight gradient (wgrad: cuDNN/cuBLAS with torch's defaults, so float32 "
+             "convolutions in TF32; wgrad-fp32: the same with TF32 off, the precision our float32 ops keep; "
+             f"torch.func's float32 conv norms miss the 1e-3 check by TF32's rounding), medians of {args.repeats} "
              "interleaved rounds timed with CUDA events. `-`: not applicable, failed or wrong (listed below).", "",
              "| layer | batch | dtype | wgrad ms | " + " | ".join(cols) + " | best peer | ours / best peer "
              "| fused / (best peer + wgrad) | ours max rel err |",
