@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from .capture import Capture, as_args, foreign_output, select_logits
+from .distributed import accumulate_grads, gather, global_means, process_group, refuse_static_graph, unwrap_ddp
 from .estimators import LabelGenerator, estimate_norms
 from .fused_backward import backward_with_norms, leaf_uses
-from .penalty.replay import add_into_grads
 from .likelihoods import Likelihood, get_likelihood
 
 
@@ -138,14 +138,22 @@ class FisherTraceMonitor:
         result = monitor.probe(probe_inputs, chunk_size=128)
 
     Hooks are attached only inside ``watch()`` and ``probe()`` and removed on exit.
+
+    Across the processes of torch.distributed (a DistributedDataParallel model, or a process group
+    initialized; ``scope='global'``, the default there) each rank's per-example norms are its own
+    examples', while ``trace`` and ``per_parameter`` are the global batch's means, the same on every
+    rank (:meth:`gather` collects the per-example values); :meth:`probe` splits the probe set
+    across the ranks; :meth:`backward` writes its gradient through DDP's reducer. ``scope='local'``:
+    each rank's own batch.
     """
 
     def __init__(self, model: nn.Module, *, likelihood: Union[str, Likelihood] = "categorical",
                  estimator: str = "mc", samples: int = 1, every: int = 1, generator: torch.Generator | None = None,
-                 logits: Callable[[Any], torch.Tensor] | None = None):
+                 logits: Callable[[Any], torch.Tensor] | None = None, scope: str | None = None):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected an int >= 1, got {every!r}")
-        self.model = model
+        self.model, self.ddp = unwrap_ddp(model)
+        self.group = process_group(self.ddp, scope)
         self.likelihood = get_likelihood(likelihood)
         self.estimator, self.samples, self.every = estimator, samples, every
         self._draws = LabelGenerator(generator)
@@ -180,9 +188,23 @@ class FisherTraceMonitor:
             raise foreign_output(output)
         per_example, totals = estimate_norms(self._capture, output, self.likelihood, self.estimator, labels,
                                              self.samples, self._draws, retain_graph=True)
-        result = _result(self._capture, per_example, totals)
+        result = self._global(_result(self._capture, per_example, totals))
         self.history.append((self._step - 1, result.trace))
         return result
+
+    def gather(self, result: FisherTraceResult) -> torch.Tensor:
+        """Every rank's per-example values of ``result`` in rank order, on every rank (a collective
+        call; one process: ``result.per_example``)."""
+        return result.per_example if self.group is None else gather(self.group, result.per_example)
+
+    def _global(self, result: FisherTraceResult) -> FisherTraceResult:
+        """Across processes: ``trace`` and ``per_parameter`` over the global batch."""
+        if self.group is None:
+            return result
+        n, names = result.per_example.numel(), list(result.per_parameter)
+        means = global_means(self.group, [result.per_parameter[k] * n for k in names]
+                             + [float(result.per_example.double().sum())], n)
+        return FisherTraceResult(means[-1], result.per_example, dict(zip(names, means[:-1])), result.coverage)
 
     def backward(self, losses: torch.Tensor, *, reduction: str = "mean") -> FisherTraceResult | None:
         """The training backward of the watched forward's per-example losses, with the Tr(F) of the
@@ -217,6 +239,7 @@ class FisherTraceMonitor:
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+        refuse_static_graph(self.ddp)
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or not losses.requires_grad:
             got = f"shape {tuple(losses.shape)}{'' if losses.requires_grad else ' not requiring grad'}" \
                 if isinstance(losses, torch.Tensor) else type(losses).__name__
@@ -251,7 +274,7 @@ class FisherTraceMonitor:
             grads, norms = backward_with_norms(capture, loss, params, n, scale=float(n) if reduction == "mean" else 1.0,
                                                retain_graph=False, norms_required=False, errors=errors,
                                                uses=uses)
-            add_into_grads(params, grads)
+            accumulate_grads(params, grads, self.ddp)
             if errors:
                 raise ValueError(f"losses: no per-example norms ({errors[0]}); .grad holds this step's gradient. "
                                  f"losses[n] must be example n's own loss, of the watched forward's batch, in order"
@@ -261,7 +284,7 @@ class FisherTraceMonitor:
         totals = {k: v.double() for k, v in norms.items()}  # as estimate() gives them
         per_example = torch.stack(list(totals.values())).sum(0) if totals else torch.zeros(
             n, dtype=torch.float64, device=losses.device)
-        result = _result(capture, per_example, totals)
+        result = self._global(_result(capture, per_example, totals))
         self.history.append((self._step - 1, result.trace))
         return result
 
@@ -271,8 +294,12 @@ class FisherTraceMonitor:
         (tensors, or tuples whose first element is the input).
 
         Memory is that of one chunk. ``eval_mode`` puts the model in eval mode for the probe
-        (dropout off, BatchNorm on running statistics) and restores its modes after.
+        (dropout off, BatchNorm on running statistics) and restores its modes after. Across
+        processes each rank takes its part (of a tensor: a contiguous slice; of an iterable, which
+        must have a length: every k-th batch) and the result is the whole probe set's.
         """
+        if self.group is not None:
+            inputs = self._my_part(inputs)
         if isinstance(inputs, torch.Tensor):
             batches: Iterable = inputs.split(chunk_size)
             total = math.ceil(inputs.shape[0] / chunk_size)
@@ -303,8 +330,25 @@ class FisherTraceMonitor:
             raise ValueError("inputs: expected at least one probe example, got none")
         per_example = torch.cat(parts)
         n = per_example.numel()
-        return FisherTraceResult(float(per_example.mean()), per_example, {k: v / n for k, v in per_param.items()},
-                                 coverage)
+        return self._global(FisherTraceResult(float(per_example.mean()), per_example,
+                                              {k: v / n for k, v in per_param.items()}, coverage))
+
+    def _my_part(self, inputs):
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        if isinstance(inputs, torch.Tensor):
+            if inputs.shape[0] < world:
+                raise ValueError(f"inputs: a probe set split across {world} processes needs at least {world} "
+                                 f"examples, got {inputs.shape[0]}")
+            return inputs.tensor_split(world)[rank]
+        if not hasattr(inputs, "__len__"):
+            raise TypeError(f"inputs: across {world} processes, probe() splits an iterable of batches by its length; "
+                            f"got a {type(inputs).__name__} without one (pass a list, a tensor or a DataLoader)")
+        if len(inputs) < world:
+            raise ValueError(f"inputs: a probe set split across {world} processes needs at least {world} batches, got "
+                             f"{len(inputs)}")
+        return [batch for i, batch in enumerate(inputs) if i % world == rank]
 
 
 class _Watch:

@@ -16,11 +16,13 @@ from torch import nn
 from ..estimators import LabelGenerator
 from ..likelihoods import Likelihood, get_likelihood
 from ..capture import Capture, as_args, foreign_output, select_logits
+from ..distributed import (Shards, accumulate_grads, check_same_model, global_means, process_group,
+                           refuse_static_graph, unwrap_ddp)
 from ..fused_backward import leaf_uses
 from .methods import Check, DoubleBackward, FiniteDifference, Rerun, warn
 from .objectives import Batch, BatchTrace, GradientNorm, InputGradientNorm
 from ..state import BufferState, RandomState
-from .replay import FrozenDecisions, add_into_grads
+from .replay import FrozenDecisions
 
 Tensor = torch.Tensor
 OBJECTIVES = ("fisher", "trace", "gp", "gpr", "gpx")
@@ -32,15 +34,19 @@ class PenaltyResult:
     """One step of the penalty.
 
     Attributes:
-        value: ``alpha`` times the objective (``alpha ||gbar||^2`` for the Fisher Penalty).
+        value: ``alpha`` times the objective (``alpha ||gbar||^2`` for the Fisher Penalty); across
+            processes (scope 'global'), the global batch's, the same on every rank.
         gbar_sqnorm: ``||gbar||^2`` (NaN for the objectives 'trace' and 'gpx', which form no gbar).
         labels: the step's labels (sampled once, held fixed through every pass of the step).
         method: the method that formed this step's gradient ('double_backward' where the finite
             difference fell back to it).
         per_example: ``(B,)`` the ``||g_i||^2`` from the gbar backward, or None (``report_trace`` off,
-            or where the per-example rules do not apply, e.g. BatchNorm in train mode).
+            or where the per-example rules do not apply, e.g. BatchNorm in train mode); this rank's
+            examples only.
         check: on the steps the finite difference was compared with the exact gradient, the
             comparison; else None.
+        trace: the batch's Tr(F) estimate ``(1/B) sum_i ||g_i||^2`` (None as ``per_example``); across
+            processes, over the global batch, the same on every rank.
     """
 
     value: float
@@ -49,11 +55,7 @@ class PenaltyResult:
     method: str
     per_example: Tensor | None = None
     check: Check | None = None
-
-    @property
-    def trace(self) -> float | None:
-        """The batch's Tr(F) estimate ``(1/B) sum_i ||g_i||^2`` (None as ``per_example``)."""
-        return float(self.per_example.mean()) if self.per_example is not None else None
+    trace: float | None = None
 
 
 class FisherPenalty:
@@ -98,13 +100,21 @@ class FisherPenalty:
             backward (no extra pass; the norm kernels run right after it). False hooks nothing.
         logits: where the likelihood's parameters are in the model's output, for a model that returns
             more than them (``lambda out: out["logits"]``); ``loss`` still gets the whole output.
+        scope: across the processes of torch.distributed (a DistributedDataParallel model, or a
+            process group initialized), 'global' (the default there) penalizes the global batch's
+            ``||gbar||^2``, ``gbar`` the mean over every rank's examples, so that k processes with
+            batch B each take the steps of one process with batch kB; 'local' penalizes each rank's
+            own batch (the micro-batch penalty of the usual reimplementations). The gradient each
+            rank writes is its share, averaged over the ranks by DDP's reducer (the model wrapped in
+            DDP), or by the caller's own all-reduce of ``.grad`` (not wrapped). Constructing the
+            penalty is then a collective call (every rank checks that all hold the same model).
     """
 
     def __init__(self, model: nn.Module, alpha: float, *, objective: str = "fisher",
                  method: str = "double_backward", likelihood: Union[str, Likelihood] = "categorical",
                  every: int = 1, radius: float | None = None, check_every: int = 1000,
                  generator: torch.Generator | None = None, report_trace: bool = True,
-                 logits: Callable[[Any], Tensor] | None = None):
+                 logits: Callable[[Any], Tensor] | None = None, scope: str | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if isinstance(alpha, Tensor) and alpha.numel() == 1:
@@ -121,7 +131,9 @@ class FisherPenalty:
             raise ValueError(f"radius: expected a finite number > 0 or None, got {radius!r}")
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
             raise ValueError(f"check_every: expected an int >= 0, got {check_every!r}")
-        self.model = getattr(model, "_orig_mod", model)  # a compiled model's own module, run eagerly
+        inner, self.ddp = unwrap_ddp(getattr(model, "_orig_mod", model))
+        refuse_static_graph(self.ddp)
+        self.model = getattr(inner, "_orig_mod", inner)  # a compiled model's own module, run eagerly
         named = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("model: expected at least one trainable parameter (requires_grad=True), found none")
@@ -136,6 +148,11 @@ class FisherPenalty:
             raise ValueError(f"method: objective {objective!r} is differentiated by {self.objective.methods}, got "
                              f"{method!r}")
         self.method = FiniteDifference(radius) if method == "finite_difference" else DoubleBackward()
+        if self.method.name == "double_backward" or objective in ("trace", "gpx"):
+            _refuse_sync_batchnorm(self.model)
+        self.group = process_group(self.ddp, scope)
+        if self.group is not None:
+            check_same_model(self.group, self.params, "model")
         self.alpha, self.every, self.check_every = float(alpha), every, check_every
         self.report_trace = bool(report_trace)
         if logits is not None and not callable(logits):
@@ -194,7 +211,7 @@ class FisherPenalty:
         step = self._next_step()
         if not self._due(step):  # a plain step
             with torch.enable_grad():
-                train_loss = _scalar_loss(loss, self.model(*args))
+                train_loss = _scalar_loss(loss, (self.ddp or self.model)(*args))
                 _check_finite(step, "the training loss", train_loss)
                 train_loss.backward()
             return train_loss.detach(), None
@@ -212,7 +229,8 @@ class FisherPenalty:
             self._refuse_outside_leaves(train_loss, args)
             output = select_logits(self.logits, output)
             self.objective.likelihood.check(output)
-            batch = Batch(self.params, output, args, self._step_labels(output, labels), capture)
+            batch = Batch(self.params, output, args, self._step_labels(output, labels), capture,
+                          self._shards(output))
             rerun = Rerun(self.model, self.names, rng, buffers, decisions, loss, versions, self.logits)
             outcome = self.method.gradients(self.objective, batch, train_loss, self.alpha, rerun,
                                             fd and self._check_due())
@@ -228,7 +246,7 @@ class FisherPenalty:
         present = [g for g in grads if g is not None]
         _check_finite(step, "the step's gradient", torch.stack(torch._foreach_norm(present)) if present
                       else torch.zeros(()))
-        add_into_grads(self.params, grads)
+        accumulate_grads(self.params, grads, self.ddp)
         self.last_result = result
         return train_loss.detach(), result
 
@@ -264,7 +282,8 @@ class FisherPenalty:
             if not self._due(step):
                 return output.new_zeros(())
             with torch.enable_grad():
-                batch = Batch(self.params, output, (), self._step_labels(output, labels), capture)
+                batch = Batch(self.params, output, (), self._step_labels(output, labels), capture,
+                              self._shards(output))
                 value = self.objective.value(batch, create_graph=True)
             result = self._result(step, batch, value, self.method.name, None)
             term = self.alpha * value.value  # the caller's backward differentiates it (see methods.DoubleBackward)
@@ -336,11 +355,14 @@ class FisherPenalty:
                 raise
             return None
 
+    def _shards(self, output: Tensor) -> Shards | None:
+        return Shards(self.group, output.shape[0]) if self.group is not None else None
+
     def _forward(self, args: tuple, capture: Capture | None) -> Tensor:
         if capture is not None:
             capture.start()
-        try:
-            return self.model(*args)
+        try:  # under DDP through its wrapper: it syncs buffers and readies its reducer for the step's gradient
+            return (self.ddp or self.model)(*args)
         finally:
             if capture is not None:
                 capture.stop()
@@ -349,7 +371,10 @@ class FisherPenalty:
         penalty = self.alpha * float(value.value.detach())
         _check_finite(step, "the penalty", torch.tensor(penalty))
         gbar_sqnorm = float(value.value.detach()) if value.gbar is not None else float("nan")
-        return PenaltyResult(penalty, gbar_sqnorm, batch.labels, method, value.per_example, check)
+        per_example = value.per_example
+        trace = None if per_example is None else float(per_example.mean()) if self.group is None else \
+            global_means(self.group, [float(per_example.double().sum())], per_example.numel())[0]
+        return PenaltyResult(penalty, gbar_sqnorm, batch.labels, method, per_example, check, trace)
 
 
 class _Watch:
@@ -376,6 +401,13 @@ class _Watch:
         self._hook.remove()
         if self._capture is not None:
             self._capture.unhook()  # the records stay for penalty_term()
+
+
+def _refuse_sync_batchnorm(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.SyncBatchNorm):
+            raise ValueError(f"model: {name or 'the model'} is a SyncBatchNorm, which has no double backward; use "
+                             "method='finite_difference' (objectives 'fisher', 'gp', 'gpr'), or BatchNorm / GroupNorm")
 
 
 def _scalar_loss(loss: Callable, output) -> Tensor:

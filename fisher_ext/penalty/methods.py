@@ -162,35 +162,44 @@ class FiniteDifference:
         if v is None:
             v = objective.value(batch, create_graph=False)
         gbar = [g.detach() if g is not None else None for g in v.gbar]
+        mismatch = None
         try:
             penalty, train = self._shifted(objective, batch, gbar, float(v.value.detach()), alpha, rerun,
-                                           separate=check, fused=v.fused)
+                                           separate=check, fused=v.fused, direction=v.gbar_global)
         except DecisionMismatch as e:
-            warn(f"{e}; this step's gradient is the exact one (double backward)")
+            mismatch = e
+        if batch.shards is not None and batch.shards.any(mismatch is not None) and mismatch is None:
+            mismatch = DecisionMismatch("another rank's shifted pass did not replay its watched pass's decisions")
+        if mismatch is not None:  # every rank takes the exact gradient together
+            warn(f"{mismatch}; this step's gradient is the exact one (double backward)")
             return Outcome(self._exact(objective, batch, train_loss, alpha), v, DoubleBackward.name)
         if exact is None:
             return Outcome(penalty, v, self.name)
-        report = self._compare(batch.params, penalty, train, exact)
+        report = self._compare(batch.params, penalty, train, exact, batch.shards)
         if not report.passed(self.tolerance):
             return Outcome([_add(t, p) for t, p in zip(*exact)], v, DoubleBackward.name, report)
         return Outcome([_add(p, t) for p, t in zip(penalty, train)], v, self.name, report)
 
     def _shifted(self, objective: GradientNorm, batch: Batch, gbar: Grads, gbar_sqnorm: float, alpha: float,
-                 rerun: Rerun, separate: bool, fused: bool = False) -> tuple[Grads, Grads]:
+                 rerun: Rerun, separate: bool, fused: bool = False,
+                 direction: Grads | None = None) -> tuple[Grads, Grads]:
         """The gradient of ``loss + c L`` at ``theta + r v`` (the decisions and random state of the
         watched pass), less ``c gbar``, with ``c = 2 alpha ||gbar|| / r``: the step's gradient. With
         ``separate``, as (penalty part, training part) from two backwards of the shifted pass;
         else (all of it, Nones) from one. The rounding of ``||gbar||`` cancels: it scales the shift
         and the difference inversely. ``fused``: gbar's layer gradients came from the fused ops, so
         the shifted pass takes them from the same ops (through the capture): two gradients formed
-        with different summation orders would leave their rounding difference, divided by r."""
+        with different summation orders would leave their rounding difference, divided by r.
+        Across processes, the shift follows the global batch's gbar (``direction``, of norm
+        ``sqrt(gbar_sqnorm)``) on every rank alike, and each rank's difference is scaled by its share."""
+        direction = gbar if direction is None else direction
         norm = math.sqrt(gbar_sqnorm)
         r = self.radius if self.radius is not None else self.default_radius(batch.params)
         step = r / norm if norm > 0 else 0.0  # gbar = 0: no shift, and the penalty's gradient is 0
         # New tensors passed by functional_call: the model's own parameters are never modified (the
         # caller's graph may have saved them), so nothing needs restoring.
-        shifted = [(p.detach() + step * g if g is not None else p.detach()).requires_grad_()
-                   for p, g in zip(batch.params, gbar)]
+        shifted = [(p.detach() + step * d if d is not None else p.detach()).requires_grad_()
+                   for p, d in zip(batch.params, direction)]
         if rerun.inputs_changed(batch.inputs):
             raise DecisionMismatch("the watched forward modified its inputs in place, so they cannot be fed again")
         decisions = rerun.decisions.replay()
@@ -208,7 +217,7 @@ class FiniteDifference:
             output = select_logits(rerun.logits, output)
         if not decisions.finished():
             raise DecisionMismatch("the replayed forward made fewer decisions than the recorded one")
-        scale = 2 * alpha * norm / r
+        scale = 2 * alpha * norm / r * (batch.shards.share if batch.shards is not None else 1.0)
         penalty_loss = scale * objective.loss(output, batch.labels)
         # The loss may also read the model's own parameters outside the forward (weight decay in
         # the loss): those uses reach the parameters themselves, not the shifted tensors.
@@ -233,12 +242,15 @@ class FiniteDifference:
             train = [None] * n
         return [_add(a, g, -scale) for a, g in zip(penalty, gbar)], train
 
-    def _compare(self, params: Sequence[Tensor], penalty: Grads, train: Grads, exact: tuple[Grads, Grads]) -> Check:
+    def _compare(self, params: Sequence[Tensor], penalty: Grads, train: Grads, exact: tuple[Grads, Grads],
+                 shards=None) -> Check:
         exact_train, exact_penalty = _flat(exact[0], params), _flat(exact[1], params)
-        fd = _flat(penalty, params)
+        fd, train_fd = _flat(penalty, params), _flat(train, params)
+        if shards is not None:  # the ranks' shares add up to the global gradients: one verdict for all
+            exact_train, exact_penalty, fd, train_fd = shards.sum([exact_train, exact_penalty, fd, train_fd])
         norm = float(exact_penalty.norm())
         step = float((exact_train + exact_penalty).norm())
-        shift = float((_flat(train, params) - exact_train).norm()) / step if step > 0 else 0.0
+        shift = float((train_fd - exact_train).norm()) / step if step > 0 else 0.0
         if norm == 0:
             return Check(0.0 if float(fd.norm()) == 0 else math.inf, 1.0, shift)
         cosine = float(torch.nn.functional.cosine_similarity(fd, exact_penalty, dim=0))
@@ -247,7 +259,8 @@ class FiniteDifference:
     def _exact(self, objective, batch: Batch, train_loss: Tensor, alpha: float) -> Grads:
         """The exact gradient of the step, where the estimate cannot be trusted (the capture has
         given its norms already)."""
-        v = objective.value(Batch(batch.params, batch.output, batch.inputs, batch.labels, None), create_graph=True)
+        v = objective.value(Batch(batch.params, batch.output, batch.inputs, batch.labels, None, batch.shards),
+                            create_graph=True)
         return list(torch.autograd.grad(train_loss + alpha * v.value, batch.params, allow_unused=True))
 
 

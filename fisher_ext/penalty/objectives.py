@@ -9,6 +9,11 @@
 An objective forms its value from a :class:`Batch` (the watched forward's output, inputs,
 labels and capture), optionally with the graph for a double backward; the differentiation
 methods (:mod:`fisher_ext.penalty.methods`) take it from there.
+
+Across the processes of torch.distributed (``Batch.shards``), the value is that of the global
+batch, identical on every rank, and its graph gives this rank's share of its gradient
+(:mod:`fisher_ext.distributed`): for ``||gbar||^2``, ``gbar`` is the global batch's mean gradient
+and the share is ``2 k (n_r / N) H_r gbar``, the gradient of ``2 k (n_r / N) <gbar_r, stop_grad(gbar)>``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 from ..likelihoods import Likelihood
 from ..capture import Capture
+from ..distributed import Shards
 from ..fused_backward import backward_with_norms
 
 Tensor = torch.Tensor
@@ -34,6 +40,7 @@ class Batch:
     inputs: tuple
     labels: Tensor
     capture: Capture | None
+    shards: Shards | None = None  # this rank's part of a global batch (None: the batch is all there is)
 
 
 @dataclass
@@ -47,12 +54,32 @@ class Value:
         per_example: ``(B,)`` the ``||g_i||^2`` (float32, float64 for float64), or None.
         fused: gbar's Linear/Conv weight gradients came from the fused ops (a finite difference
             against it must form the shifted gradient the same way, or their roundings differ).
+        gbar_global: across processes, the global batch's gbar (``gbar`` is this rank's own).
     """
 
     value: Tensor
     gbar: list | None = None
     per_example: Tensor | None = None
     fused: bool = False
+    gbar_global: list | None = None
+
+
+def _shared(value_global: Tensor, surrogate: Tensor) -> Tensor:
+    """A scalar equal to ``value_global`` whose gradient is ``surrogate``'s (this rank's share)."""
+    return value_global.detach() + (surrogate - surrogate.detach())
+
+
+def _global_mean_value(batch: Batch, local: Tensor) -> Tensor:
+    """A mean over the examples, made the global batch's (the objectives 'trace', 'gpx')."""
+    if batch.shards is None:
+        return local
+    (value,) = batch.shards.mean([local], [local])
+    return _shared(value, batch.shards.share * local)
+
+
+def _sqnorm(gbar: Sequence, like: Tensor) -> Tensor:
+    value = sum(g.square().sum() for g in gbar if g is not None)
+    return value if isinstance(value, Tensor) else like.new_zeros(())  # no parameter reaches the loss
 
 
 class GradientNorm:
@@ -100,11 +127,18 @@ class GradientNorm:
             if capture is not None:
                 capture.collecting = False
         norms = free_norms(capture, batch, gbar) if capture is not None else None
-        value = sum(g.square().sum() for g in gbar if g is not None)
-        if not isinstance(value, Tensor):  # no parameter reaches the loss
-            value = batch.output.new_zeros(())
-        return Value(value, gbar, norms)
+        return self._value(batch, gbar, norms, fused=False)
 
+    def _value(self, batch: Batch, gbar: list, norms: Tensor | None, fused: bool) -> Value:
+        if batch.shards is None:
+            return Value(_sqnorm(gbar, batch.output), gbar, norms, fused)
+        shards = batch.shards
+        gbar_global = shards.mean(gbar, batch.params)
+        surrogate = 2 * shards.share * sum((g * c).sum() for g, c in zip(gbar, gbar_global) if g is not None)
+        value = _sqnorm(gbar_global, batch.output)
+        if isinstance(surrogate, Tensor) and surrogate.requires_grad:
+            value = _shared(value, surrogate)
+        return Value(value, gbar, norms, fused, gbar_global)
 
     def _fused_value(self, batch: Batch, losses: Tensor) -> Value:
         capture, n = batch.capture, batch.output.shape[0]
@@ -114,10 +148,7 @@ class GradientNorm:
                                               retain_graph=True, norms_required=False)
         finally:
             capture.clear()  # its inputs and gradients are not held past this call
-        value = sum(g.square().sum() for g in gbar if g is not None)
-        if not isinstance(value, Tensor):  # no parameter reaches the loss
-            value = batch.output.new_zeros(())
-        return Value(value, gbar, torch.stack(list(norms.values())).sum(0) if norms else None, fused=True)
+        return self._value(batch, gbar, torch.stack(list(norms.values())).sum(0) if norms else None, fused=True)
 
 
 class BatchTrace:
@@ -142,7 +173,7 @@ class BatchTrace:
             capture.collecting = False
         norms = capture.norms_from_grads(n, capture.used_unrecorded(batch.params, raw), differentiable=True)
         per_example = torch.stack(list(norms.values())).sum(0)
-        return Value(per_example.mean(), None, per_example.detach())
+        return Value(_global_mean_value(batch, per_example.mean()), None, per_example.detach())
 
 
 class InputGradientNorm:
@@ -161,7 +192,7 @@ class InputGradientNorm:
         x = batch.inputs[0]
         (gx,) = torch.autograd.grad(self.likelihood.nll(batch.output, batch.labels).sum(), x,
                                     create_graph=create_graph, retain_graph=True)
-        return Value(gx.reshape(gx.shape[0], -1).square().sum(1).mean())
+        return Value(_global_mean_value(batch, gx.reshape(gx.shape[0], -1).square().sum(1).mean()))
 
 
 def free_norms(capture: Capture, batch: Batch, gbar: Sequence) -> Tensor | None:

@@ -1,0 +1,176 @@
+"""The global batch across the processes of torch.distributed (DistributedDataParallel).
+
+Each process (rank ``r`` of ``k``) holds ``n_r`` of the global batch's ``N = sum_r n_r``
+examples. A quantity that is a mean over the global batch is the ``n_r / N``-weighted sum of the
+ranks' own means, formed here with one all-reduce. A gradient written into ``.grad`` is then
+averaged over the ranks (``1/k``) by DDP's reducer, or by the caller's own all-reduce, so each rank
+writes its *share*: its part of the global gradient times ``k`` (``share = k n_r / N``).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+SCOPES = ("global", "local")
+
+
+def unwrap_ddp(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """(the module that computes, the DistributedDataParallel wrapper around it or None)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        return model.module, model
+    return model, None
+
+
+def refuse_static_graph(ddp: nn.Module | None) -> None:
+    """The gradient is written through the reducer's per-parameter hooks; with ``static_graph``
+    the reducer all-reduces once, from a callback of the model's own backward, which a gradient
+    formed another way never triggers (the replicas would drift apart silently)."""
+    if ddp is not None and getattr(ddp, "static_graph", False):
+        raise ValueError("model: DistributedDataParallel(static_graph=True) all-reduces from a callback of the "
+                         "model's own backward, which the penalty's and the monitor's gradients do not run; wrap "
+                         "the model without static_graph (find_unused_parameters and no_sync() are supported)")
+
+
+def process_group(ddp: nn.Module | None, scope: str | None):
+    """The process group whose ranks share the global batch, or None (one process, or
+    ``scope='local'``). Raises where a DDP model comes without an initialized group."""
+    if scope is not None and scope not in SCOPES:
+        raise ValueError(f"scope: expected one of {SCOPES} or None, got {scope!r}")
+    import torch.distributed as dist
+
+    initialized = dist.is_available() and dist.is_initialized()
+    if ddp is not None and not initialized:
+        raise RuntimeError("model: a DistributedDataParallel model, but torch.distributed's default process group is "
+                           "not initialized (call torch.distributed.init_process_group first, in every process)")
+    if scope == "local" or not initialized:
+        return None
+    group = ddp.process_group if ddp is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _device(group) -> torch.device:
+    """Where this group's collectives take their tensors (NCCL: the current GPU)."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+        else torch.device("cpu")
+
+
+def check_same_model(group, params: Sequence[Tensor], what: str) -> None:
+    """Every rank must hold the same parameters (count, shapes, dtypes): a collective call."""
+    import torch.distributed as dist
+
+    signature = zlib.crc32(repr([(tuple(p.shape), str(p.dtype)) for p in params]).encode())  # the same in every process
+    mine = torch.tensor([len(params), sum(p.numel() for p in params), signature], dtype=torch.int64,
+                        device=_device(group))
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    for rank, other in enumerate(everyone):
+        if not torch.equal(other, everyone[0]):
+            first = f"{int(everyone[0][0])} trainable parameters, {int(everyone[0][1])} elements"
+            raise ValueError(f"{what}: the ranks of the process group hold different models (rank 0: {first}; rank "
+                             f"{rank}: {int(other[0])}, {int(other[1])}, or other shapes); every rank must build the "
+                             "same model")
+
+
+class Shards:
+    """This rank's part of one global batch: ``n`` of ``total`` examples over ``world`` ranks."""
+
+    def __init__(self, group, n: int):
+        import torch.distributed as dist
+
+        self.group, self.n = group, n
+        self.world = dist.get_world_size(group)
+        self.total: int | None = None  # known after the first mean()
+
+    @property
+    def share(self) -> float:
+        """``k n_r / N``: a rank's gradient of its own mean, times this, is its share of the
+        global mean's gradient (ranks' gradients are averaged)."""
+        return self.world * self.n / self.total
+
+    def mean(self, local: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
+        """The global-batch mean of quantities each rank holds as the mean over its own examples
+        (None: zero, shaped as ``like``), identical on every rank: one all-reduce."""
+        import torch.distributed as dist
+
+        parts = [(t.detach() if t is not None else torch.zeros_like(ref)).reshape(-1) for t, ref in zip(local, like)]
+        device = parts[0].device if parts else torch.device("cpu")
+        dtype = torch.promote_types(parts[0].dtype, torch.float64) if parts and parts[0].is_floating_point() \
+            else torch.float64
+        flat = torch.cat([p.to(dtype) * self.n for p in parts] + [torch.tensor([float(self.n)], dtype=dtype,
+                                                                                device=device)])
+        dist.all_reduce(flat, group=self.group)
+        self.total = int(round(float(flat[-1])))
+        out, start = [], 0
+        for p, ref in zip(parts, like):
+            out.append((flat[start:start + p.numel()] / self.total).reshape(ref.shape).to(ref.dtype))
+            start += p.numel()
+        return out
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (every rank must call)."""
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=_device(self.group))
+        dist.all_reduce(t, group=self.group)
+        return bool(t.item() > 0)
+
+    def sum(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The element-wise sums over the ranks (every rank must call with the same shapes)."""
+        import torch.distributed as dist
+
+        flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
+        dist.all_reduce(flat, group=self.group)
+        out, start = [], 0
+        for t in tensors:
+            out.append(flat[start:start + t.numel()].reshape(t.shape).to(t.dtype))
+            start += t.numel()
+        return out
+
+
+def global_means(group, sums: Sequence[float], count: int) -> list[float]:
+    """Means over every rank's examples of quantities each rank holds as sums over its own
+    ``count`` examples: one all-reduce of the sums and the counts."""
+    import torch.distributed as dist
+
+    t = torch.tensor([*sums, float(count)], dtype=torch.float64, device=_device(group))
+    dist.all_reduce(t, group=group)
+    return [float(v / t[-1]) for v in t[:-1]]
+
+
+def gather(group, per_example: Tensor) -> Tensor:
+    """Every rank's ``per_example`` concatenated in rank order (sizes may differ), on every rank."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    device = _device(group)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([per_example.numel()], dtype=torch.int64, device=device), group=group)
+    largest = int(max(s.item() for s in sizes))
+    padded = per_example.detach().new_zeros(largest, device=device)
+    padded[:per_example.numel()] = per_example.detach()
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)]).to(per_example.device)
+
+
+def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None], ddp: nn.Module | None) -> None:
+    """Adds each gradient into its parameter's ``.grad`` as a plain backward would; under DDP
+    through autograd (a backward from the parameters themselves), so that the reducer's hooks
+    fire and average them over the ranks, bucket by bucket, as in a plain DDP step."""
+    from .penalty.replay import add_into_grads
+
+    if ddp is None:
+        add_into_grads(params, grads)
+        return
+    pairs = [(p, g.detach()) for p, g in zip(params, grads) if g is not None]
+    if pairs:
+        torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
