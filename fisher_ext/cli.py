@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args.folder)
         _defaults(args)
         torch.set_num_threads(1)  # each run single-threaded, here too: the same numbers at any --jobs
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one run, data-parallel
+            return _train_data_parallel(args)
         if args.command == "train":
             return _train(args)
         if args.command == "grid":
@@ -276,6 +278,24 @@ def _report(folder: Path) -> int:
         print(f"claim {v['claim']}: {v['verdict']} -- {v['evidence']}")
     print(f"report: {folder / 'report.md'}")
     return 0
+
+
+def _train_data_parallel(args: argparse.Namespace) -> int:
+    """``torchrun --nproc_per_node N -m fisher_ext train ...``: each run on N processes (gloo on the
+    CPU, NCCL on GPUs), the global batch --batch split between them; process 0 reports."""
+    import torch.distributed as dist
+
+    if args.command != "train":
+        raise ValueError(f"{args.command}: under torchrun only `train` runs (one run, data-parallel); the other "
+                         "commands spread their runs over --jobs processes themselves")
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    try:
+        if dist.get_rank() > 0:
+            sys.stdout = open(os.devnull, "w")  # process 0 reports
+        print(f"data-parallel on {dist.get_world_size()} processes ({dist.get_backend()}), global batch {args.batch}")
+        return _train(args)
+    finally:
+        dist.destroy_process_group()
 
 
 def _train(args: argparse.Namespace) -> int:

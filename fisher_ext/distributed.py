@@ -55,6 +55,13 @@ def process_group(ddp: nn.Module | None, scope: str | None):
     return group if dist.get_world_size(group) > 1 else None
 
 
+def rank(group) -> int:
+    """This process's rank in ``group`` (0 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank(group) if group is not None else 0
+
+
 def _device(group) -> torch.device:
     """Where this group's collectives take their tensors (NCCL: the current GPU)."""
     import torch.distributed as dist

@@ -22,11 +22,13 @@ class LabelGenerator:
     """The random generator of label draws: the one given, or one per device seeded from
     ``torch.initial_seed()`` (mixed, so its stream is not the global one's), used by nothing else."""
 
-    def __init__(self, generator: torch.Generator | None = None):
+    def __init__(self, generator: torch.Generator | None = None, stream: int = 0):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
-        self.seed = (torch.initial_seed() * 6364136223846793005 + 1442695040888963407) % 2 ** 63
+        # stream: the process's rank, so that the processes of one run draw independent labels
+        self.seed = ((torch.initial_seed() + stream * 0x9E3779B97F4A7C15) * 6364136223846793005
+                     + 1442695040888963407) % 2 ** 63
         self._own: dict[torch.device, torch.Generator] = {}
 
     def on(self, device: torch.device) -> torch.Generator:

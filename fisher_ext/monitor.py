@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from .capture import Capture, as_args, foreign_output, select_logits
-from .distributed import accumulate_grads, gather, global_means, process_group, refuse_static_graph, unwrap_ddp
+from .distributed import (accumulate_grads, gather, global_means, process_group, rank, refuse_static_graph,
+                          unwrap_ddp)
 from .estimators import LabelGenerator, estimate_norms
 from .fused_backward import backward_with_norms, leaf_uses
 from .likelihoods import Likelihood, get_likelihood
@@ -156,7 +157,7 @@ class FisherTraceMonitor:
         self.group = process_group(self.ddp, scope)
         self.likelihood = get_likelihood(likelihood)
         self.estimator, self.samples, self.every = estimator, samples, every
-        self._draws = LabelGenerator(generator)
+        self._draws = LabelGenerator(generator, stream=rank(self.group))
         self.logits = logits  # for probe(); estimate() is given the logits tensor itself
         self.history: list[tuple[int, float]] = []
         self._step = 0

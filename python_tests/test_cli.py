@@ -238,3 +238,30 @@ def test_bad_arguments_get_clear_errors(tmp_path, monkeypatch, capsys, args, mes
         code = e.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_train_data_parallel_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node 2 -m fisher_ext train`: one run on two processes (gloo), the
+    global batch split between them, takes one process's steps (without a penalty, whose label
+    draws are each process's own): the same losses and accuracies to float32 rounding; only
+    process 0 reports; other commands are refused under torchrun."""
+    args = ("train", "--quick", "--epochs", "1", "--seeds", "0")
+    cli(*args, "--out", "one", cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fisher_ext",
+                           *args, "--out", "two"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "data-parallel on 2 processes (gloo), global batch" in done.stdout
+    assert done.stdout.count("done: test acc") == 1  # process 0 alone reports
+
+    def last_epoch(folder: str) -> dict:
+        (path,) = (tmp_path / folder).glob("runs/*/seed0/metrics.jsonl")
+        return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "epoch"][-1]
+
+    one, two = last_epoch("one"), last_epoch("two")
+    for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fisher_ext",
+                           "grid", "--quick", "--out", "grid"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode != 0 and "under torchrun only `train` runs" in done.stderr

@@ -76,6 +76,15 @@ def test_penalty_step_is_the_global_batchs(ranks, method, tol):
     assert SPLITS[0][0] != SPLITS[0][1]
 
 
+def test_penalty_term_in_the_callers_own_backward(ranks):
+    grad, result = single_step("double_backward")
+    for r in range(WORLD):
+        got = ranks[r]["penalty_term"]
+        assert rel(got["grad"], grad) < 1e-12
+        assert got["term"] == pytest.approx(result.value, rel=1e-12)  # the global penalty's value
+        assert got["trace"] == pytest.approx(result.trace, rel=1e-12)
+
+
 @pytest.mark.parametrize("method,tol", [("double_backward", 1e-11), ("finite_difference", 1e-7)])
 def test_training_run_takes_the_single_process_steps(ranks, method, tol):
     """Momentum, the penalty every 2nd step, an uneven last batch: the parameters after 4 steps

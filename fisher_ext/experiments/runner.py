@@ -4,6 +4,13 @@ baseline), Tr(F) probed on a fixed subset of training examples, metrics per epoc
 Deterministic per seed on the CPU (one thread): a rerun reproduces every metric but the wall
 times. A run checkpoints after every epoch; started again on the same folder it resumes from the
 checkpoint and ends exactly where an uninterrupted run ends. Files are written atomically.
+
+Data-parallel (torch.distributed initialized, e.g. by ``torchrun``): every process draws the same
+global batches and trains on its part of each, the model wrapped in DistributedDataParallel and
+the penalty and monitor on the global batch (with the same labels, the steps of one process, to
+float rounding; the labels the penalty and the monitor sample are each process's own draws, so a
+run on k processes is another sample of the same run); process 0 writes the files. A last batch
+smaller than the number of processes is dropped.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,6 +27,7 @@ from typing import Optional
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import fisher_ext
@@ -114,6 +123,10 @@ def run(config: RunConfig, folder: Path, progress: Callable[[int, dict], None] |
     return the run's result (also written to ``folder/result.json``). ``progress(epoch, line)``
     is called after every epoch."""
     folder = Path(folder)
+    if _rank() > 0:  # process 0 prepares the folder; the others read it
+        dist.barrier()
+        return _Trainer(config, folder, None).train() if not (folder / "result.json").exists() \
+            else json.loads((folder / "result.json").read_text())
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "result.json"
     config_file = folder / "config.json"
@@ -127,9 +140,15 @@ def run(config: RunConfig, folder: Path, progress: Callable[[int, dict], None] |
                              "use another --out folder, or delete that one")
     elif not started:  # nothing trained here yet (or a start that failed): this configuration's folder now
         atomic_write_json(config_file, config.identity())
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
     if done.exists():
         return json.loads(done.read_text())
     return _Trainer(config, folder, progress).train()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _diff(a: dict, b: dict) -> str:
@@ -141,7 +160,12 @@ class _Trainer:
     def __init__(self, config: RunConfig, folder: Path, progress):
         self.config, self.folder, self.progress = config, folder, progress
         c = config
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() \
+            and dist.is_initialized() else (0, 1)
         self.device = torch.device(c.device)
+        if self.world > 1 and self.device.type == "cuda":  # one GPU per process, as torchrun numbers them
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
+            torch.cuda.set_device(self.device)
         data = datasets.load(c.dataset, c.data_dir)
         self.classes = data.classes
         y_train, self.noisy = datasets.noisy_labels(data.y, c.noise, data.classes, c.seed)
@@ -157,15 +181,22 @@ class _Trainer:
         self.model = models.build(c.model, c.dataset, data.classes).to(self.device)
         self.layer_names = {k: f"{k} ({type(m).__name__})" for k, m in self.model.named_modules()}
         self.opt = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        self.trained = self.model  # what the training steps call: under data parallelism the DDP wrapper
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.trained = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                                   if self.device.type == "cuda" else None)
         self.order = torch.Generator().manual_seed(c.seed)
         self.monitor = fisher_ext.FisherTraceMonitor(
-            self.model, generator=torch.Generator(self.device).manual_seed(104_729 * c.seed + 1))
+            self.trained, generator=torch.Generator(self.device).manual_seed(104_729 * c.seed + 1 + 7_919 * self.rank))
         self.penalty = None
         if c.penalty != "none":
             build = {"fp": fisher_ext.FisherPenalty, "gp": fisher_ext.FisherPenalty.gp,
                      "gpr": fisher_ext.FisherPenalty.gpr, "gpx": fisher_ext.FisherPenalty.gpx}[c.penalty]
-            self.penalty = build(self.model, c.alpha, method=c.resolved_method, every=c.every, report_trace=False,
-                                 generator=torch.Generator(self.device).manual_seed(104_729 * c.seed + 2))
+            self.penalty = build(self.trained, c.alpha, method=c.resolved_method, every=c.every, report_trace=False,
+                                 generator=torch.Generator(self.device).manual_seed(104_729 * c.seed + 2
+                                                                                    + 7_919 * self.rank))
         self.epoch, self.step = 0, 0
         self.records: list[dict] = []
         self.times = {"steps": 0.0, "probe": 0.0, "eval": 0.0}
@@ -198,6 +229,8 @@ class _Trainer:
         self.records, self.times, self.checks, self.fallbacks = s["records"], s["times"], s["checks"], s["fallbacks"]
 
     def _save(self) -> None:
+        if self.rank > 0:
+            return
         atomic_save(self._state(), self.folder / "checkpoint.pt")
         atomic_write_text(self.folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
 
@@ -221,10 +254,12 @@ class _Trainer:
             self.status = "diverged"
             self.records.append({"kind": "diverged", "step": self.step, "epoch": self.step / self.steps_per_epoch,
                                  "reason": str(e)})
-            atomic_write_text(self.folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+            if self.rank == 0:
+                atomic_write_text(self.folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
         result = self._result()
-        atomic_write_json(self.folder / "result.json", result)
-        (self.folder / "checkpoint.pt").unlink(missing_ok=True)
+        if self.rank == 0:
+            atomic_write_json(self.folder / "result.json", result)
+            (self.folder / "checkpoint.pt").unlink(missing_ok=True)
         return result
 
     def _train_epoch(self) -> None:
@@ -236,16 +271,24 @@ class _Trainer:
             if 0 < self.step < dense_until and self.step % c.dense_every == 0 and not probed:
                 self._probe()
             idx = order[i:i + c.batch]
-            x, y = d.x[idx], d.y[idx]
+            if len(idx) < self.world:  # every process needs an example
+                continue
+            if self.world > 1:  # this process's part; its loss is its share of the global batch's mean
+                size = len(idx)
+                idx = idx.tensor_split(self.world)[self.rank]
+                x, y = d.x[idx], d.y[idx]
+                loss_fn = lambda out: F.cross_entropy(out, y, reduction="sum") * (self.world / size)  # noqa: E731
+            else:
+                x, y = d.x[idx], d.y[idx]
+                loss_fn = lambda out: F.cross_entropy(out, y)  # noqa: E731
             start = time.perf_counter()
             self.opt.zero_grad(set_to_none=True)
-            loss_fn = lambda out: F.cross_entropy(out, y)  # noqa: E731
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     if self.penalty is None:
-                        loss = loss_fn(self.model(x))
-                        if not torch.isfinite(loss):
+                        loss = loss_fn(self.trained(x))
+                        if self._any(not bool(torch.isfinite(loss))):
                             raise FloatingPointError(f"step {self.step + 1}: the training loss is {float(loss)}")
                         loss.backward()
                     else:
@@ -262,6 +305,14 @@ class _Trainer:
             self.opt.step()
             self.step += 1
             self.times["steps"] += time.perf_counter() - start
+
+    def _any(self, flag: bool) -> bool:
+        """``flag`` on any process (all of them stop together)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
 
     def _probe(self) -> None:
         """Tr(F) on the probe set (the model's own sampled labels), with its per-layer split."""

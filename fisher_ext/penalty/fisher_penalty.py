@@ -16,7 +16,7 @@ from torch import nn
 from ..estimators import LabelGenerator
 from ..likelihoods import Likelihood, get_likelihood
 from ..capture import Capture, as_args, foreign_output, select_logits
-from ..distributed import (Shards, accumulate_grads, check_same_model, global_means, process_group,
+from ..distributed import (Shards, accumulate_grads, check_same_model, global_means, process_group, rank,
                            refuse_static_graph, unwrap_ddp)
 from ..fused_backward import leaf_uses
 from .methods import Check, DoubleBackward, FiniteDifference, Rerun, warn
@@ -95,7 +95,8 @@ class FisherPenalty:
             1, 2, 4, ... and then every ``check_every``-th (0: never). A comparison off by more than
             5% warns with the numbers and switches the penalty to 'double_backward'.
         generator: the random generator of the label draws. Default: one of the penalty's own,
-            seeded from ``torch.initial_seed()``; the global random stream is never drawn from.
+            seeded from ``torch.initial_seed()`` (and the rank, across processes); the global random
+            stream is never drawn from. Across processes, give each rank a generator of its own seed.
         report_trace: give each step's per-example ``||g_i||^2`` and Tr(F) estimate from the gbar
             backward (no extra pass; the norm kernels run right after it). False hooks nothing.
         logits: where the likelihood's parameters are in the model's output, for a model that returns
@@ -159,7 +160,7 @@ class FisherPenalty:
             raise TypeError(f"logits: expected a callable from the model's output to its logits, got "
                             f"{type(logits).__name__}")
         self.logits = logits
-        self._draws = LabelGenerator(generator)
+        self._draws = LabelGenerator(generator, stream=rank(self.group))
         self.steps = 0  # calls of backward / penalty_term, the penalty's steps included or not
         self._fd_steps = 0
         self._watched: tuple | None = None  # (capture, the watched output's tensors) of the last watch()
@@ -212,7 +213,7 @@ class FisherPenalty:
         if not self._due(step):  # a plain step
             with torch.enable_grad():
                 train_loss = _scalar_loss(loss, (self.ddp or self.model)(*args))
-                _check_finite(step, "the training loss", train_loss)
+                _check_finite(step, "the training loss", train_loss, self.group)
                 train_loss.backward()
             return train_loss.detach(), None
         if isinstance(self.objective, InputGradientNorm):
@@ -225,7 +226,7 @@ class FisherPenalty:
             with decisions.watching(self.model) if fd else contextlib.nullcontext():
                 output = self._forward(args, capture)
             train_loss = _scalar_loss(loss, output)
-            _check_finite(step, "the training loss", train_loss)
+            _check_finite(step, "the training loss", train_loss, self.group)
             self._refuse_outside_leaves(train_loss, args)
             output = select_logits(self.logits, output)
             self.objective.likelihood.check(output)
@@ -245,7 +246,7 @@ class FisherPenalty:
         grads = outcome.grads
         present = [g for g in grads if g is not None]
         _check_finite(step, "the step's gradient", torch.stack(torch._foreach_norm(present)) if present
-                      else torch.zeros(()))
+                      else torch.zeros(()), self.group)
         accumulate_grads(self.params, grads, self.ddp)
         self.last_result = result
         return train_loss.detach(), result
@@ -419,7 +420,13 @@ def _scalar_loss(loss: Callable, output) -> Tensor:
     return value.reshape(())
 
 
-def _check_finite(step: int, what: str, value: Tensor) -> None:
-    if not bool(torch.isfinite(value.detach()).all()):
+def _check_finite(step: int, what: str, value: Tensor, group=None) -> None:
+    """Raises where ``value`` is not finite; across processes (``group``) on every rank together,
+    where it is not finite on any (a rank that raised alone would leave the others waiting)."""
+    bad = not bool(torch.isfinite(value.detach()).all())
+    if group is not None and Shards(group, 0).any(bad) and not bad:
+        raise FloatingPointError(f"step {step}: {what} is not finite on another process; nothing was written into "
+                                 ".grad")
+    if bad:
         raise FloatingPointError(f"step {step}: {what} is not finite ({value.detach().flatten()[:4].tolist()}); "
                                  "nothing was written into .grad")
