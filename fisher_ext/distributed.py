@@ -28,6 +28,21 @@ def unwrap_ddp(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     return model, None
 
 
+def refuse_fsdp(model: nn.Module, what: str) -> None:
+    """FSDP shards the parameters: whole only inside its own forward and backward, which the
+    penalty's and the monitor's gradients (autograd.grad of the parameters, re-runs of the
+    forward with shifted parameters) do not go through."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    for name, module in model.named_modules():
+        if isinstance(module, FullyShardedDataParallel | FSDPModule):
+            raise ValueError(f"{what}: {name or 'the model'} is sharded by FSDP ({type(module).__name__}), whose "
+                             "parameters exist whole only inside its own forward and backward; use "
+                             "DistributedDataParallel")
+
+
 def refuse_static_graph(ddp: nn.Module | None) -> None:
     """The gradient is written through the reducer's per-parameter hooks; with ``static_graph``
     the reducer all-reduces once, from a callback of the model's own backward, which a gradient

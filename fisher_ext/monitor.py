@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from .capture import Capture, as_args, foreign_output, select_logits
-from .distributed import (accumulate_grads, gather, global_means, process_group, rank, refuse_static_graph,
-                          unwrap_ddp)
+from .distributed import (accumulate_grads, gather, global_means, process_group, rank, refuse_fsdp,
+                          refuse_static_graph, unwrap_ddp)
 from .estimators import LabelGenerator, estimate_norms
 from .fused_backward import backward_with_norms, leaf_uses
 from .likelihoods import Likelihood, get_likelihood
@@ -154,6 +154,7 @@ class FisherTraceMonitor:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected an int >= 1, got {every!r}")
         self.model, self.ddp = unwrap_ddp(model)
+        refuse_fsdp(self.model, "model")
         self.group = process_group(self.ddp, scope)
         self.likelihood = get_likelihood(likelihood)
         self.estimator, self.samples, self.every = estimator, samples, every

@@ -181,3 +181,14 @@ def test_bad_scope_and_uninitialized_group():
         fisher_ext.FisherPenalty(make_model(), ALPHA, scope="world")
     with pytest.raises(ValueError, match=r"scope: expected one of"):
         fisher_ext.FisherTraceMonitor(make_model(), scope="all")
+
+
+def test_fsdp_is_refused_naming_the_module():
+    """fully_shard swaps a module's class for one with FSDPModule mixed in; the same here."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = make_model()
+    model[5].__class__ = type("FSDPLinear", (FSDPModule, torch.nn.Linear), {})
+    for build in (lambda: fisher_ext.FisherPenalty(model, ALPHA), lambda: fisher_ext.FisherTraceMonitor(model)):
+        with pytest.raises(ValueError, match=r"model: 5 is sharded by FSDP \(FSDPLinear\).*DistributedDataParallel"):
+            build()

@@ -17,7 +17,7 @@ from ..estimators import LabelGenerator
 from ..likelihoods import Likelihood, get_likelihood
 from ..capture import Capture, as_args, foreign_output, select_logits
 from ..distributed import (Shards, accumulate_grads, check_same_model, global_means, process_group, rank,
-                           refuse_static_graph, unwrap_ddp)
+                           refuse_fsdp, refuse_static_graph, unwrap_ddp)
 from ..fused_backward import leaf_uses
 from .methods import Check, DoubleBackward, FiniteDifference, Rerun, warn
 from .objectives import Batch, BatchTrace, GradientNorm, InputGradientNorm
@@ -134,6 +134,7 @@ class FisherPenalty:
             raise ValueError(f"check_every: expected an int >= 0, got {check_every!r}")
         inner, self.ddp = unwrap_ddp(getattr(model, "_orig_mod", model))
         refuse_static_graph(self.ddp)
+        refuse_fsdp(inner, "model")
         self.model = getattr(inner, "_orig_mod", inner)  # a compiled model's own module, run eagerly
         named = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
         if not named:
