@@ -187,14 +187,21 @@ def run(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    results = {}
+    results: dict = {}
     try:
-        for name, scenario in SCENARIOS.items():
-            try:
-                results[name] = scenario(rank)
-            except Exception:  # reported by the test, which names the scenario
-                results[name] = {"error": traceback.format_exc()}
-                raise
+        try:
+            for name, scenario in SCENARIOS.items():
+                try:
+                    results[name] = scenario(rank)
+                except Exception:  # reported by the test, which names the scenario
+                    results[name] = {"error": traceback.format_exc()}
+                    raise
+            ddp = DDP(make_model())
+        finally:
+            dist.destroy_process_group()
+        try:  # the wrapper outlives its process group
+            fisher_ext.FisherPenalty(ddp, ALPHA)
+        except RuntimeError as e:
+            results["errors"]["no_group"] = str(e)
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()

@@ -166,6 +166,8 @@ def test_monitor_reports_the_global_batch(ranks):
 def test_ranks_with_different_models_are_refused(ranks):
     for r in range(WORLD):
         assert "the ranks of the process group hold different models" in ranks[r]["errors"]["different_models"]
+        assert "a DistributedDataParallel model, but torch.distributed's default process group is not initialized" \
+            in ranks[r]["errors"]["no_group"]
 
 
 def test_sync_batchnorm_with_double_backward_is_refused():
