@@ -158,14 +158,14 @@ class Shards:
         return out
 
 
-def global_means(group, sums: Sequence[float], count: int) -> list[float]:
+def global_means(group, sums: Sequence[float], count: int) -> tuple[list[float], int]:
     """Means over every rank's examples of quantities each rank holds as sums over its own
-    ``count`` examples: one all-reduce of the sums and the counts."""
+    ``count`` examples, and the examples' total: one all-reduce of the sums and the counts."""
     import torch.distributed as dist
 
     t = torch.tensor([*sums, float(count)], dtype=torch.float64, device=_device(group))
     dist.all_reduce(t, group=group)
-    return [float(v / t[-1]) for v in t[:-1]]
+    return [float(v / t[-1]) for v in t[:-1]], int(round(float(t[-1])))
 
 
 def gather(group, per_example: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 from collections.abc import Callable, Iterable
 
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .capture import Capture, as_args, foreign_output, select_logits
-from .distributed import (accumulate_grads, gather, global_means, process_group, rank, refuse_fsdp,
+from .distributed import (accumulate_grads, check_same_model, gather, global_means, process_group, rank, refuse_fsdp,
                           refuse_static_graph, unwrap_ddp)
 from .estimators import LabelGenerator, estimate_norms
 from .fused_backward import backward_with_norms, leaf_uses
@@ -58,10 +58,14 @@ class FisherTraceResult:
     per_example: torch.Tensor
     per_parameter: dict[str, float]
     coverage: dict[str, str]
+    global_standard_error: float | None = field(default=None, repr=False)  # across processes
 
     @property
     def standard_error(self) -> float:
-        """Standard error of ``trace`` over the examples (0 for a single example)."""
+        """Standard error of ``trace`` over the examples (0 for a single example); across
+        processes, over every rank's examples."""
+        if self.global_standard_error is not None:
+            return self.global_standard_error
         n = self.per_example.numel()
         return float(self.per_example.std() / math.sqrt(n)) if n > 1 else 0.0
 
@@ -151,11 +155,15 @@ class FisherTraceMonitor:
     def __init__(self, model: nn.Module, *, likelihood: Union[str, Likelihood] = "categorical",
                  estimator: str = "mc", samples: int = 1, every: int = 1, generator: torch.Generator | None = None,
                  logits: Callable[[Any], torch.Tensor] | None = None, scope: str | None = None):
-        if not isinstance(every, int) or every < 1:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected an int >= 1, got {every!r}")
-        self.model, self.ddp = unwrap_ddp(model)
+        compiled = getattr(model, "_orig_mod", None)  # torch.compile(DDP(model)): the DDP inside
+        self.model, self.ddp = unwrap_ddp(compiled if unwrap_ddp(compiled)[1] is not None else model) \
+            if compiled is not None else unwrap_ddp(model)
         refuse_fsdp(self.model, "model")
         self.group = process_group(self.ddp, scope)
+        if self.group is not None:
+            check_same_model(self.group, [p for p in self.model.parameters() if p.requires_grad], "model")
         self.likelihood = get_likelihood(likelihood)
         self.estimator, self.samples, self.every = estimator, samples, every
         self._draws = LabelGenerator(generator, stream=rank(self.group))
@@ -163,6 +171,7 @@ class FisherTraceMonitor:
         self.history: list[tuple[int, float]] = []
         self._step = 0
         self._capture: Capture | None = None
+        self._wrapper_outputs: list = []  # under DDP, the wrapper's output tensors of the watched forward
 
     def state_dict(self) -> dict:
         """The step count, the history and the position of the label draws (to resume exactly)."""
@@ -186,7 +195,7 @@ class FisherTraceMonitor:
             return None
         if self._capture is None or not self._capture.records:
             raise RuntimeError("estimate: no watched forward; run the model inside `with monitor.watch():` first")
-        if not self._capture.produced(output):
+        if not self._capture.produced(output) and not any(output is t for t in self._wrapper_outputs):
             raise foreign_output(output)
         per_example, totals = estimate_norms(self._capture, output, self.likelihood, self.estimator, labels,
                                              self.samples, self._draws, retain_graph=True)
@@ -204,9 +213,12 @@ class FisherTraceMonitor:
         if self.group is None:
             return result
         n, names = result.per_example.numel(), list(result.per_parameter)
-        means = global_means(self.group, [result.per_parameter[k] * n for k in names]
-                             + [float(result.per_example.double().sum())], n)
-        return FisherTraceResult(means[-1], result.per_example, dict(zip(names, means[:-1])), result.coverage)
+        values = result.per_example.double()
+        means, total = global_means(self.group, [result.per_parameter[k] * n for k in names]
+                                    + [float(values.sum()), float(values.square().sum())], n)
+        trace, square = means[-2], means[-1]
+        se = math.sqrt(max(square - trace * trace, 0.0) * total / (total - 1) / total) if total > 1 else 0.0
+        return FisherTraceResult(trace, result.per_example, dict(zip(names, means[:-2])), result.coverage, se)
 
     def backward(self, losses: torch.Tensor, *, reduction: str = "mean") -> FisherTraceResult | None:
         """The training backward of the watched forward's per-example losses, with the Tr(F) of the
@@ -363,7 +375,13 @@ class _Watch:
             monitor._capture.__exit__()
         monitor._capture = Capture(monitor.model).__enter__()
         monitor._capture.start()
+        monitor._wrapper_outputs = []
+        self._hook = None if monitor.ddp is None else monitor.ddp.register_forward_hook(  # new tensors with
+            lambda m, args, out: monitor._wrapper_outputs.extend(  # find_unused_parameters
+                t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)))
         return monitor
 
     def __exit__(self, *exc):
+        if self._hook is not None:
+            self._hook.remove()
         self.monitor._capture.unhook()  # the records stay for estimate()

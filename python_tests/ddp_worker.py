@@ -155,9 +155,28 @@ def monitor(rank: int) -> dict:
     result = mon.backward(F.cross_entropy(out, t, reduction="none"))
     probe_x, _, _ = batch(2)
     probe = fisher_ext.FisherTraceMonitor(ddp, estimator="exact").probe(probe_x[:7], chunk_size=2, progress=False)
-    return {"trace": estimate.trace, "per_example": estimate.per_example, "per_parameter": estimate.per_parameter,
-            "gathered": gathered, "backward_trace": result.trace, "grad": flat_grads(model), "probe": probe.trace,
-            "probe_per_parameter": probe.per_parameter}
+    out = {"trace": estimate.trace, "per_example": estimate.per_example, "per_parameter": estimate.per_parameter,
+           "gathered": gathered, "backward_trace": result.trace, "grad": flat_grads(model), "probe": probe.trace,
+           "probe_per_parameter": probe.per_parameter, "standard_error": estimate.standard_error}
+    # torch.compile(DDP(model)) and find_unused_parameters (DDP returns new output tensors)
+    model = make_model()
+    compiled = torch.compile(DDP(model, find_unused_parameters=True), backend="eager")
+    mon = fisher_ext.FisherTraceMonitor(compiled)
+    with mon.watch():
+        out_c = compiled(x)
+    out["compiled_trace"] = mon.estimate(out_c, labels=y).trace
+    with mon.watch():
+        out_c = compiled(x)
+    mon.backward(F.cross_entropy(out_c, t, reduction="none"))
+    out["compiled_grad"] = flat_grads(model)
+    model = make_model()
+    ddp = DDP(model, find_unused_parameters=True)
+    penalty = fisher_ext.FisherPenalty(ddp, ALPHA)
+    with penalty.watch():
+        out_u = ddp(x)
+    (global_loss(t, sum(SPLITS[0]))(out_u) + penalty.penalty_term(out_u, labels=y)).backward()
+    out["unused_term_grad"] = flat_grads(model)
+    return out
 
 
 def errors(rank: int) -> dict:
@@ -167,6 +186,10 @@ def errors(rank: int) -> dict:
         fisher_ext.FisherPenalty(model, ALPHA)
     except ValueError as e:
         out["different_models"] = str(e)
+    try:
+        fisher_ext.FisherTraceMonitor(model)
+    except ValueError as e:
+        out["monitor_different_models"] = str(e)
     return out
 
 

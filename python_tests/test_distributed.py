@@ -161,11 +161,18 @@ def test_monitor_reports_the_global_batch(ranks):
         assert got["probe"] == pytest.approx(probe.trace, rel=1e-10)
         assert set(got["probe_per_parameter"]) == set(probe.per_parameter)
         assert math.isclose(sum(got["probe_per_parameter"].values()), got["probe"], rel_tol=1e-9)
+        assert got["standard_error"] == pytest.approx(want.standard_error, rel=1e-9)  # over all examples
+        # torch.compile(DDP(..., find_unused_parameters=True)): its new output tensors are the watched forward's,
+        # and monitor.backward's gradient goes through the reducer
+        assert got["compiled_trace"] == pytest.approx(want.trace, rel=1e-12)
+        assert rel(got["compiled_grad"], sum(local_grads) / WORLD) < 1e-12
+        assert rel(got["unused_term_grad"], single_step("double_backward")[0]) < 1e-12
 
 
 def test_ranks_with_different_models_are_refused(ranks):
     for r in range(WORLD):
-        assert "the ranks of the process group hold different models" in ranks[r]["errors"]["different_models"]
+        for who in ("different_models", "monitor_different_models"):
+            assert "the ranks of the process group hold different models" in ranks[r]["errors"][who]
         assert "a DistributedDataParallel model, but torch.distributed's default process group is not initialized" \
             in ranks[r]["errors"]["no_group"]
 

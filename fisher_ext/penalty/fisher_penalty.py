@@ -375,7 +375,7 @@ class FisherPenalty:
         gbar_sqnorm = float(value.value.detach()) if value.gbar is not None else float("nan")
         per_example = value.per_example
         trace = None if per_example is None else float(per_example.mean()) if self.group is None else \
-            global_means(self.group, [float(per_example.double().sum())], per_example.numel())[0]
+            global_means(self.group, [float(per_example.double().sum())], per_example.numel())[0][0]
         return PenaltyResult(penalty, gbar_sqnorm, batch.labels, method, per_example, check, trace)
 
 
@@ -392,15 +392,18 @@ class _Watch:
             capture.__enter__()
             capture.start()
         produced: list = []
-        self._hook = p.model.register_forward_hook(
-            lambda m, args, out: produced.extend(t for t in torch.utils._pytree.tree_leaves(out)
-                                                 if isinstance(t, Tensor)))
+        def collect(module, args, out):
+            produced.extend(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, Tensor))
+
+        # under DDP also the wrapper's outputs: with find_unused_parameters they are new tensors
+        self._hooks = [m.register_forward_hook(collect) for m in (p.model, p.ddp) if m is not None]
         self._capture = capture
         p._watched = (capture, produced)
         return p
 
     def __exit__(self, *exc) -> None:
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         if self._capture is not None:
             self._capture.unhook()  # the records stay for penalty_term()
 
