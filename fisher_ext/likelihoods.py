@@ -41,6 +41,15 @@ def _check_batched(output, what: str, min_dim: int) -> None:
         raise ValueError(f"output: expected {what} with at least {min_dim} dims, got shape {tuple(output.shape)}")
 
 
+def _finite_for_draws(output: torch.Tensor) -> torch.Tensor:
+    """The output, checked: labels drawn from non-finite logits are not a distribution's."""
+    if not bool(torch.isfinite(output).all()):
+        bad = int((~torch.isfinite(output)).sum())
+        raise FloatingPointError(f"output: {bad} of the {output.numel()} logits are not finite (nan or inf); labels "
+                                 "cannot be drawn from them (the model has diverged, or its input is not finite)")
+    return output
+
+
 class Categorical:
     """Classes from logits ``(N, C)``, or per token from ``(N, T, C)`` (an example's loss sums its tokens)."""
 
@@ -50,7 +59,7 @@ class Categorical:
             raise ValueError(f"output: expected logits (N, C) or (N, T, C), got shape {tuple(output.shape)}")
 
     def sample(self, output, generator=None):
-        probs = torch.softmax(_acc(output.detach()), dim=-1)
+        probs = torch.softmax(_acc(_finite_for_draws(output.detach())), dim=-1)
         flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
         return flat.reshape(output.shape[:-1])
 
@@ -77,7 +86,7 @@ class Bernoulli:
         _check_batched(output, "logits (N, *)", 1)
 
     def sample(self, output, generator=None):
-        return torch.bernoulli(torch.sigmoid(_acc(output.detach())), generator=generator)
+        return torch.bernoulli(torch.sigmoid(_acc(_finite_for_draws(output.detach()))), generator=generator)
 
     def nll(self, output, labels):
         if labels.shape != output.shape:

@@ -41,3 +41,12 @@ def test_outputs_must_be_floating_point_tensors():
         Categorical().check(torch.zeros(5, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"output: expected a floating-point tensor of means .* got list"):
         Gaussian().check([1.0, 2.0])
+
+
+@pytest.mark.parametrize("likelihood", [Categorical(), Bernoulli()], ids=["categorical", "bernoulli"])
+def test_no_draws_from_logits_that_are_not_finite(likelihood):
+    logits = torch.zeros(4, 3)
+    logits[1, 2] = float("nan")
+    logits[3, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"output: 2 of the 12 logits are not finite \(nan or inf\)"):
+        likelihood.sample(logits, torch.Generator().manual_seed(0))
