@@ -29,13 +29,14 @@ using at::Tensor;
 using tiles::Geometry;
 
 // Blocks per SM each kernel must fit (its register cap: 65536 / (256 threads x blocks)). One
-// kernel per program, so each gets its own count: the row norm needs 40 registers; materialize
-// fits 128 (two blocks) without spilling except in float64; ghost spills at 128, so it keeps its
-// own count (ptxas -v, sm_80 and sm_90).
+// kernel per program, so each gets its own count: the row norm needs 32-40 registers;
+// materialize and ghost fit 128 (two blocks) without spilling since positions and columns are
+// decoded in 32-bit arithmetic (FastDiv), except in float64, whose accumulators take twice the
+// registers (ptxas -v, sm_80 and sm_90).
 template <tiles::Program kProgram, typename acc_t>
 constexpr int min_blocks() {
   if constexpr (kProgram == tiles::Program::RowNorm) return 4;
-  if constexpr (kProgram == tiles::Program::Materialize && !std::is_same_v<acc_t, double>) return 2;
+  if constexpr (kProgram != tiles::Program::RowNorm && !std::is_same_v<acc_t, double>) return 2;
   return 1;
 }
 
@@ -69,6 +70,8 @@ __global__ void finish_kernel(const acc_t* partial, int64_t per_example, int64_t
 void launch(Tensor& out, const Tensor& x, const Tensor& g, const Geometry& geo, const tiles::Plan& plan, int64_t N,
             bool add) {
   if (N == 0) return;
+  TORCH_CHECK(geo.fits_32bit(), "fisher_ext (CUDA): ", geo.positions(), " output positions or ", geo.columns(),
+              " input columns per group exceed the kernels' 32-bit indexing");
   TORCH_CHECK(N * plan.per_example <= std::numeric_limits<int32_t>::max(), "fisher_ext (CUDA): ", N, " examples x ",
               plan.per_example, " tiles each exceed one launch's grid; split the batch");
   const c10::cuda::CUDAGuard guard(x.device());

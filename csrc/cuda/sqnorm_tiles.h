@@ -50,6 +50,27 @@ static_assert(kThreads == (kTile / kMicro) * (kTile / kMicro), "one thread per s
 
 FE_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// n / d and n % d for 0 <= n < 2^31 by a multiply and a shift (Granlund & Montgomery, 1994: with
+// l = ceil(log2 d), s = 31 + l and m = ceil(2^s / d), floor(n m / 2^s) = floor(n / d)): a
+// division decodes every staged element's position or column, and a 32-bit one is a dozen
+// instructions on the GPU, a 64-bit one a call of several dozen.
+struct FastDiv {
+  uint32_t d = 1, s = 31;
+  uint64_t m = uint64_t{1} << 31;
+
+  static FastDiv of(int64_t divisor) {
+    FastDiv f;
+    f.d = static_cast<uint32_t>(divisor > 0 ? divisor : 1);
+    uint32_t l = 0;
+    while ((uint64_t{1} << l) < f.d) ++l;
+    f.s = 31 + l;
+    f.m = ((uint64_t{1} << f.s) + f.d - 1) / f.d;
+    return f;
+  }
+  FE_HD uint32_t div(uint32_t n) const { return static_cast<uint32_t>((n * m) >> s); }
+  FE_HD uint32_t mod(uint32_t n, uint32_t q) const { return n - q * d; }  // q = div(n)
+};
+
 // Three spatial dims (z, h, w; unused ones of size 1) and element strides (n, c, z, h, w) of x
 // and g. A Linear layer is a 1x1 convolution over T positions (channels last).
 struct Geometry {
@@ -57,10 +78,21 @@ struct Geometry {
   int64_t in[3], out[3], k[3], stride[3], pad[3], dil[3];
   int64_t xs[5], gs[5];
   bool bias;
+  FastDiv by_w, by_h, by_K, by_kw, by_kh;  // out[2], out[1], K, k[2], k[1]: set by prepare()
+
+  void prepare() {
+    by_w = FastDiv::of(out[2]), by_h = FastDiv::of(out[1]), by_K = FastDiv::of(K);
+    by_kw = FastDiv::of(k[2]), by_kh = FastDiv::of(k[1]);
+  }
 
   FE_HD int64_t positions() const { return out[0] * out[1] * out[2]; }
   FE_HD int64_t groups() const { return cout_g > 0 ? C_out / cout_g : 0; }  // no output channels: no work
   FE_HD int64_t columns() const { return cin_g * K + (bias ? 1 : 0); }      // a group's im2col width
+  // The programs decode positions, columns and channels in 32-bit arithmetic.
+  bool fits_32bit() const {
+    constexpr int64_t kMax = (int64_t{1} << 31) - kTile;
+    return positions() < kMax && columns() < kMax && cout_g < kMax;
+  }
 };
 
 // One example's operands within one group, read in place. An element is (position, column)
@@ -85,18 +117,23 @@ struct View {
     bool valid;
   };
 
+  // Positions and columns are below 2^31 (checked on the host: fits_32bit), decoded by FastDiv;
+  // offsets stay 64-bit.
   FE_HD Position position(int64_t p) const {
     if (p >= geo.positions()) return {0, 0, 0, 0, false};
-    const int64_t ow = p % geo.out[2], rest = p / geo.out[2];
-    const int64_t oh = rest % geo.out[1], oz = rest / geo.out[1];
-    return {oz * geo.stride[0] - geo.pad[0], oh * geo.stride[1] - geo.pad[1], ow * geo.stride[2] - geo.pad[2],
-            oz * geo.gs[2] + oh * geo.gs[3] + ow * geo.gs[4], true};
+    const uint32_t q = static_cast<uint32_t>(p);
+    const uint32_t rest = geo.by_w.div(q), ow = geo.by_w.mod(q, rest);
+    const uint32_t oz = geo.by_h.div(rest), oh = geo.by_h.mod(rest, oz);
+    return {int64_t(oz) * geo.stride[0] - geo.pad[0], int64_t(oh) * geo.stride[1] - geo.pad[1],
+            int64_t(ow) * geo.stride[2] - geo.pad[2], oz * geo.gs[2] + oh * geo.gs[3] + ow * geo.gs[4], true};
   }
   FE_HD Column column(int64_t col) const {
     if (col >= geo.columns()) return {0, 0, 0, 0, false, false};
     if (col == geo.cin_g * geo.K) return {0, 0, 0, 0, true, true};  // the bias column
-    const int64_t c = col / geo.K, kk = col % geo.K;
-    const int64_t kw = kk % geo.k[2], kh = (kk / geo.k[2]) % geo.k[1], kz = kk / (geo.k[2] * geo.k[1]);
+    const uint32_t q = static_cast<uint32_t>(col);
+    const uint32_t c = geo.by_K.div(q), kk = geo.by_K.mod(q, c);
+    const uint32_t rest = geo.by_kw.div(kk), kw = geo.by_kw.mod(kk, rest);
+    const uint32_t kz = geo.by_kh.div(rest), kh = geo.by_kh.mod(rest, kz);
     return {c * geo.xs[1], kz * geo.dil[0], kh * geo.dil[1], kw * geo.dil[2], false, true};
   }
   FE_HD Channel channel(int64_t o) const { return {o * geo.gs[1], o < geo.cout_g}; }

@@ -25,6 +25,7 @@ inline Geometry linear_geometry(const LinearShape& sh, const at::Tensor& A, cons
   const int64_t xs[5] = {A.stride(0), A.stride(2), 0, 0, A.stride(1)};
   const int64_t gs[5] = {G.stride(0), G.stride(2), 0, 0, G.stride(1)};
   for (int i = 0; i < 5; ++i) geo.xs[i] = xs[i], geo.gs[i] = gs[i];
+  geo.prepare();
   return geo;
 }
 
@@ -51,6 +52,7 @@ inline Geometry conv_geometry(const ConvShape& s, const at::Tensor& x, const at:
     geo.xs[2 + 3 - nd + i] = x.stride(2 + i);
     geo.gs[2 + 3 - nd + i] = g.stride(2 + i);
   }
+  geo.prepare();
   return geo;
 }
 

@@ -9,8 +9,11 @@
 #include <c10/util/Half.h>
 
 #include <barrier>
+#include <iterator>
 #include <memory>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "../cuda/tiles_host.h"
 #include "naive.h"
@@ -122,10 +125,33 @@ void linear_case(int64_t N, int64_t T, int64_t d_in, int64_t d_out, bool bias, b
             (transposed ? " transposed " : " ") + c10::toString(dtype));
 }
 
+// FastDiv against the division operator: every divisor up to 4096 and around each power of two,
+// numerators at the edges (0, d - 1, d, the largest below 2^31) and spread over the range.
+void fast_div_cases() {
+  std::vector<int64_t> divisors;
+  for (int64_t d = 1; d <= 4096; ++d) divisors.push_back(d);
+  for (int k = 12; k < 31; ++k)
+    for (int64_t d : {(int64_t{1} << k) - 1, int64_t{1} << k, (int64_t{1} << k) + 1}) divisors.push_back(d);
+  int wrong = 0;
+  for (int64_t d : divisors) {
+    const tiles::FastDiv f = tiles::FastDiv::of(d);
+    uint32_t ns[] = {0u, 1u, uint32_t(d - 1), uint32_t(d), uint32_t(d + 1), 2147483647u, 2147483646u};
+    std::vector<uint32_t> all(std::begin(ns), std::end(ns));
+    for (uint32_t n = 12345; n < 2147483647u - 99991u * 977u; n += 99991u * 977u) all.push_back(n);
+    for (uint32_t n : all) {
+      if (n > 2147483647u) continue;
+      const uint32_t q = f.div(n);
+      if (q != n / uint32_t(d) || f.mod(n, q) != n % uint32_t(d)) ++wrong;
+    }
+  }
+  check(wrong == 0, "FastDiv: " + std::to_string(wrong) + " wrong quotients");
+}
+
 }  // namespace
 
 int main() {
   at::manual_seed(0);
+  fast_div_cases();
   const ConvCase convs[] = {
       {3, 6, 4, 9, 7, 3, 2, 1, 1, 2, true, false},     // stride, groups, odd sizes
       {2, 8, 70, 10, 10, 3, 1, 2, 2, 1, true, false},  // dilation; 2 row tiles, 73 columns: 2 column tiles
