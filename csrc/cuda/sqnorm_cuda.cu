@@ -64,7 +64,7 @@ template <typename acc_t>
 __global__ void finish_kernel(const acc_t* partial, int64_t per_example, int64_t N, acc_t* out, int64_t out_stride,
                               bool add) {
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (n < N) tiles::finish_example(n, partial, per_example, out, out_stride, add);
+  if (n < N) tiles::finish_example(n, N, partial, per_example, out, out_stride, add);
 }
 
 void launch(Tensor& out, const Tensor& x, const Tensor& g, const Geometry& geo, const tiles::Plan& plan, int64_t N,
@@ -79,7 +79,7 @@ void launch(Tensor& out, const Tensor& x, const Tensor& g, const Geometry& geo, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sqnorm_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Tensor partial = at::empty({N * plan.per_example}, out.options());
-    const tiles::Problem<scalar_t> problem{x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), geo};
+    const tiles::Problem<scalar_t> problem{x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), geo, N};
     if (plan.per_example > 0) {  // none: no positions (ghost) or no output channels; every total is then 0
       const unsigned blocks = static_cast<unsigned>(N * plan.per_example);
       acc_t* partials = partial.data_ptr<acc_t>();

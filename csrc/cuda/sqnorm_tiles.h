@@ -412,13 +412,20 @@ inline Plan make_plan(const Geometry& geo, bool ghost) {
   return {Program::Materialize, geo.groups() * ceil_div(geo.cout_g, kTile) * ceil_div(geo.columns(), kTile)};
 }
 
-// The inputs of every program: x and g at example 0, and the geometry.
+// The inputs of every program: x and g at example 0, the geometry and the number of examples.
 template <typename scalar_t>
 struct Problem {
   const scalar_t* x;
   const scalar_t* g;
   Geometry geo;
+  int64_t N;
 };
+
+// Where block (example n, its t-th partial) writes: example-fastest, so that finish_example's
+// threads (one per example) read consecutive addresses at every t.
+FE_HD int64_t partial_slot(int64_t block, int64_t per_example, int64_t N) {
+  return (block % per_example) * N + block / per_example;
+}
 
 template <typename scalar_t, typename acc_t>
 FE_HD View<scalar_t, acc_t> view_of(const Problem<scalar_t>& pr, int64_t n, int64_t grp) {
@@ -441,7 +448,7 @@ FE_HD void materialize_program(const Block& b, Shared<Engine>& sm, const Problem
   tile_product<Engine>(b, sm, acc, geo.positions(), Operand<V, Of::Grad, true>{v, (tile / col_tiles) * kTile},
                        Operand<V, Of::Patch, true>{v, (tile % col_tiles) * kTile}, staging);
   const acc_t total = block_sum(b, sm, Engine::dot(acc, acc));
-  if (b.tid == 0) partial[block] = total;
+  if (b.tid == 0) partial[partial_slot(block, per_example, pr.N)] = total;
 }
 
 template <class Engine, class Block, typename scalar_t, typename acc_t = typename Engine::acc_t>
@@ -468,7 +475,8 @@ FE_HD void ghost_program(const Block& b, Shared<Engine>& sm, const Problem<scala
   tile_product<Engine>(b, sm, gg, geo.cout_g, Operand<V, Of::Grad, false>{v, i * kTile},
                        Operand<V, Of::Grad, false>{v, j * kTile}, Staging{g_chans_fast, g_chans_fast});
   const acc_t total = block_sum(b, sm, Engine::dot(xx, gg));
-  if (b.tid == 0) partial[block] = i == j ? total : 2 * total;  // (j, i) mirrors (i, j)
+  // (j, i) mirrors (i, j)
+  if (b.tid == 0) partial[partial_slot(block, per_example, pr.N)] = i == j ? total : 2 * total;
 }
 
 template <class Engine, class Block, typename scalar_t, typename acc_t = typename Engine::acc_t>
@@ -488,7 +496,7 @@ FE_HD void row_norm_program(const Block& b, Shared<Engine>& sm, const Problem<sc
   }
   const acc_t x_total = block_sum(b, sm, xs);
   const acc_t g_total = block_sum(b, sm, gs);
-  if (b.tid == 0) partial[block] = x_total * g_total;
+  if (b.tid == 0) partial[partial_slot(block, per_example, pr.N)] = x_total * g_total;
 }
 
 template <class Engine, class Block, typename scalar_t, typename acc_t = typename Engine::acc_t>
@@ -507,12 +515,12 @@ FE_HD void run_program(Program program, const Block& b, Shared<Engine>& sm, cons
   }
 }
 
-// s[n] (+)= the example's partials, added in a fixed order.
+// s[n] (+)= the example's partials (at partial_slot), added in a fixed order.
 template <typename acc_t>
-FE_HD void finish_example(int64_t n, const acc_t* partial, int64_t per_example, acc_t* out, int64_t out_stride,
-                          bool add) {
+FE_HD void finish_example(int64_t n, int64_t N, const acc_t* partial, int64_t per_example, acc_t* out,
+                          int64_t out_stride, bool add) {
   acc_t total = 0;
-  for (int64_t t = 0; t < per_example; ++t) total += partial[n * per_example + t];
+  for (int64_t t = 0; t < per_example; ++t) total += partial[t * N + n];
   out[n * out_stride] = add ? out[n * out_stride] + total : total;
 }
 

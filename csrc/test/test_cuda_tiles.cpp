@@ -36,7 +36,7 @@ at::Tensor emulate(const at::Tensor& x, const at::Tensor& g, const tiles::Geomet
   at::Tensor partial = at::full({blocks}, std::nan(""), at::CppTypeToScalarType<acc_t>::value);
   at::Tensor out = at::full({N}, 0.5, partial.options());
   const auto sm = std::make_unique<tiles::Shared<Engine>>();  // 18 KB: off the stack
-  const tiles::Problem<scalar_t> problem{x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), geo};
+  const tiles::Problem<scalar_t> problem{x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), geo, N};
   std::barrier<> bar(tiles::kThreads);
   std::vector<std::thread> threads;
   for (int t = 0; t < tiles::kThreads; ++t)
@@ -47,7 +47,7 @@ at::Tensor emulate(const at::Tensor& x, const at::Tensor& g, const tiles::Geomet
     });
   for (auto& th : threads) th.join();
   for (int64_t n = 0; n < N; ++n)  // add=true onto 0.5: the accumulate form
-    tiles::finish_example(n, partial.data_ptr<acc_t>(), plan.per_example, out.data_ptr<acc_t>(), 1, true);
+    tiles::finish_example(n, N, partial.data_ptr<acc_t>(), plan.per_example, out.data_ptr<acc_t>(), 1, true);
   return out - 0.5;
 }
 
