@@ -78,11 +78,16 @@ struct Geometry {
   int64_t in[3], out[3], k[3], stride[3], pad[3], dil[3];
   int64_t xs[5], gs[5];
   bool bias;
-  FastDiv by_w, by_h, by_K, by_kw, by_kh;  // out[2], out[1], K, k[2], k[1]: set by prepare()
+  FastDiv by_w, by_h, by_K, by_kw, by_kh, by_cin;  // out[2], out[1], K, k[2], k[1], cin_g: set by prepare()
+  // im2col columns ordered channel-fastest (kernel offset major) where the input's channels are
+  // contiguous (channels_last): a warp's consecutive columns are then consecutive addresses. A
+  // tile's squared norm does not depend on the order of the columns.
+  bool channels_fast;
 
   void prepare() {
     by_w = FastDiv::of(out[2]), by_h = FastDiv::of(out[1]), by_K = FastDiv::of(K);
-    by_kw = FastDiv::of(k[2]), by_kh = FastDiv::of(k[1]);
+    by_kw = FastDiv::of(k[2]), by_kh = FastDiv::of(k[1]), by_cin = FastDiv::of(cin_g);
+    channels_fast = xs[1] == 1 && K > 1;
   }
 
   FE_HD int64_t positions() const { return out[0] * out[1] * out[2]; }
@@ -131,7 +136,12 @@ struct View {
     if (col >= geo.columns()) return {0, 0, 0, 0, false, false};
     if (col == geo.cin_g * geo.K) return {0, 0, 0, 0, true, true};  // the bias column
     const uint32_t q = static_cast<uint32_t>(col);
-    const uint32_t c = geo.by_K.div(q), kk = geo.by_K.mod(q, c);
+    uint32_t c, kk;
+    if (geo.channels_fast) {
+      kk = geo.by_cin.div(q), c = geo.by_cin.mod(q, kk);
+    } else {
+      c = geo.by_K.div(q), kk = geo.by_K.mod(q, c);
+    }
     const uint32_t rest = geo.by_kw.div(kk), kw = geo.by_kw.mod(kk, rest);
     const uint32_t kz = geo.by_kh.div(rest), kh = geo.by_kh.mod(rest, kz);
     return {c * geo.xs[1], kz * geo.dil[0], kh * geo.dil[1], kw * geo.dil[2], false, true};

@@ -157,6 +157,8 @@ int main() {
       {2, 8, 70, 10, 10, 3, 1, 2, 2, 1, true, false},  // dilation; 2 row tiles, 73 columns: 2 column tiles
       {2, 8, 6, 12, 9, 3, 1, 1, 1, 1, false, true},    // channels_last, no bias, 108 positions: 2 ghost tiles
       {2, 4, 6, 3, 3, 3, 1, 0, 1, 2, true, false},     // one output position: the row norm under ghost
+      {3, 6, 4, 9, 7, 3, 2, 1, 2, 2, true, true},      // channels_last with groups, stride, dilation, bias:
+                                                       // columns channel-fastest
   };
   for (const auto& c : convs)
     for (const char* method : {"materialize", "ghost"})
