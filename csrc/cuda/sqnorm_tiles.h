@@ -23,6 +23,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -83,20 +84,37 @@ struct Geometry {
   // contiguous (channels_last): a warp's consecutive columns are then consecutive addresses. A
   // tile's squared norm does not depend on the order of the columns.
   bool channels_fast;
+  // 32-bit copies of what an element's offset is made of: within one example and group every
+  // offset is below 2^31 (fits_32bit), so the staging's index arithmetic is 32-bit throughout.
+  struct {
+    int32_t in[3], stride[3], pad[3], dil[3], xs[5], gs[5];
+  } i32;
 
   void prepare() {
     by_w = FastDiv::of(out[2]), by_h = FastDiv::of(out[1]), by_K = FastDiv::of(K);
     by_kw = FastDiv::of(k[2]), by_kh = FastDiv::of(k[1]), by_cin = FastDiv::of(cin_g);
     channels_fast = xs[1] == 1 && K > 1;
+    for (int i = 0; i < 3; ++i) {
+      i32.in[i] = static_cast<int32_t>(in[i]), i32.stride[i] = static_cast<int32_t>(stride[i]);
+      i32.pad[i] = static_cast<int32_t>(pad[i]), i32.dil[i] = static_cast<int32_t>(dil[i]);
+    }
+    for (int i = 0; i < 5; ++i) i32.xs[i] = static_cast<int32_t>(xs[i]), i32.gs[i] = static_cast<int32_t>(gs[i]);
   }
 
   FE_HD int64_t positions() const { return out[0] * out[1] * out[2]; }
   FE_HD int64_t groups() const { return cout_g > 0 ? C_out / cout_g : 0; }  // no output channels: no work
   FE_HD int64_t columns() const { return cin_g * K + (bias ? 1 : 0); }      // a group's im2col width
-  // The programs decode positions, columns and channels in 32-bit arithmetic.
+  // The programs decode positions, columns and channels, and form offsets within an example, in
+  // 32-bit arithmetic: every index and every offset within one example must stay below 2^31.
   bool fits_32bit() const {
     constexpr int64_t kMax = (int64_t{1} << 31) - kTile;
-    return positions() < kMax && columns() < kMax && cout_g < kMax;
+    int64_t x_extent = (groups() * cin_g - 1) * xs[1], g_extent = (C_out - 1) * gs[1], reach = 0;
+    for (int i = 0; i < 3; ++i) {
+      x_extent += (in[i] - 1) * xs[2 + i];
+      g_extent += (out[i] - 1) * gs[2 + i];
+      reach = std::max(reach, (out[i] - 1) * stride[i] + (k[i] - 1) * dil[i] + pad[i]);
+    }
+    return std::max({positions(), columns(), cout_g, x_extent, g_extent, reach}) < kMax;
   }
 };
 
@@ -110,27 +128,29 @@ struct View {
   const Geometry& geo;
 
   struct Position {  // output position p: its input origin (stride and padding applied) and g offset
-    int64_t z0, h0, w0, g_off;
+    int32_t z0, h0, w0, g_off;
     bool valid;
   };
   struct Column {  // im2col column: input channel offset and kernel offset (dilation applied)
-    int64_t x_off, dz, dh, dw;
+    int32_t x_off, dz, dh, dw;
     bool bias, valid;
   };
   struct Channel {  // output channel of the group
-    int64_t g_off;
+    int32_t g_off;
     bool valid;
   };
 
-  // Positions and columns are below 2^31 (checked on the host: fits_32bit), decoded by FastDiv;
-  // offsets stay 64-bit.
+  // Indices and offsets within an example are below 2^31 (checked on the host: fits_32bit):
+  // decoded by FastDiv, formed in 32-bit arithmetic.
   FE_HD Position position(int64_t p) const {
     if (p >= geo.positions()) return {0, 0, 0, 0, false};
+    const auto& s = geo.i32;
     const uint32_t q = static_cast<uint32_t>(p);
-    const uint32_t rest = geo.by_w.div(q), ow = geo.by_w.mod(q, rest);
-    const uint32_t oz = geo.by_h.div(rest), oh = geo.by_h.mod(rest, oz);
-    return {int64_t(oz) * geo.stride[0] - geo.pad[0], int64_t(oh) * geo.stride[1] - geo.pad[1],
-            int64_t(ow) * geo.stride[2] - geo.pad[2], oz * geo.gs[2] + oh * geo.gs[3] + ow * geo.gs[4], true};
+    const uint32_t rest = geo.by_w.div(q), ow_u = geo.by_w.mod(q, rest);
+    const uint32_t oz_u = geo.by_h.div(rest), oh_u = geo.by_h.mod(rest, oz_u);
+    const int32_t oz = static_cast<int32_t>(oz_u), oh = static_cast<int32_t>(oh_u), ow = static_cast<int32_t>(ow_u);
+    return {oz * s.stride[0] - s.pad[0], oh * s.stride[1] - s.pad[1], ow * s.stride[2] - s.pad[2],
+            oz * s.gs[2] + oh * s.gs[3] + ow * s.gs[4], true};
   }
   FE_HD Column column(int64_t col) const {
     if (col >= geo.columns()) return {0, 0, 0, 0, false, false};
@@ -144,17 +164,28 @@ struct View {
     }
     const uint32_t rest = geo.by_kw.div(kk), kw = geo.by_kw.mod(kk, rest);
     const uint32_t kz = geo.by_kh.div(rest), kh = geo.by_kh.mod(rest, kz);
-    return {c * geo.xs[1], kz * geo.dil[0], kh * geo.dil[1], kw * geo.dil[2], false, true};
+    const auto& s = geo.i32;
+    return {static_cast<int32_t>(c) * s.xs[1],
+            static_cast<int32_t>(kz) * s.dil[0],
+            static_cast<int32_t>(kh) * s.dil[1],
+            static_cast<int32_t>(kw) * s.dil[2],
+            false,
+            true};
   }
-  FE_HD Channel channel(int64_t o) const { return {o * geo.gs[1], o < geo.cout_g}; }
+  FE_HD Channel channel(int64_t o) const {
+    return {static_cast<int32_t>(o < geo.cout_g ? o : 0) * geo.i32.gs[1], o < geo.cout_g};
+  }
 
   // [X 1] at (p, col): the input under that kernel offset, 0 in the padding, 1 in the bias column.
   FE_HD acc_t patch(const Position& p, const Column& c) const {
     if (!p.valid || !c.valid) return acc_t(0);
     if (c.bias) return acc_t(1);
-    const int64_t iz = p.z0 + c.dz, ih = p.h0 + c.dh, iw = p.w0 + c.dw;
-    if (iz < 0 || iz >= geo.in[0] || ih < 0 || ih >= geo.in[1] || iw < 0 || iw >= geo.in[2]) return acc_t(0);
-    return static_cast<acc_t>(x[c.x_off + iz * geo.xs[2] + ih * geo.xs[3] + iw * geo.xs[4]]);
+    const auto& s = geo.i32;
+    const int32_t iz = p.z0 + c.dz, ih = p.h0 + c.dh, iw = p.w0 + c.dw;
+    // one unsigned comparison per dim: a negative index wraps above the size
+    if (uint32_t(iz) >= uint32_t(s.in[0]) || uint32_t(ih) >= uint32_t(s.in[1]) || uint32_t(iw) >= uint32_t(s.in[2]))
+      return acc_t(0);
+    return static_cast<acc_t>(x[c.x_off + iz * s.xs[2] + ih * s.xs[3] + iw * s.xs[4]]);
   }
   // dl_n/dy at (p, o).
   FE_HD acc_t grad(const Position& p, const Channel& o) const {

@@ -147,11 +147,24 @@ void fast_div_cases() {
   check(wrong == 0, "FastDiv: " + std::to_string(wrong) + " wrong quotients");
 }
 
+// The host's guard of the programs' 32-bit indexing: a real layer passes; an offset within one
+// example (a huge stride) or an index (positions) at 2^31 does not.
+void fits_32bit_cases() {
+  const at::Tensor x = at::randn({2, 4, 9, 7}), g = at::randn({2, 6, 9, 7});
+  const ConvShape s = conv_shape(x, g, {3, 3}, {1, 1}, {1, 1}, {1, 1}, 1);
+  const tiles::Geometry geo = tiles::conv_geometry(s, x, g, true);
+  tiles::Geometry strided = geo, wide = geo;
+  strided.xs[3] = int64_t{1} << 29;  // a row stride of 2^29, 9 rows: past 2^31
+  wide.out[2] = int64_t{1} << 31;
+  check(geo.fits_32bit() && !strided.fits_32bit() && !wide.fits_32bit(), "Geometry::fits_32bit");
+}
+
 }  // namespace
 
 int main() {
   at::manual_seed(0);
   fast_div_cases();
+  fits_32bit_cases();
   const ConvCase convs[] = {
       {3, 6, 4, 9, 7, 3, 2, 1, 1, 2, true, false},     // stride, groups, odd sizes
       {2, 8, 70, 10, 10, 3, 1, 2, 2, 1, true, false},  // dilation; 2 row tiles, 73 columns: 2 column tiles
