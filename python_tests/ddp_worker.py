@@ -190,6 +190,14 @@ def errors(rank: int) -> dict:
         fisher_ext.FisherTraceMonitor(model)
     except ValueError as e:
         out["monitor_different_models"] = str(e)
+    x, t, y = part(0, rank, *batch(0))
+    penalty = fisher_ext.FisherPenalty(DDP(make_model()), ALPHA)
+    for step in range(2):  # an empty batch on rank 1 at the first step: every rank raises; the next step runs
+        try:
+            penalty.backward(x[:0] if rank == 1 and step == 0 else x, global_loss(t, sum(SPLITS[0])), labels=y)
+            out[f"step{step}"] = "ok"
+        except (ValueError, FloatingPointError) as e:
+            out[f"step{step}"] = str(e)
     return out
 
 

@@ -175,6 +175,10 @@ def test_ranks_with_different_models_are_refused(ranks):
             assert "the ranks of the process group hold different models" in ranks[r]["errors"][who]
         assert "a DistributedDataParallel model, but torch.distributed's default process group is not initialized" \
             in ranks[r]["errors"]["no_group"]
+        assert ranks[r]["errors"]["step1"] == "ok"
+    assert "the training loss is not finite on another process, or the step failed there" \
+        in ranks[0]["errors"]["step0"]
+    assert "inputs: expected a batch of at least one example" in ranks[1]["errors"]["step0"]
 
 
 def test_sync_batchnorm_with_double_backward_is_refused():

@@ -209,11 +209,13 @@ class FisherPenalty:
         if not callable(loss):
             raise TypeError(f"loss: expected a callable taking the model's output and returning a scalar loss, "
                             f"got {type(loss).__name__}")
-        args = as_args(inputs)
         step = self._next_step()
+        with self._failures_announced():
+            args = as_args(inputs)
         if not self._due(step):  # a plain step
             with torch.enable_grad():
-                train_loss = _scalar_loss(loss, (self.ddp or self.model)(*args))
+                with self._failures_announced():
+                    train_loss = _scalar_loss(loss, (self.ddp or self.model)(*args))
                 _check_finite(step, "the training loss", train_loss, self.group)
                 train_loss.backward()
             return train_loss.detach(), None
@@ -224,9 +226,10 @@ class FisherPenalty:
         buffers, decisions = (BufferState(self.model), FrozenDecisions()) if fd else (None, None)
         versions = tuple(a._version for a in args if isinstance(a, Tensor))
         with torch.enable_grad(), torch.compiler.set_stance("force_eager"), (capture or contextlib.nullcontext()):
-            with decisions.watching(self.model) if fd else contextlib.nullcontext():
-                output = self._forward(args, capture)
-            train_loss = _scalar_loss(loss, output)
+            with self._failures_announced():
+                with decisions.watching(self.model) if fd else contextlib.nullcontext():
+                    output = self._forward(args, capture)
+                train_loss = _scalar_loss(loss, output)
             _check_finite(step, "the training loss", train_loss, self.group)
             self._refuse_outside_leaves(train_loss, args)
             output = select_logits(self.logits, output)
@@ -357,6 +360,18 @@ class FisherPenalty:
                 raise
             return None
 
+    @contextlib.contextmanager
+    def _failures_announced(self):
+        """Across processes, an error of this rank before the step's first collective (bad input,
+        a failing forward or loss) is announced in that collective, so that every rank raises
+        rather than the others waiting for this one (see _check_finite)."""
+        try:
+            yield
+        except Exception:
+            if self.group is not None:
+                Shards(self.group, 0).any(True)
+            raise
+
     def _shards(self, output: Tensor) -> Shards | None:
         return Shards(self.group, output.shape[0]) if self.group is not None else None
 
@@ -429,8 +444,8 @@ def _check_finite(step: int, what: str, value: Tensor, group=None) -> None:
     where it is not finite on any (a rank that raised alone would leave the others waiting)."""
     bad = not bool(torch.isfinite(value.detach()).all())
     if group is not None and Shards(group, 0).any(bad) and not bad:
-        raise FloatingPointError(f"step {step}: {what} is not finite on another process; nothing was written into "
-                                 ".grad")
+        raise FloatingPointError(f"step {step}: {what} is not finite on another process, or the step failed there "
+                                 "(its own error says why); nothing was written into .grad")
     if bad:
         raise FloatingPointError(f"step {step}: {what} is not finite ({value.detach().flatten()[:4].tolist()}); "
                                  "nothing was written into .grad")
