@@ -10,11 +10,14 @@
 #   4. a reduced GPU kernel benchmark against the installed peers (bench/ops_gpu.py --quick)
 #   5. end to end: ResNet-18 (GroupNorm) training steps with the monitor and the penalty
 #      (bench/penalty.py --device cuda --quick)
+#   6. each CUDA program per layer (bench/programs_gpu.py), and ncu's speed-of-light, occupancy
+#      and warp-state sections of the materialize and ghost kernels on C2 and C5
 # The whole script keeps to a time budget (GPU_CHECK_SECONDS, default 480): each step's timeout is
 # its own cap or what is left, whichever is less, and a step with too little time left is reported
 # as SKIPPED, which fails the check like a failure does.
-# Eight files go to $OUT: the report gpu_check.md, build.log, tests.log, sanitizer.log, bench.log,
-# the benchmark's ops_gpu.md + ops_gpu.json and penalty_gpu.md; commit them under bench/results/.
+# Seven files go to $OUT (a GPU machine returns eight at most): the report gpu_check.md, the
+# benchmarks' ops_gpu.md + .json, penalty_gpu.md + .json and programs_gpu.md (commit them under
+# bench/results/), and logs.tgz (build, tests, sanitizer, benchmarks, ncu).
 #
 #   bash bench/gpu_check.sh            on a GPU machine
 #   bash bench/gpu_check.sh --dry-run  anywhere: every step's own commands run, the GPU parts on
@@ -29,11 +32,12 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, from
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 OUT="${OUT:-bench/results/gpu_check}"
-mkdir -p "$OUT"
+LOGS="$OUT/logs"
+mkdir -p "$OUT" "$LOGS"
 PY="${PYTHON:-python3}"
 report="$OUT/gpu_check.md"
 status=0
-work=$(mktemp -d)  # scratch kept out of $OUT, which holds only the seven result files
+work=$(mktemp -d)  # scratch kept out of $OUT, which holds only the result files
 trap 'rm -rf "$work"' EXIT
 deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-480}))
 step() { echo "== $1 ($((deadline - SECONDS)) s left)"; }
@@ -49,7 +53,12 @@ record() {  # name, exit code, log file
   [ "$DRY" -eq 1 ] && result="$result (dry run: GPU parts on the CPU)"
   echo "| $1 | $result |" >> "$report"
 }
-stop() { echo "| $1 | STOPPED: $2 |" >> "$report"; cat "$report"; exit 1; }
+stop() {
+  echo "| $1 | STOPPED: $2 |" >> "$report"
+  tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
+  cat "$report"
+  exit 1
+}
 
 {
   echo "# GPU check"
@@ -74,21 +83,21 @@ for candidate in "$cuda_home/bin/compute-sanitizer" "$cuda_home/compute-sanitize
   [ -z "$sanitizer" ] && [ -x "$candidate" ] && sanitizer="$candidate"
 done
 { echo "nvcc: $("${cuda_home:-/usr/local/cuda}/bin/nvcc" --version 2>&1 | tail -2 | tr '\n' ' ')"
-  echo "compute-sanitizer: ${sanitizer:-not found}"; } | tee "$OUT/build.log"
+  echo "compute-sanitizer: ${sanitizer:-not found}"; } | tee "$LOGS/build.log"
 
 step "1. build"
 if [ "$DRY" -eq 1 ]; then
-  echo "dry run: no build; the installed extension serves the steps below" >> "$OUT/build.log"
-  record "build" 0 "$OUT/build.log"
+  echo "dry run: no build; the installed extension serves the steps below" >> "$LOGS/build.log"
+  record "build" 0 "$LOGS/build.log"
 else
   arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
   rm -f fisher_ext/_C*.so  # a stale build must not be what gets tested
   FISHER_EXT_FORCE_CUDA=1 FISHER_EXT_LINEINFO=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
-    timeout "$(budget 300)" $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1
+    timeout "$(budget 300)" $PY setup.py build_ext --inplace >> "$LOGS/build.log" 2>&1
   code=$?
-  record "build (sm_${arch/./})" $code "$OUT/build.log"
+  record "build (sm_${arch/./})" $code "$LOGS/build.log"
   [ $code -eq 0 ] || stop "build" "the build failed; nothing else can be checked"
-  $PY - >> "$OUT/build.log" 2>&1 <<'PY' || stop "extension" "the CUDA ops are not served by the fresh build (build.log)"
+  $PY - >> "$LOGS/build.log" 2>&1 <<'PY' || stop "extension" "the CUDA ops are not served by the fresh build (build.log)"
 import json, sys, fisher_ext
 info = fisher_ext.build_info()
 print(json.dumps(info))
@@ -103,9 +112,9 @@ if [ "$t" -eq 0 ]; then
   skipped "pytest -k cuda"
 else
   collect=(); [ "$DRY" -eq 1 ] && collect=(--collect-only)
-  timeout "$t" $PY -m pytest -q -p no:cacheprovider "${collect[@]}" -k cuda python_tests > "$OUT/tests.log" 2>&1
-  record "pytest -k cuda" $? "$OUT/tests.log"
-  tail -3 "$OUT/tests.log"
+  timeout "$t" $PY -m pytest -q -p no:cacheprovider "${collect[@]}" -k cuda python_tests > "$LOGS/tests.log" 2>&1
+  record "pytest -k cuda" $? "$LOGS/tests.log"
+  tail -3 "$LOGS/tests.log"
 fi
 
 step "3. compute-sanitizer"
@@ -134,16 +143,16 @@ sanitize() {  # tool
   local t
   t=$(budget 75)
   [ "$t" -eq 0 ] && { skipped "compute-sanitizer $1"; return; }
-  echo "== compute-sanitizer --tool $1" >> "$OUT/sanitizer.log"
+  echo "== compute-sanitizer --tool $1" >> "$LOGS/sanitizer.log"
   if [ "$DRY" -eq 1 ]; then
-    timeout "$t" $PY "$work/sanitize_case.py" cpu >> "$OUT/sanitizer.log" 2>&1
+    timeout "$t" $PY "$work/sanitize_case.py" cpu >> "$LOGS/sanitizer.log" 2>&1
   elif [ -z "$sanitizer" ]; then
-    echo "compute-sanitizer not found (PATH, \$CUDA_HOME/bin)" >> "$OUT/sanitizer.log"; false
+    echo "compute-sanitizer not found (PATH, \$CUDA_HOME/bin)" >> "$LOGS/sanitizer.log"; false
   else
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" "$sanitizer" --tool "$1" --error-exitcode 3 \
-      $PY "$work/sanitize_case.py" cuda >> "$OUT/sanitizer.log" 2>&1
+      $PY "$work/sanitize_case.py" cuda >> "$LOGS/sanitizer.log" 2>&1
   fi
-  record "compute-sanitizer $1" $? "$OUT/sanitizer.log"
+  record "compute-sanitizer $1" $? "$LOGS/sanitizer.log"
 }
 # memcheck and racecheck first; initcheck and synccheck get what the benchmarks leave
 sanitize memcheck
@@ -155,8 +164,8 @@ t=$(budget 120)
 if [ "$t" -eq 0 ]; then
   skipped "bench/ops_gpu.py"
 else
-  timeout "$t" $PY bench/ops_gpu.py $mode --out "$OUT" > "$OUT/bench.log" 2>&1
-  record "bench/ops_gpu.py" $? "$OUT/bench.log"
+  timeout "$t" $PY bench/ops_gpu.py $mode --out "$OUT" > "$LOGS/bench.log" 2>&1
+  record "bench/ops_gpu.py" $? "$LOGS/bench.log"
 fi
 
 step "5. end to end"
@@ -165,17 +174,44 @@ if [ "$t" -eq 0 ]; then
   skipped "bench/penalty.py"
 else
   timeout "$t" $PY bench/penalty.py --device "$([ "$DRY" -eq 1 ] && echo cpu || echo cuda)" $mode --out "$OUT" \
-    >> "$OUT/bench.log" 2>&1
-  record "bench/penalty.py" $? "$OUT/bench.log"
+    >> "$LOGS/bench.log" 2>&1
+  record "bench/penalty.py" $? "$LOGS/bench.log"
 fi
+
+step "6. programs and ncu"
+t=$(budget 60)
+if [ "$t" -eq 0 ]; then
+  skipped "bench/programs_gpu.py"
+else
+  timeout "$t" $PY bench/programs_gpu.py $mode --out "$OUT" > "$LOGS/programs.log" 2>&1
+  record "bench/programs_gpu.py" $? "$LOGS/programs.log"
+fi
+ncu=$(command -v ncu || ls "$cuda_home"/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+for layer in C2 C5; do
+  t=$(budget 45)
+  if [ "$t" -eq 0 ]; then
+    skipped "ncu $layer"
+  elif [ "$DRY" -eq 1 ]; then  # the profiled program, without the profiler
+    timeout "$t" $PY bench/programs_gpu.py --smoke --profile "$layer" >> "$LOGS/ncu.log" 2>&1
+    record "ncu $layer" $? "$LOGS/ncu.log"
+  elif [ -z "$ncu" ]; then
+    echo "ncu not found" >> "$LOGS/ncu.log"; record "ncu $layer" 1 "$LOGS/ncu.log"
+  else  # the card's clocks as they are (no clock control)
+    timeout "$t" "$ncu" --clock-control none -k regex:program_kernel -c 3 --section SpeedOfLight \
+      --section Occupancy --section WarpStateStats --section LaunchStats \
+      $PY bench/programs_gpu.py --profile "$layer" --dtypes float32 >> "$LOGS/ncu.log" 2>&1
+    record "ncu $layer" $? "$LOGS/ncu.log"
+  fi
+done
 
 step "3b. compute-sanitizer, the rest"
 sanitize initcheck
 sanitize synccheck
 
 echo >> "$report"
-for table in ops_gpu.md penalty_gpu.md; do
+for table in ops_gpu.md penalty_gpu.md programs_gpu.md; do
   [ -f "$OUT/$table" ] && { tail -n +3 "$OUT/$table"; echo; } >> "$report"
 done
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
 cat "$report"
 exit $status

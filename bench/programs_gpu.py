@@ -2,10 +2,11 @@
 'materialize' and 'auto' (the cost model's pick), timed side by side against the layer's own weight
 gradient, so that a wrong pick of the cost model and the program to tune next are visible.
 
-    python bench/programs_gpu.py [--batch 128] [--dtypes float32 bfloat16] [--out DIR] [--profile LAYER]
+    python bench/programs_gpu.py [--batch 128] [--dtypes float32 bfloat16] [--out DIR] [--profile LAYER] [--smoke]
 
 Prints a table (times over wgrad) and writes programs_gpu.md. --profile LAYER runs that layer's
 norm op once per method after a warm-up and nothing else, for a profiler (ncu) to attach to.
+--smoke runs the harness on the CPU (two layers, batch 4: bench/gpu_check.sh --dry-run).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ops_gpu  # noqa: E402
 from ops_cpu import LAYERS  # noqa: E402
 from ops_gpu import cuda_medians  # noqa: E402
 from peers_cpu import methods  # noqa: E402
@@ -39,8 +41,9 @@ def norm_op(layer, x, g, method):
 def case(lid: str, batch: int, dtype: torch.dtype):
     make, shape, batch_override = LAYERS[lid]
     torch.manual_seed(0)
-    layer = make().to("cuda", dtype)
-    x = torch.randn((batch_override or batch), *shape, device="cuda", dtype=dtype)
+    layer = make().to(ops_gpu.DEVICE, dtype)
+    x = torch.randn(batch if ops_gpu.DEVICE == "cpu" else (batch_override or batch), *shape, device=ops_gpu.DEVICE,
+                    dtype=dtype)
     with torch.no_grad():
         g = torch.randn_like(layer(x))
     return layer, x, g
@@ -53,23 +56,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--profile", choices=list(LAYERS))
+    parser.add_argument("--smoke", action="store_true", help="the harness on the CPU: layers L2 and C6, batch 4")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    layers = list(LAYERS)
+    if args.smoke:
+        ops_gpu.DEVICE = "cpu"
+        args.batch, args.dtypes, args.repeats, layers = 4, ["float32"], 2, ["L2", "C6"]
+    elif not torch.cuda.is_available():
         raise SystemExit("programs_gpu.py: no CUDA device is visible")
     if args.profile:
         for dtype_name in args.dtypes:
             layer, x, g = case(args.profile, args.batch, getattr(torch, dtype_name))
             for method in PROGRAMS:
                 norm_op(layer, x, g, method)()
-        torch.cuda.synchronize()
+        if not args.smoke:
+            torch.cuda.synchronize()
         return
-    lines = [f"# CUDA programs per layer ({torch.cuda.get_device_name()}, torch {torch.__version__}, "
+    device = "CPU (--smoke)" if args.smoke else torch.cuda.get_device_name()
+    lines = [f"# CUDA programs per layer ({device}, torch {torch.__version__}, "
              f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)", "",
              f"Batch {args.batch}; times over the layer's own weight gradient (wgrad), medians of {args.repeats} "
              "interleaved rounds timed with CUDA events.", "",
              "| layer | dtype | wgrad ms | " + " | ".join(PROGRAMS) + " | best |", "|---|---|---|---|---|---|---|"]
     for dtype_name in args.dtypes:
-        for lid in LAYERS:
+        for lid in layers:
             layer, x, g = case(lid, args.batch, getattr(torch, dtype_name))
             fns = {"wgrad": methods(layer, x, g, {"opacus": None, "backpack": None})["wgrad"]}
             fns.update({m: norm_op(layer, x, g, m) for m in PROGRAMS})

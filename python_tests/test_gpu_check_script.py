@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pathlib
 import subprocess
+import tarfile
 
 import pytest
 
@@ -25,9 +26,14 @@ def test_dry_run_executes_every_step(tmp_path):
     assert done.returncode == 0, report + done.stdout[-2000:] + done.stderr[-2000:]
     assert "**Dry run**" in report
     for step in ("build", "pytest -k cuda", "compute-sanitizer memcheck", "compute-sanitizer racecheck",
-                 "compute-sanitizer initcheck", "compute-sanitizer synccheck", "bench/ops_gpu.py", "bench/penalty.py"):
+                 "compute-sanitizer initcheck", "compute-sanitizer synccheck", "bench/ops_gpu.py", "bench/penalty.py",
+                 "bench/programs_gpu.py", "ncu C2", "ncu C5"):
         assert f"| {step} | ok (dry run: GPU parts on the CPU) |" in report, step
     assert report.count("sanitize case done on cpu") == 0  # logs stay in their files
-    assert (tmp_path / "out" / "sanitizer.log").read_text().count("sanitize case done on cpu") == 4
-    assert (tmp_path / "out" / "ops_gpu.md").is_file()
-    assert (tmp_path / "out" / "penalty.md").is_file()
+    out = tmp_path / "out"
+    with tarfile.open(out / "logs.tgz") as logs:  # the logs in one file: a GPU machine returns 8 at most
+        sanitizer = logs.extractfile("logs/sanitizer.log").read().decode()
+        assert {"logs/build.log", "logs/tests.log", "logs/bench.log", "logs/ncu.log"} <= set(logs.getnames())
+    assert sanitizer.count("sanitize case done on cpu") == 4
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.md", "logs.tgz", "ops_gpu.json", "ops_gpu.md",
+                                                      "penalty.json", "penalty.md", "programs_gpu.md"]
