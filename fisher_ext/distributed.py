@@ -9,6 +9,7 @@ writes its *share*: its part of the global gradient times ``k`` (``share = k n_r
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Sequence
 
@@ -77,12 +78,48 @@ def rank(group) -> int:
     return dist.get_rank(group) if group is not None else 0
 
 
-def _device(group) -> torch.device:
-    """Where this group's collectives take their tensors (NCCL: the current GPU)."""
+def _device(group, like: torch.device | None = None) -> torch.device:
+    """Where this group's collectives take their tensors: NCCL's on the model's GPU (``like``), or
+    the current one; the others' on the CPU."""
     import torch.distributed as dist
 
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-        else torch.device("cpu")
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    return like if like is not None and like.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+
+
+FAILED, NOT_FINITE = 2, 1  # agreement codes, worst first
+
+
+def _worst(group, code: int, device: torch.device | None) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([code], dtype=torch.int32, device=_device(group, device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
+@contextlib.contextmanager
+def agreement(group, device: torch.device | None = None):
+    """Local work (no collectives inside) whose failure on any rank every rank learns at its end,
+    in one collective, so that all raise together rather than the others waiting for the failed
+    one in the step's next collective. A FloatingPointError (a value not finite) is raised as one
+    on the other ranks too (the training runner stops a diverged run on that type)."""
+    if group is None:
+        yield
+        return
+    try:
+        yield
+    except Exception as e:
+        _worst(group, NOT_FINITE if isinstance(e, FloatingPointError) else FAILED, device)
+        raise
+    code = _worst(group, 0, device)
+    if code == NOT_FINITE:
+        raise FloatingPointError("a value is not finite on another process (its own error says which); nothing "
+                                 "was written into .grad")
+    if code == FAILED:
+        raise RuntimeError("this step failed on another process (its own error says why); nothing was written "
+                           "into .grad")
 
 
 def check_same_model(group, params: Sequence[Tensor], what: str) -> None:
@@ -91,7 +128,7 @@ def check_same_model(group, params: Sequence[Tensor], what: str) -> None:
 
     signature = zlib.crc32(repr([(tuple(p.shape), str(p.dtype)) for p in params]).encode())  # the same in every process
     mine = torch.tensor([len(params), sum(p.numel() for p in params), signature], dtype=torch.int64,
-                        device=_device(group))
+                        device=_device(group, params[0].device if params else None))
     everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
     for rank, other in enumerate(everyone):
@@ -105,10 +142,10 @@ def check_same_model(group, params: Sequence[Tensor], what: str) -> None:
 class Shards:
     """This rank's part of one global batch: ``n`` of ``total`` examples over ``world`` ranks."""
 
-    def __init__(self, group, n: int):
+    def __init__(self, group, n: int, device: torch.device | None = None):
         import torch.distributed as dist
 
-        self.group, self.n = group, n
+        self.group, self.n, self.device = group, n, device
         self.world = dist.get_world_size(group)
         self.total: int | None = None  # known after the first mean()
 
@@ -137,13 +174,9 @@ class Shards:
             start += p.numel()
         return out
 
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on any rank (every rank must call)."""
-        import torch.distributed as dist
-
-        t = torch.tensor([1.0 if flag else 0.0], device=_device(self.group))
-        dist.all_reduce(t, group=self.group)
-        return bool(t.item() > 0)
+    def worst(self, code: int) -> int:
+        """The largest of the ranks' codes (every rank must call): 0 all well, else the worst news."""
+        return _worst(self.group, code, self.device)
 
     def sum(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """The element-wise sums over the ranks (every rank must call with the same shapes)."""
@@ -158,14 +191,17 @@ class Shards:
         return out
 
 
-def global_means(group, sums: Sequence[float], count: int) -> tuple[list[float], int]:
+def global_means(group, sums: Sequence[float], count: int,
+                 device: torch.device | None = None) -> tuple[list[float], int]:
     """Means over every rank's examples of quantities each rank holds as sums over its own
-    ``count`` examples, and the examples' total: one all-reduce of the sums and the counts."""
+    ``count`` examples, and the examples' total: one all-reduce of the sums and the counts (every
+    rank must pass as many sums)."""
     import torch.distributed as dist
 
-    t = torch.tensor([*sums, float(count)], dtype=torch.float64, device=_device(group))
+    t = torch.tensor([*sums, float(count)], dtype=torch.float64, device=_device(group, device))
     dist.all_reduce(t, group=group)
-    return [float(v / t[-1]) for v in t[:-1]], int(round(float(t[-1])))
+    total = int(round(float(t[-1])))
+    return [float(v / t[-1]) if total else float("nan") for v in t[:-1]], total
 
 
 def gather(group, per_example: Tensor) -> Tensor:
@@ -173,7 +209,7 @@ def gather(group, per_example: Tensor) -> Tensor:
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
-    device = _device(group)
+    device = _device(group, per_example.device)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([per_example.numel()], dtype=torch.int64, device=device), group=group)
     largest = int(max(s.item() for s in sizes))

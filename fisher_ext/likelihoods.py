@@ -41,12 +41,16 @@ def _check_batched(output, what: str, min_dim: int) -> None:
         raise ValueError(f"output: expected {what} with at least {min_dim} dims, got shape {tuple(output.shape)}")
 
 
-def _finite_for_draws(output: torch.Tensor) -> torch.Tensor:
-    """The output, checked: labels drawn from non-finite logits are not a distribution's."""
-    if not bool(torch.isfinite(output).all()):
-        bad = int((~torch.isfinite(output)).sum())
-        raise FloatingPointError(f"output: {bad} of the {output.numel()} logits are not finite (nan or inf); labels "
-                                 "cannot be drawn from them (the model has diverged, or its input is not finite)")
+def _valid_for_draws(output: torch.Tensor, masked: bool) -> torch.Tensor:
+    """The logits, checked: NaN (and +inf, where classes compete) describes no distribution; -inf
+    masks a class out (``masked``), but a row of them leaves none to draw."""
+    bad = torch.isnan(output) | (torch.isposinf(output) if masked else torch.zeros_like(output, dtype=torch.bool))
+    empty = (output == float("-inf")).all(-1) if masked and output.dim() > 1 else None
+    if bool(bad.any()) or (empty is not None and bool(empty.any())):
+        what = f"{int(bad.sum())} of the {output.numel()} logits are NaN{' or +inf' if masked else ''}" if bool(
+            bad.any()) else f"{int(empty.sum())} rows of logits are all -inf (no class left)"
+        raise FloatingPointError(f"output: {what}; labels cannot be drawn from them (the model has diverged, or its "
+                                 "input is not finite)")
     return output
 
 
@@ -59,7 +63,7 @@ class Categorical:
             raise ValueError(f"output: expected logits (N, C) or (N, T, C), got shape {tuple(output.shape)}")
 
     def sample(self, output, generator=None):
-        probs = torch.softmax(_acc(_finite_for_draws(output.detach())), dim=-1)
+        probs = torch.softmax(_acc(_valid_for_draws(output.detach(), masked=True)), dim=-1)
         flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
         return flat.reshape(output.shape[:-1])
 
@@ -86,7 +90,8 @@ class Bernoulli:
         _check_batched(output, "logits (N, *)", 1)
 
     def sample(self, output, generator=None):
-        return torch.bernoulli(torch.sigmoid(_acc(_finite_for_draws(output.detach()))), generator=generator)
+        return torch.bernoulli(torch.sigmoid(_acc(_valid_for_draws(output.detach(), masked=False))),
+                               generator=generator)
 
     def nll(self, output, labels):
         if labels.shape != output.shape:

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from .capture import Capture, as_args, foreign_output, select_logits
-from .distributed import (accumulate_grads, check_same_model, gather, global_means, process_group, rank, refuse_fsdp,
-                          refuse_static_graph, unwrap_ddp)
+from .distributed import (accumulate_grads, agreement, check_same_model, gather, global_means, process_group, rank,
+                          refuse_fsdp, refuse_static_graph, unwrap_ddp)
 from .estimators import LabelGenerator, estimate_norms
 from .fused_backward import backward_with_norms, leaf_uses
 from .likelihoods import Likelihood, get_likelihood
@@ -193,13 +193,15 @@ class FisherTraceMonitor:
         self._step += 1
         if (self._step - 1) % self.every:
             return None
-        if self._capture is None or not self._capture.records:
-            raise RuntimeError("estimate: no watched forward; run the model inside `with monitor.watch():` first")
-        if not self._capture.produced(output) and not any(output is t for t in self._wrapper_outputs):
-            raise foreign_output(output)
-        per_example, totals = estimate_norms(self._capture, output, self.likelihood, self.estimator, labels,
-                                             self.samples, self._draws, retain_graph=True)
-        result = self._global(_result(self._capture, per_example, totals))
+        with self._agreement():  # across processes, a failure here makes every rank raise
+            if self._capture is None or not self._capture.records:
+                raise RuntimeError("estimate: no watched forward; run the model inside `with monitor.watch():` first")
+            if not self._capture.produced(output) and not any(output is t for t in self._wrapper_outputs):
+                raise foreign_output(output)
+            per_example, totals = estimate_norms(self._capture, output, self.likelihood, self.estimator, labels,
+                                                 self.samples, self._draws, retain_graph=True)
+            local = _result(self._capture, per_example, totals)
+        result = self._global(local)
         self.history.append((self._step - 1, result.trace))
         return result
 
@@ -208,11 +210,15 @@ class FisherTraceMonitor:
         call; one process: ``result.per_example``)."""
         return result.per_example if self.group is None else gather(self.group, result.per_example)
 
+    def _agreement(self):
+        return agreement(self.group, next((p.device for p in self.model.parameters()), None))
+
     def _global(self, result: FisherTraceResult) -> FisherTraceResult:
         """Across processes: ``trace`` and ``per_parameter`` over the global batch."""
         if self.group is None:
             return result
-        n, names = result.per_example.numel(), list(result.per_parameter)
+        n = result.per_example.numel()
+        names = sorted(result.per_parameter)  # every trainable parameter of the model: the same on every rank
         values = result.per_example.double()
         means, total = global_means(self.group, [result.per_parameter[k] * n for k in names]
                                     + [float(values.sum()), float(values.square().sum())], n)
@@ -251,6 +257,40 @@ class FisherTraceMonitor:
                 directly, or (after ``.grad`` is written) do not give per-example norms (a loss that
                 mixes examples, or a model the rules refuse).
         """
+        with self._agreement():  # across processes, a failure here makes every rank raise
+            loss, uses = self._checked_backward_loss(losses, reduction)
+        capture = self._capture
+        self._step += 1
+        try:
+            if (self._step - 1) % self.every:
+                loss.backward()
+                return None
+            with self._agreement():
+                n = losses.shape[0]
+                capture.find_batch_dims(losses)
+                params = capture.params + [leaf for key, (leaf, _) in uses.items()
+                                           if key not in capture.param_ids]  # other tensors the loss reaches
+                errors: list = []
+                grads, norms = backward_with_norms(capture, loss, params, n,
+                                                   scale=float(n) if reduction == "mean" else 1.0, retain_graph=False,
+                                                   norms_required=False, errors=errors, uses=uses)
+            accumulate_grads(params, grads, self.ddp)
+            with self._agreement():
+                if errors:
+                    raise ValueError(f"losses: no per-example norms ({errors[0]}); .grad holds this step's gradient. "
+                                     "losses[n] must be example n's own loss, of the watched forward's batch, in "
+                                     "order") from errors[0]
+        finally:
+            capture.clear()
+        totals = {k: v.double() for k, v in norms.items()}  # as estimate() gives them
+        per_example = torch.stack(list(totals.values())).sum(0) if totals else torch.zeros(
+            n, dtype=torch.float64, device=losses.device)
+        result = self._global(_result(capture, per_example, totals))
+        self.history.append((self._step - 1, result.trace))
+        return result
+
+    def _checked_backward_loss(self, losses, reduction: str):
+        """backward()'s loss from ``losses``, and its leaves' uses, checked."""
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
         refuse_static_graph(self.ddp)
@@ -275,32 +315,7 @@ class FisherTraceMonitor:
                 raise ValueError(f"losses: read the parameter {name} outside the model's forward (weight decay?); "
                                  "that term is no example's gradient: backpropagate it separately, after "
                                  "monitor.backward(losses)")
-        self._step += 1
-        try:
-            if (self._step - 1) % self.every:
-                loss.backward()
-                return None
-            n = losses.shape[0]
-            capture.find_batch_dims(losses)
-            params = capture.params + [leaf for key, (leaf, _) in uses.items()
-                                       if key not in capture.param_ids]  # other tensors the loss reaches
-            errors: list = []
-            grads, norms = backward_with_norms(capture, loss, params, n, scale=float(n) if reduction == "mean" else 1.0,
-                                               retain_graph=False, norms_required=False, errors=errors,
-                                               uses=uses)
-            accumulate_grads(params, grads, self.ddp)
-            if errors:
-                raise ValueError(f"losses: no per-example norms ({errors[0]}); .grad holds this step's gradient. "
-                                 f"losses[n] must be example n's own loss, of the watched forward's batch, in order"
-                                 ) from errors[0]
-        finally:
-            capture.clear()
-        totals = {k: v.double() for k, v in norms.items()}  # as estimate() gives them
-        per_example = torch.stack(list(totals.values())).sum(0) if totals else torch.zeros(
-            n, dtype=torch.float64, device=losses.device)
-        result = self._global(_result(capture, per_example, totals))
-        self.history.append((self._step - 1, result.trace))
-        return result
+        return loss, uses
 
     def probe(self, inputs: Union[torch.Tensor, Iterable], *, chunk_size: int = 128, eval_mode: bool = True,
               progress: bool = True) -> FisherTraceResult:
@@ -312,8 +327,12 @@ class FisherTraceMonitor:
         processes each rank takes its part (of a tensor: a contiguous slice; of an iterable, which
         must have a length: every k-th batch) and the result is the whole probe set's.
         """
-        if self.group is not None:
-            inputs = self._my_part(inputs)
+        with self._agreement():  # across processes, a failure here makes every rank raise
+            local = self._probe_local(self._my_part(inputs) if self.group is not None else inputs, chunk_size,
+                                      eval_mode, progress)
+        return self._global(local)
+
+    def _probe_local(self, inputs, chunk_size: int, eval_mode: bool, progress: bool) -> FisherTraceResult:
         if isinstance(inputs, torch.Tensor):
             batches: Iterable = inputs.split(chunk_size)
             total = math.ceil(inputs.shape[0] / chunk_size)
@@ -344,8 +363,8 @@ class FisherTraceMonitor:
             raise ValueError("inputs: expected at least one probe example, got none")
         per_example = torch.cat(parts)
         n = per_example.numel()
-        return self._global(FisherTraceResult(float(per_example.mean()), per_example,
-                                              {k: v / n for k, v in per_param.items()}, coverage))
+        return FisherTraceResult(float(per_example.mean()), per_example, {k: v / n for k, v in per_param.items()},
+                                 coverage)
 
     def _my_part(self, inputs):
         import torch.distributed as dist

@@ -206,6 +206,7 @@ def test_penalty_step_and_its_free_trace(case):
                                                                                      labels=labels)
     torch.testing.assert_close(result.per_example.double().cpu(), want_norms, rtol=1e-9, atol=1e-12)
     for p, w in zip([p for p in model.parameters() if p.requires_grad], want):
+        assert (p.grad is None) == (w is None)
         if w is not None:
             torch.testing.assert_close(p.grad.cpu(), w, rtol=1e-9, atol=1e-12)
 

@@ -43,10 +43,20 @@ def test_outputs_must_be_floating_point_tensors():
         Gaussian().check([1.0, 2.0])
 
 
-@pytest.mark.parametrize("likelihood", [Categorical(), Bernoulli()], ids=["categorical", "bernoulli"])
-def test_no_draws_from_logits_that_are_not_finite(likelihood):
+def test_no_draws_from_logits_that_describe_no_distribution():
     logits = torch.zeros(4, 3)
     logits[1, 2] = float("nan")
     logits[3, 0] = float("inf")
-    with pytest.raises(FloatingPointError, match=r"output: 2 of the 12 logits are not finite \(nan or inf\)"):
-        likelihood.sample(logits, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(FloatingPointError, match=r"output: 2 of the 12 logits are NaN or \+inf"):
+        Categorical().sample(logits, g)
+    with pytest.raises(FloatingPointError, match=r"output: 1 of the 12 logits are NaN;"):
+        Bernoulli().sample(logits, g)
+    masked = torch.zeros(4, 3)
+    masked[:, 0] = float("-inf")  # a masked-out class: never drawn
+    assert not bool((Categorical().sample(masked, g) == 0).any())
+    masked[2] = float("-inf")
+    with pytest.raises(FloatingPointError, match=r"output: 1 rows of logits are all -inf \(no class left\)"):
+        Categorical().sample(masked, g)
+    saturated = torch.tensor([[float("inf"), float("-inf")]])  # Bernoulli: probabilities 1 and 0
+    assert Bernoulli().sample(saturated, g).tolist() == [[1.0, 0.0]]

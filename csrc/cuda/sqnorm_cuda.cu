@@ -109,15 +109,25 @@ void launch(Tensor& out, const Tensor& x, const Tensor& g, const Geometry& geo, 
 
 void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
                  const std::string& method, bool add) {
-  const Tensor A = a.reshape({sh.N, sh.T, sh.d_in});
-  const Tensor G = g.reshape({sh.N, sh.T, sh.d_out});
-  const Geometry geo = tiles::linear_geometry(sh, A, G, bias);
+  Tensor A = a.reshape({sh.N, sh.T, sh.d_in});
+  Tensor G = g.reshape({sh.N, sh.T, sh.d_out});
+  Geometry geo = tiles::linear_geometry(sh, A, G, bias);
+  if (!geo.fits_32bit()) {  // strides too wide for the kernels' 32-bit offsets: a dense copy may fit
+    A = A.contiguous(), G = G.contiguous();
+    geo = tiles::linear_geometry(sh, A, G, bias);
+  }
   launch(out, A, G, geo, tiles::plan_for(method, geo), sh.N, add);
 }
 
 void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias, const std::string& method,
                bool add) {
-  const Geometry geo = tiles::conv_geometry(s, x, g, bias);
+  Geometry geo = tiles::conv_geometry(s, x, g, bias);
+  if (!geo.fits_32bit()) {  // strides too wide for the kernels' 32-bit offsets: a dense copy may fit
+    const Tensor xc = x.contiguous(), gc = g.contiguous();
+    geo = tiles::conv_geometry(s, xc, gc, bias);
+    launch(out, xc, gc, geo, tiles::plan_for(method, geo), s.N, add);
+    return;
+  }
   launch(out, x, g, geo, tiles::plan_for(method, geo), s.N, add);
 }
 

@@ -153,10 +153,14 @@ void fits_32bit_cases() {
   const at::Tensor x = at::randn({2, 4, 9, 7}), g = at::randn({2, 6, 9, 7});
   const ConvShape s = conv_shape(x, g, {3, 3}, {1, 1}, {1, 1}, {1, 1}, 1);
   const tiles::Geometry geo = tiles::conv_geometry(s, x, g, true);
-  tiles::Geometry strided = geo, wide = geo;
+  tiles::Geometry strided = geo, wide = geo, padded = geo, dilated = geo;
   strided.xs[3] = int64_t{1} << 29;  // a row stride of 2^29, 9 rows: past 2^31
   wide.out[2] = int64_t{1} << 31;
-  check(geo.fits_32bit() && !strided.fits_32bit() && !wide.fits_32bit(), "Geometry::fits_32bit");
+  padded.pad[1] = int64_t{1} << 31;         // the reach of a window past the input
+  dilated.dil[2] = (int64_t{1} << 30) + 1;  // (k - 1) * dilation
+  check(
+      geo.fits_32bit() && !strided.fits_32bit() && !wide.fits_32bit() && !padded.fits_32bit() && !dilated.fits_32bit(),
+      "Geometry::fits_32bit");
 }
 
 }  // namespace

@@ -16,7 +16,7 @@ from torch import nn
 from ..estimators import LabelGenerator
 from ..likelihoods import Likelihood, get_likelihood
 from ..capture import Capture, as_args, foreign_output, select_logits
-from ..distributed import (Shards, accumulate_grads, check_same_model, global_means, process_group, rank,
+from ..distributed import (Shards, accumulate_grads, agreement, check_same_model, global_means, process_group, rank,
                            refuse_fsdp, refuse_static_graph, unwrap_ddp)
 from ..fused_backward import leaf_uses
 from .methods import Check, DoubleBackward, FiniteDifference, Rerun, warn
@@ -210,13 +210,16 @@ class FisherPenalty:
             raise TypeError(f"loss: expected a callable taking the model's output and returning a scalar loss, "
                             f"got {type(loss).__name__}")
         step = self._next_step()
-        with self._failures_announced():
+        # Across processes, each stretch of local work ends in an agreement (one tiny collective):
+        # a rank that fails there makes every rank raise, instead of leaving the others waiting in
+        # the step's next collective (DDP's forward, the gbar all-reduce).
+        with self._agreement():
             args = as_args(inputs)
         if not self._due(step):  # a plain step
             with torch.enable_grad():
-                with self._failures_announced():
+                with self._agreement():
                     train_loss = _scalar_loss(loss, (self.ddp or self.model)(*args))
-                _check_finite(step, "the training loss", train_loss, self.group)
+                    _check_finite(step, "the training loss", train_loss)
                 train_loss.backward()
             return train_loss.detach(), None
         if isinstance(self.objective, InputGradientNorm):
@@ -226,16 +229,16 @@ class FisherPenalty:
         buffers, decisions = (BufferState(self.model), FrozenDecisions()) if fd else (None, None)
         versions = tuple(a._version for a in args if isinstance(a, Tensor))
         with torch.enable_grad(), torch.compiler.set_stance("force_eager"), (capture or contextlib.nullcontext()):
-            with self._failures_announced():
+            with self._agreement():
                 with decisions.watching(self.model) if fd else contextlib.nullcontext():
                     output = self._forward(args, capture)
                 train_loss = _scalar_loss(loss, output)
-            _check_finite(step, "the training loss", train_loss, self.group)
-            self._refuse_outside_leaves(train_loss, args)
-            output = select_logits(self.logits, output)
-            self.objective.likelihood.check(output)
-            batch = Batch(self.params, output, args, self._step_labels(output, labels), capture,
-                          self._shards(output))
+                _check_finite(step, "the training loss", train_loss)
+                self._refuse_outside_leaves(train_loss, args)
+                output = select_logits(self.logits, output)
+                self.objective.likelihood.check(output)
+                step_labels = self._step_labels(output, labels)
+            batch = Batch(self.params, output, args, step_labels, capture, self._shards(output))
             rerun = Rerun(self.model, self.names, rng, buffers, decisions, loss, versions, self.logits)
             outcome = self.method.gradients(self.objective, batch, train_loss, self.alpha, rerun,
                                             fd and self._check_due())
@@ -249,8 +252,9 @@ class FisherPenalty:
             self.method = DoubleBackward()
         grads = outcome.grads
         present = [g for g in grads if g is not None]
-        _check_finite(step, "the step's gradient", torch.stack(torch._foreach_norm(present)) if present
-                      else torch.zeros(()), self.group)
+        with self._agreement():
+            _check_finite(step, "the step's gradient", torch.stack(torch._foreach_norm(present)) if present
+                          else torch.zeros(()))
         accumulate_grads(self.params, grads, self.ddp)
         self.last_result = result
         return train_loss.detach(), result
@@ -280,15 +284,16 @@ class FisherPenalty:
             raise RuntimeError("penalty_term: no watched forward; run the model inside `with penalty.watch():` first")
         (capture, produced), self._watched = self._watched, None
         try:
-            if not isinstance(output, Tensor) or not any(output is t for t in produced):
-                raise foreign_output(output)
             step = self._next_step()
             self.last_result = None
+            with self._agreement():
+                if not isinstance(output, Tensor) or not any(output is t for t in produced):
+                    raise foreign_output(output)
+                step_labels = self._step_labels(output, labels) if self._due(step) else None
             if not self._due(step):
                 return output.new_zeros(())
             with torch.enable_grad():
-                batch = Batch(self.params, output, (), self._step_labels(output, labels), capture,
-                              self._shards(output))
+                batch = Batch(self.params, output, (), step_labels, capture, self._shards(output))
                 value = self.objective.value(batch, create_graph=True)
             result = self._result(step, batch, value, self.method.name, None)
             term = self.alpha * value.value  # the caller's backward differentiates it (see methods.DoubleBackward)
@@ -360,20 +365,11 @@ class FisherPenalty:
                 raise
             return None
 
-    @contextlib.contextmanager
-    def _failures_announced(self):
-        """Across processes, an error of this rank before the step's first collective (bad input,
-        a failing forward or loss) is announced in that collective, so that every rank raises
-        rather than the others waiting for this one (see _check_finite)."""
-        try:
-            yield
-        except Exception:
-            if self.group is not None:
-                Shards(self.group, 0).any(True)
-            raise
+    def _agreement(self) -> contextlib.AbstractContextManager:
+        return agreement(self.group, self.params[0].device)
 
     def _shards(self, output: Tensor) -> Shards | None:
-        return Shards(self.group, output.shape[0]) if self.group is not None else None
+        return Shards(self.group, output.shape[0], output.device) if self.group is not None else None
 
     def _forward(self, args: tuple, capture: Capture | None) -> Tensor:
         if capture is not None:
@@ -389,8 +385,14 @@ class FisherPenalty:
         _check_finite(step, "the penalty", torch.tensor(penalty))
         gbar_sqnorm = float(value.value.detach()) if value.gbar is not None else float("nan")
         per_example = value.per_example
-        trace = None if per_example is None else float(per_example.mean()) if self.group is None else \
-            global_means(self.group, [float(per_example.double().sum())], per_example.numel())[0][0]
+        if self.group is None:
+            trace = None if per_example is None else float(per_example.mean())
+        else:  # every rank joins, with or without norms of its own: none anywhere gives none
+            missing = per_example is None
+            (total, none), _ = global_means(self.group, [0.0 if missing else float(per_example.double().sum()),
+                                                         float(missing)], 0 if missing else per_example.numel(),
+                                            self.params[0].device)
+            trace = None if none > 0 or math.isnan(total) else total
         return PenaltyResult(penalty, gbar_sqnorm, batch.labels, method, per_example, check, trace)
 
 
@@ -439,13 +441,7 @@ def _scalar_loss(loss: Callable, output) -> Tensor:
     return value.reshape(())
 
 
-def _check_finite(step: int, what: str, value: Tensor, group=None) -> None:
-    """Raises where ``value`` is not finite; across processes (``group``) on every rank together,
-    where it is not finite on any (a rank that raised alone would leave the others waiting)."""
-    bad = not bool(torch.isfinite(value.detach()).all())
-    if group is not None and Shards(group, 0).any(bad) and not bad:
-        raise FloatingPointError(f"step {step}: {what} is not finite on another process, or the step failed there "
-                                 "(its own error says why); nothing was written into .grad")
-    if bad:
+def _check_finite(step: int, what: str, value: Tensor) -> None:
+    if not bool(torch.isfinite(value.detach()).all()):
         raise FloatingPointError(f"step {step}: {what} is not finite ({value.detach().flatten()[:4].tolist()}); "
                                  "nothing was written into .grad")

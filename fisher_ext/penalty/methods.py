@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..capture import select_logits
+from ..distributed import FAILED
 from ..fused_backward import backward_with_norms
 from .objectives import Batch, GradientNorm, Value
 from ..state import BufferState, RandomState
@@ -168,8 +169,17 @@ class FiniteDifference:
                                            separate=check, fused=v.fused, direction=v.gbar_global)
         except DecisionMismatch as e:
             mismatch = e
-        if batch.shards is not None and batch.shards.any(mismatch is not None) and mismatch is None:
-            mismatch = DecisionMismatch("another rank's shifted pass did not replay its watched pass's decisions")
+        except Exception:  # across processes the others learn it here, rather than waiting for this rank
+            if batch.shards is not None:
+                batch.shards.worst(FAILED)
+            raise
+        if batch.shards is not None:  # one verdict for every rank
+            worst = batch.shards.worst(1 if mismatch is not None else 0)
+            if worst == FAILED:
+                raise RuntimeError("the finite difference's shifted pass failed on another process (its own error "
+                                   "says why); nothing was written into .grad")
+            if worst and mismatch is None:
+                mismatch = DecisionMismatch("another rank's shifted pass did not replay its watched pass's decisions")
         if mismatch is not None:  # every rank takes the exact gradient together
             warn(f"{mismatch}; this step's gradient is the exact one (double backward)")
             return Outcome(self._exact(objective, batch, train_loss, alpha), v, DoubleBackward.name)
