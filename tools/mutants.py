@@ -23,6 +23,7 @@ FAST = ["python_tests/test_monitor.py", "python_tests/test_cases.py", "python_te
 LIKELIHOODS = ["python_tests/test_likelihoods.py"]
 PENALTY = ["python_tests/test_penalty.py", "python_tests/test_penalty_replay.py",
            "python_tests/test_penalty_training.py"]
+DISTRIBUTED = ["python_tests/test_distributed.py"]
 
 # (description, file, text, replacement, tests)
 MUTANTS = [
@@ -89,6 +90,19 @@ MUTANTS = [
     ("max-pool replay ignores the recorded indices", "fisher_ext/penalty/replay.py",
      "    return ((values, indices) if _with_indices(func, kwargs) else values), (indices,)",
      "    return ((values, indices) if _with_indices(func, kwargs) else values), (indices * 0,)", PENALTY),
+    ("across processes, each rank's share not scaled for DDP's average", "fisher_ext/distributed.py",
+     "return self.world * self.n / self.total", "return self.n / self.total", DISTRIBUTED),
+    ("across processes, ranks weighted equally whatever their batch sizes", "fisher_ext/distributed.py",
+     "flat = torch.cat([p.to(dtype) * self.n for p in parts]", "flat = torch.cat([p.to(dtype) * 1 for p in parts]",
+     DISTRIBUTED),
+    ("finite difference shifted along the rank's own gbar", "fisher_ext/penalty/methods.py",
+     "direction = gbar if direction is None else direction", "direction = gbar", DISTRIBUTED),
+    ("the gradient written past DDP's reducer", "fisher_ext/distributed.py",
+     "    if ddp is None:\n        add_into_grads(params, grads)",
+     "    if True:\n        add_into_grads(params, grads)", DISTRIBUTED),
+    ("the monitor's Tr(F) left per rank", "fisher_ext/monitor.py",
+     "        if self.group is None:\n            return result", "        if True:\n            return result",
+     DISTRIBUTED),
 ]
 
 
