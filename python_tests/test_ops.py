@@ -323,7 +323,6 @@ CPU_PATHS = {  # environment of each CPU kernel path (read by the kernel on ever
     "fused-auto": {},
     "fused-shifted-layout": {"FISHER_EXT_CPU_CONV_LAYOUT": "shift"},
     "fused-panel-layout": {"FISHER_EXT_CPU_CONV_LAYOUT": "panels"},
-    "fused-swapped-layout": {"FISHER_EXT_CPU_CONV_LAYOUT": "swap"},
     "blas": {"FISHER_EXT_CPU_NO_AVX512": "1"},
 }
 

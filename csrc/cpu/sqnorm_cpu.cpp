@@ -332,77 +332,6 @@ void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool
   }
 }
 
-// Fused path with the roles swapped, for layers with few im2col rows per group (a first layer on
-// RGB images: 27): the rows are the kernel's vector lanes and the output channels its panel
-// columns, so g is read in its own (channel, position) layout, not transposed, and the rows pad
-// to 16 lanes instead of a whole panel. Per example the im2col matrix is packed position-major
-// (P x rows_pad, cache-resident) and g's channels copied once, zero-padded per group to panels.
-// wt (or null): the weight gradient, (groups, cout_pad, rows).
-struct SwapPlan {
-  int64_t width, cout_pad, rows_pad;
-};
-
-SwapPlan plan_swap(const ConvShape& s) {
-  SwapPlan p{kFusedPanelWidths[0], 0, 0};
-  for (int64_t w : kFusedPanelWidths)  // the width that pads the group's channels least
-    if ((s.cout_g + w - 1) / w * w < (s.cout_g + p.width - 1) / p.width * p.width) p.width = w;
-  p.cout_pad = (s.cout_g + p.width - 1) / p.width * p.width;
-  p.rows_pad = (s.cin_g * s.k_vol() + 15) / 16 * 16;
-  return p;
-}
-
-// Multiply-adds plus kPackCost per element packed, as prefer_shift: the swapped layout saves
-// transposing g and pads the rows to 16 lanes rather than to a panel.
-bool prefer_swap(const ConvShape& s, const SwapPlan& p) {
-  constexpr double kPackCost = 40;
-  const double P = s.out_vol(), rows = s.cin_g * s.k_vol(), nr = fused_panel_width(s.cout_g);
-  const double lanes = std::ceil(s.cout_g / 16.0) * 16;
-  const double panels =
-      2 * P * std::ceil(rows / nr) * nr * lanes * s.groups + kPackCost * (rows * s.groups + s.C_out) * P;
-  const double swapped = 2 * P * p.rows_pad * p.cout_pad * s.groups + kPackCost * rows * s.groups * P;
-  return swapped < panels;
-}
-
-template <typename scalar_t>
-void conv_block_swapped(const Tensor& x, const Tensor& g, const ConvShape& s, const SwapPlan& p, bool bias, int64_t n0,
-                        int64_t cnt, Scratch& scratch, float* result, float* wt) {
-  const auto xst = strides5(x), gst = strides5(g);
-  const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol();
-  const int64_t pitch = P + kPitchPad;
-  const auto opts = x.options().dtype(at::kFloat);
-  float* cols = scratch.get(0, {P * p.rows_pad}, opts).data_ptr<float>();
-  float* gbuf = scratch.get(1, {s.groups * p.cout_pad * pitch}, opts).zero_().data_ptr<float>();
-  float* packed = scratch.get(2, {rows * pitch}, opts).data_ptr<float>();
-  std::fill(cols, cols + P * p.rows_pad, 0.f);  // the padding lanes stay zero
-  for (int64_t n = 0; n < cnt; ++n) {
-    const scalar_t* xn = x.data_ptr<scalar_t>() + (n0 + n) * xst[0];
-    const scalar_t* gn = g.data_ptr<scalar_t>() + (n0 + n) * gst[0];
-    double total = 0;
-    for (int64_t o = 0; o < s.C_out; ++o) {  // g's channels, and the bias term on the way
-      float* dst = gbuf + ((o / s.cout_g) * p.cout_pad + o % s.cout_g) * pitch;
-      double sum = 0;
-      for (int64_t oz = 0; oz < s.out[0]; ++oz)
-        for (int64_t oh = 0; oh < s.out[1]; ++oh) {
-          const scalar_t* src = gn + o * gst[1] + oz * gst[2] + oh * gst[3];
-          for (int64_t ow = 0; ow < s.out[2]; ++ow, ++dst) {
-            *dst = static_cast<float>(src[ow * gst[4]]);
-            sum += *dst;
-          }
-        }
-      if (bias) total += sum * sum;
-    }
-    for (int64_t gr = 0; gr < s.groups; ++gr) {
-      for (int64_t r = 0; r < rows; ++r) pack_row<scalar_t, float>(xn, xst, s, gr * rows + r, packed + r * pitch);
-      for (int64_t q = 0; q < P; ++q)
-        for (int64_t r = 0; r < rows; ++r) cols[q * p.rows_pad + r] = packed[r * pitch + q];
-      for (int64_t c0 = 0; c0 < p.cout_pad; c0 += p.width)
-        total += fused_panel_sqnorm(cols, p.rows_pad, rows, gbuf + (gr * p.cout_pad + c0) * pitch, 1, pitch, {1, P, P},
-                                    p.width, wt ? wt + (gr * p.cout_pad + c0) * rows : nullptr, rows);
-    }
-    result[n] = static_cast<float>(total);
-  }
-}
-
 // Zero-copy implicit GEMM for stride-1 convolutions (fused path). Each example's input is
 // copied once, channels last, into a zero-padded grid of row pitch Wp and plane pitch Hp*Wp,
 // each group's channels padded to a multiple of the panel width. Every kernel offset is then
@@ -600,13 +529,13 @@ Tensor conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor&
   const bool fused = m == Method::Materialize && acc == at::kFloat && fused_gemm_sqnorm_available();
   const bool unit_stride = s.stride[0] == 1 && s.stride[1] == 1 && s.stride[2] == 1;
   const ShiftPlan shift = fused && unit_stride && P > 0 ? plan_shift(s) : ShiftPlan{};
-  // FISHER_EXT_CPU_CONV_LAYOUT=shift|swap|panels overrides the cost model (tests, benchmarks).
+  // FISHER_EXT_CPU_CONV_LAYOUT=shift|panels overrides the cost model (tests, benchmarks).
   const char* layout_env = std::getenv("FISHER_EXT_CPU_CONV_LAYOUT");
   const std::string layout = layout_env ? layout_env : "auto";
+  TORCH_CHECK(layout == "auto" || layout == "shift" || layout == "panels",
+              "FISHER_EXT_CPU_CONV_LAYOUT: expected auto, shift or panels, got '", layout, "'");
   const bool shifted =
       fused && unit_stride && P > 0 && (layout == "shift" || (layout == "auto" && prefer_shift(s, shift)));
-  const SwapPlan swap = plan_swap(s);
-  const bool swapped = fused && !shifted && (layout == "swap" || (layout == "auto" && prefer_swap(s, swap)));
   const GramShift gram_plan = plan_gram_shift(s);
   const bool gram_shift = m == Method::Ghost && P > 0 && prefer_gram_shift(s, gram_plan);
   const int64_t per_example =
@@ -618,9 +547,8 @@ Tensor conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor&
   const Tensor G = g.reshape({s.N, s.C_out, P});
   // The fused paths' weight gradient, transposed in the layout of each (see their comments).
   const int64_t nr = fused_panel_width(s.cout_g);
-  const std::vector<int64_t> wt_sizes = shifted   ? std::vector<int64_t>{s.groups, s.k_vol(), shift.cpad, s.cout_g}
-                                        : swapped ? std::vector<int64_t>{s.groups, swap.cout_pad, rows}
-                                                  : std::vector<int64_t>{s.groups, (rows + nr - 1) / nr * nr, s.cout_g};
+  const std::vector<int64_t> wt_sizes = shifted ? std::vector<int64_t>{s.groups, s.k_vol(), shift.cpad, s.cout_g}
+                                                : std::vector<int64_t>{s.groups, (rows + nr - 1) / nr * nr, s.cout_g};
   Partials weight(wt_sizes, x.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_sqnorm_cpu", [&] {
@@ -629,10 +557,6 @@ Tensor conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor&
       if (shifted) {
         sb = at::empty({cnt}, x.options().dtype(at::kFloat));
         conv_block_shifted<scalar_t>(x, g, s, shift, bias, n0, cnt, scratch, sb.data_ptr<float>(),
-                                     want_weight ? weight.mine() : nullptr);
-      } else if (swapped) {
-        sb = at::empty({cnt}, x.options().dtype(at::kFloat));
-        conv_block_swapped<scalar_t>(x, g, s, swap, bias, n0, cnt, scratch, sb.data_ptr<float>(),
                                      want_weight ? weight.mine() : nullptr);
       } else if (gram_shift) {
         sb = conv_block_gram_shift<scalar_t>(x, G, s, gram_plan, bias, n0, cnt, scratch);
@@ -651,9 +575,8 @@ Tensor conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor&
   std::vector<int64_t> kernel{s.C_out, s.cin_g};  // the weight's shape: (C_out, cin_g, *kernel)
   for (int64_t d = 3 - (x.dim() - 2); d < 3; ++d) kernel.push_back(s.k[d]);
   const Tensor wt = weight.sum();
-  const Tensor w = shifted   ? wt.narrow(2, 0, s.cin_g).permute({0, 3, 2, 1})  // (groups, cout_g, cin_g, k_vol)
-                   : swapped ? wt.narrow(1, 0, s.cout_g)                       // (groups, cout_g, rows)
-                             : wt.narrow(1, 0, rows).permute({0, 2, 1});       // (groups, cout_g, rows)
+  const Tensor w = shifted ? wt.narrow(2, 0, s.cin_g).permute({0, 3, 2, 1})  // (groups, cout_g, cin_g, k_vol)
+                           : wt.narrow(1, 0, rows).permute({0, 2, 1});       // (groups, cout_g, rows)
   return w.reshape(kernel);
 }
 
