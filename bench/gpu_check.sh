@@ -158,34 +158,25 @@ sanitize() {  # tool
 sanitize memcheck
 sanitize racecheck
 
+timed() {  # name, cap in seconds, log, command...: the command within its budget, recorded
+  local name=$1 cap=$2 log=$3 t
+  shift 3
+  t=$(budget "$cap")
+  [ "$t" -eq 0 ] && { skipped "$name"; return; }
+  timeout "$t" "$@" >> "$log" 2>&1
+  record "$name" $? "$log"
+}
+mode=--quick; device=cuda
+[ "$DRY" -eq 1 ] && mode=--smoke && device=cpu
+
 step "4. benchmark"
-mode=--quick; [ "$DRY" -eq 1 ] && mode=--smoke
-t=$(budget 120)
-if [ "$t" -eq 0 ]; then
-  skipped "bench/ops_gpu.py"
-else
-  timeout "$t" $PY bench/ops_gpu.py $mode --out "$OUT" > "$LOGS/bench.log" 2>&1
-  record "bench/ops_gpu.py" $? "$LOGS/bench.log"
-fi
+timed "bench/ops_gpu.py" 120 "$LOGS/bench.log" $PY bench/ops_gpu.py $mode --out "$OUT"
 
 step "5. end to end"
-t=$(budget 90)
-if [ "$t" -eq 0 ]; then
-  skipped "bench/penalty.py"
-else
-  timeout "$t" $PY bench/penalty.py --device "$([ "$DRY" -eq 1 ] && echo cpu || echo cuda)" $mode --out "$OUT" \
-    >> "$LOGS/bench.log" 2>&1
-  record "bench/penalty.py" $? "$LOGS/bench.log"
-fi
+timed "bench/penalty.py" 90 "$LOGS/bench.log" $PY bench/penalty.py --device "$device" $mode --out "$OUT"
 
 step "6. programs and ncu"
-t=$(budget 60)
-if [ "$t" -eq 0 ]; then
-  skipped "bench/programs_gpu.py"
-else
-  timeout "$t" $PY bench/programs_gpu.py $mode --out "$OUT" > "$LOGS/programs.log" 2>&1
-  record "bench/programs_gpu.py" $? "$LOGS/programs.log"
-fi
+timed "bench/programs_gpu.py" 60 "$LOGS/programs.log" $PY bench/programs_gpu.py $mode --out "$OUT"
 ncu=$(command -v ncu || ls "$cuda_home"/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 for layer in C2 C5; do
   t=$(budget 45)
