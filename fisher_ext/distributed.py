@@ -21,11 +21,13 @@ SCOPES = ("global", "local")
 
 
 def unwrap_ddp(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
-    """(the module that computes, the DistributedDataParallel wrapper around it or None)."""
+    """(the module that computes, the DistributedDataParallel wrapper around it or None); a DDP
+    wrapper compiled (``torch.compile(DDP(model))``) is found inside the compiled module."""
     from torch.nn.parallel import DistributedDataParallel
 
-    if isinstance(model, DistributedDataParallel):
-        return model.module, model
+    inner = getattr(model, "_orig_mod", model)
+    if isinstance(inner, DistributedDataParallel):
+        return inner.module, inner
     return model, None
 
 

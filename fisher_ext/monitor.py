@@ -157,9 +157,7 @@ class FisherTraceMonitor:
                  logits: Callable[[Any], torch.Tensor] | None = None, scope: str | None = None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected an int >= 1, got {every!r}")
-        compiled = getattr(model, "_orig_mod", None)  # torch.compile(DDP(model)): the DDP inside
-        self.model, self.ddp = unwrap_ddp(compiled if unwrap_ddp(compiled)[1] is not None else model) \
-            if compiled is not None else unwrap_ddp(model)
+        self.model, self.ddp = unwrap_ddp(model)
         refuse_fsdp(self.model, "model")
         self.group = process_group(self.ddp, scope)
         if self.group is not None:

@@ -132,7 +132,7 @@ class FisherPenalty:
             raise ValueError(f"radius: expected a finite number > 0 or None, got {radius!r}")
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
             raise ValueError(f"check_every: expected an int >= 0, got {check_every!r}")
-        inner, self.ddp = unwrap_ddp(getattr(model, "_orig_mod", model))
+        inner, self.ddp = unwrap_ddp(model)
         refuse_static_graph(self.ddp)
         refuse_fsdp(inner, "model")
         self.model = getattr(inner, "_orig_mod", inner)  # a compiled model's own module, run eagerly
