@@ -5,7 +5,7 @@ installed torch is a CUDA build and nvcc is found (no GPU needed to build).
 Environment overrides:
   FISHER_EXT_FORCE_CPU=1    compile the CPU kernels only, and fail loudly if they do not compile
   FISHER_EXT_FORCE_CUDA=1   compile the CUDA kernels too, and fail loudly if anything does not compile
-  TORCH_CUDA_ARCH_LIST      CUDA archs (default "8.0;9.0+PTX")
+  TORCH_CUDA_ARCH_LIST      CUDA archs (default: tools/build_config.py's CUDA_ARCHS)
   CUDA_HOME                 the toolkit folder (default: found from nvcc, tools/cuda_home.py)
   FISHER_EXT_LINEINFO=1     CUDA kernels with -lineinfo (source lines in compute-sanitizer and ncu reports)
 Without a FORCE flag, if the extension cannot be compiled, the package still installs and runs on its
@@ -14,7 +14,6 @@ pure-PyTorch path (fisher_ext.reference), warning once at import.
 
 from __future__ import annotations
 
-import glob
 import os
 import sys
 import warnings
@@ -27,12 +26,13 @@ def _flag(name: str) -> bool:
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tools import build_config  # noqa: E402  (sources, flags and version, shared with CMakeLists.txt)
 from tools.cuda_home import find_cuda_home  # noqa: E402
 
 cuda_home = find_cuda_home()
 if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home  # must be set before torch.utils.cpp_extension is imported
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build_config.CUDA_ARCHS)
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
@@ -46,23 +46,15 @@ if _flag("FISHER_EXT_FORCE_CUDA") and not with_cuda:
         f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cuda_home!r}"
     )
 
-root = os.path.dirname(os.path.abspath(__file__))
-sources = [os.path.join("csrc", f) for f in ("ops.cpp", "module.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))
+sources = [*build_config.op_sources(cuda=with_cuda), build_config.PYTHON_MODULE]
 openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
-cxx_flags = ["-O3", *openmp]  # the C++ standard is chosen by torch's BuildExtension
-macros = []
+cxx_flags = [f"-std=c++{build_config.CXX_STANDARD}", *build_config.CXX_FLAGS, *openmp]
 if with_cuda:
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    macros += [("FISHER_EXT_WITH_CUDA", None), ("FISHER_EXT_CUDA_ARCHS", f'"{os.environ["TORCH_CUDA_ARCH_LIST"]}"')]
-    ext = CUDAExtension(
-        "fisher_ext._C",
-        sources,
-        define_macros=macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr",
-                                                       *(["-lineinfo"] if os.environ.get("FISHER_EXT_LINEINFO") == "1"
-                                                         else [])]},
-        extra_link_args=openmp,
-    )
+    macros = [("FISHER_EXT_WITH_CUDA", None), ("FISHER_EXT_CUDA_ARCHS", f'"{os.environ["TORCH_CUDA_ARCH_LIST"]}"')]
+    lineinfo = ["-lineinfo"] if _flag("FISHER_EXT_LINEINFO") else []
+    ext = CUDAExtension("fisher_ext._C", sources, define_macros=macros,
+                        extra_compile_args={"cxx": cxx_flags, "nvcc": [*build_config.NVCC_FLAGS, *lineinfo]},
+                        extra_link_args=openmp)
 else:
     ext = CppExtension("fisher_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp)
 
@@ -91,9 +83,10 @@ class OptionalBuildExtension(BuildExtension):
 
 setup(
     name="fisher_ext",
-    version="0.1.0",
+    version=build_config.version(),
     description="Per-example gradient norms, Tr(F) and the Fisher Penalty for PyTorch, with C++/CUDA kernels",
     packages=find_packages(include=["fisher_ext", "fisher_ext.*"]),
+    package_data={"fisher_ext": ["schemas.def"]},  # the ops' schemas, read by the pure-PyTorch path
     ext_modules=[ext],
     cmdclass={"build_ext": OptionalBuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

@@ -1,36 +1,31 @@
-"""Schemas of the ``torch.ops.fisher_ext`` operators.
+"""Schemas of the ``torch.ops.fisher_ext`` operators, read from ``schemas.def``.
 
-The C++ extension declares the same strings in ``csrc/ops.cpp``; the Python
-fallback declares them from here when ``fisher_ext._C`` is missing.
-``python_tests/test_registration.py`` checks that the two stay identical.
-
-``padding`` holds the *leading* (left/top/front) pad of each spatial dim; the
-spatial shape of ``g`` fixes the output size, so asymmetric padding such as
-``'same'`` with an even kernel is expressed exactly. ``method`` is ``'auto'``,
-``'ghost'`` or ``'materialize'``.
+That file is the one place they are written: the C++ extension compiles it in
+(``csrc/schemas.cpp``), and the pure-PyTorch path declares the ops from what is
+read here when ``fisher_ext._C`` is missing.
 """
 
-SCHEMAS = {
-    "linear_sqnorm": "linear_sqnorm(Tensor a, Tensor g, bool bias, str method) -> Tensor",
-    "linear_sqnorm_accumulate_": (
-        "linear_sqnorm_accumulate_(Tensor(a!) acc, Tensor a, Tensor g, bool bias, str method) -> ()"
-    ),
-    "conv_sqnorm": (
-        "conv_sqnorm(Tensor x, Tensor g, int[] kernel_size, int[] stride, int[] padding, "
-        "int[] dilation, int groups, bool bias, str method) -> Tensor"
-    ),
-    "conv_sqnorm_accumulate_": (
-        "conv_sqnorm_accumulate_(Tensor(a!) acc, Tensor x, Tensor g, int[] kernel_size, int[] stride, "
-        "int[] padding, int[] dilation, int groups, bool bias, str method) -> ()"
-    ),
-    "linear_grad_sqnorm": (
-        "linear_grad_sqnorm(Tensor a, Tensor g, bool bias, str method) -> "
-        "(Tensor weight_grad, Tensor bias_grad, Tensor sqnorm)"
-    ),
-    "conv_grad_sqnorm": (
-        "conv_grad_sqnorm(Tensor x, Tensor g, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
-        "int groups, bool bias, str method) -> (Tensor weight_grad, Tensor bias_grad, Tensor sqnorm)"
-    ),
-}
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+_LINE = re.compile(r'FISHER_EXT_SCHEMA\("(?P<schema>(?P<name>\w+)\(.*\) -> .*)"\)')
+
+
+def _read() -> dict[str, str]:
+    text = resources.files(__package__).joinpath("schemas.def").read_text()
+    schemas = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("//"):
+            continue
+        match = _LINE.fullmatch(line.strip())
+        if match is None:
+            raise RuntimeError(f"fisher_ext/schemas.def: expected FISHER_EXT_SCHEMA(\"...\"), got {line!r}")
+        schemas[match["name"]] = match["schema"]
+    return schemas
+
+
+SCHEMAS = _read()
 
 METHODS = ("auto", "ghost", "materialize")

@@ -9,8 +9,9 @@
 // float16 / bfloat16 run on tensor cores (WMMA, float accumulation) on sm_80+, float32 and
 // float64 on FFMA in their own precision (no TF32). The only workspace is N x (blocks per
 // example) partial sums, never a weight-sized buffer.
-#include "../sqnorm_common.h"
-#include "../sqnorm_entry.h"
+#include "../common/shapes.h"
+#include "../conv/entry.h"
+#include "../linear/entry.h"
 #include "tiles_host.h"
 
 #include <ATen/Dispatch.h>
@@ -135,7 +136,8 @@ void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g
 
 TORCH_LIBRARY_IMPL(fisher_ext, CUDA, m) {
   // No fused weight-gradient kernel on CUDA yet: the norms, then ATen's weight gradient.
-  SqnormEntry<linear_into, conv_into, unfused_linear_grad<linear_into>, unfused_conv_grad<conv_into>>::register_all(m);
+  LinearEntry<linear_into, unfused_linear_grad<linear_into>>::register_all(m);
+  ConvEntry<conv_into, unfused_conv_grad<conv_into>>::register_all(m);
 }
 
 }  // namespace fisher_ext

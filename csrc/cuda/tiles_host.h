@@ -4,7 +4,7 @@
 
 #include <string>
 
-#include "../sqnorm_common.h"
+#include "../common/shapes.h"
 #include "sqnorm_tiles.h"
 
 namespace fisher_ext {

@@ -1,24 +1,11 @@
-// CPU kernels of the fisher_ext ops.
-//
-// Examples are processed in blocks (at::parallel_for over blocks, one block per
-// task), so the working memory is O(threads x block), never O(N x d_in x d_out).
-// Within a block the linear rule of docs/design.md (section 2) runs as batched GEMMs
-// (ghost: Gram matrices; materialize: per-example weight gradients), squared
-// and reduced before the next block.
-//
-// A convolution is the same rule on its im2col matrix, gathered straight from x
-// through its strides (padding, stride, dilation, groups handled on the fly).
-// float32 materialize on AVX-512 CPUs uses the fused register-tiled kernel of
-// gemm_sqnorm.h, fed one im2col panel at a time (implicit GEMM); otherwise each
-// block's im2col buffer (block x C_in*K x P) goes through batched BLAS GEMMs, the
-// groups of all the block's examples as one batch. Either way there is no unfold
-// buffer of the whole batch.
-#include "../sqnorm_common.h"
-#include "../sqnorm_entry.h"
-#include "gemm_sqnorm.h"
-
+// The convolution ops' CPU kernels: the linear rule on each example's im2col matrix, gathered
+// straight from x through its strides (padding, stride, dilation, groups handled on the fly).
+// float32 materialize on AVX-512 CPUs uses the fused register-tiled kernel of gemm_sqnorm.h, fed
+// one im2col panel at a time (implicit GEMM) or, for stride 1, the shifted grid read in place;
+// ghost may take Gram matrices of the padded input instead of the unfolded one; otherwise each
+// block's im2col buffer (block x C_in*K x P) goes through batched BLAS GEMMs, the groups of all
+// the block's examples as one batch. Either way there is no unfold buffer of the whole batch.
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,201 +15,11 @@
 #include <utility>
 #include <vector>
 
+#include "../cpu/blocks.h"
+#include "entry.h"
+
 namespace fisher_ext {
 namespace {
-
-using at::Tensor;
-
-constexpr int64_t kBlockBytes = 8 << 20;  // working memory of one block
-
-// Time per flop of the fused materialize kernel relative to BLAS Gram matrices (measured on a
-// Zen 4 core: ~95 against ~70 GFLOPS), for the cost model; 1 where the kernel is not used.
-double materialize_cost(at::ScalarType acc) { return acc == at::kFloat && fused_gemm_sqnorm_available() ? 0.75 : 1.0; }
-
-// Examples per block: within the memory budget, and at least one block per thread.
-int64_t block_size(int64_t N, int64_t bytes_per_example) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t nb = kBlockBytes / std::max<int64_t>(1, bytes_per_example);
-  nb = std::min(nb, (N + threads - 1) / threads);
-  return std::max<int64_t>(1, nb);
-}
-
-// Scratch tensors of one parallel task, allocated once and reused by all its blocks:
-// a fresh multi-megabyte allocation per block costs page faults comparable to the GEMMs.
-class Scratch {
- public:
-  Tensor get(size_t slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
-    const int64_t numel = c10::multiply_integers(sizes);
-    Tensor& t = slots_.at(slot);
-    if (!t.defined() || t.numel() < numel) t = at::empty({numel}, opts);
-    return t.narrow(0, 0, numel).view(sizes);
-  }
-
- private:
-  std::array<Tensor, 3> slots_;
-};
-
-// Calls f(n0, cnt, scratch) for consecutive blocks of at most nb examples, in parallel.
-template <typename F>
-void for_each_block(int64_t N, int64_t nb, const F& f) {
-  const int64_t blocks = (N + nb - 1) / nb;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    // The op's autograd is registered from Python; the ATen calls inside must not record a graph.
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Scratch scratch;
-    for (int64_t b = b0; b < b1; ++b) f(b * nb, std::min(nb, N - b * nb), scratch);
-  });
-}
-
-// Per-thread partial sums of a weight gradient's transpose (float32), zeroed on first use by
-// each thread and added up at the end.
-class Partials {
- public:
-  Partials(at::IntArrayRef sizes, const at::TensorOptions& opts)
-      : sizes_(sizes.vec()), opts_(opts.dtype(at::kFloat)), slots_(std::max(1, at::get_num_threads())) {}
-
-  float* mine() {
-    const size_t slot = static_cast<size_t>(at::get_thread_num());
-    TORCH_CHECK(slot < slots_.size(), "fisher_ext: thread ", slot, " outside the ", slots_.size(), " planned");
-    if (!slots_[slot].defined()) slots_[slot] = at::zeros(sizes_, opts_);
-    return slots_[slot].data_ptr<float>();
-  }
-
-  Tensor sum() const {
-    Tensor total;
-    for (const Tensor& t : slots_)
-      if (t.defined()) total = total.defined() ? total.add_(t) : t;
-    return total.defined() ? total : at::zeros(sizes_, opts_);
-  }
-
- private:
-  std::vector<int64_t> sizes_;
-  at::TensorOptions opts_;
-  std::vector<Tensor> slots_;
-};
-
-void write_result(Tensor& out, int64_t n0, const Tensor& s, bool add) {
-  auto dst = out.narrow(0, n0, s.size(0));
-  if (add)
-    dst.add_(s);
-  else
-    dst.copy_(s);
-}
-
-// Per batch entry: ||G X^T||_F^2 (materialize) or <X^T X, G^T G>_F (ghost).
-// X: (B, rows, L), G: (B, d_out, L); any strides.
-// Uses scratch slots 1 and 2.
-Tensor rule(const Tensor& X, const Tensor& G, Method method, Scratch& scratch) {
-  const int64_t B = X.size(0), L = X.size(2);
-  if (method == Method::Ghost) {
-    Tensor gram = scratch.get(1, {B, L, L}, X.options()), gg = scratch.get(2, {B, L, L}, X.options());
-    at::bmm_out(gram, X.transpose(1, 2), X);
-    at::bmm_out(gg, G.transpose(1, 2), G);
-    return gram.mul_(gg).sum({1, 2});
-  }
-  Tensor W = scratch.get(1, {B, G.size(1), X.size(1)}, X.options());
-  at::bmm_out(W, G, X.transpose(1, 2));
-  return W.mul_(W).sum({1, 2});
-}
-
-// T = 1: ||a_n||^2 ||g_n||^2 (+ ||g_n||^2), two dot products per example.
-template <typename scalar_t>
-void linear_rows_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias, bool add) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const Tensor A = a.reshape({sh.N, sh.d_in}).contiguous(), G = g.reshape({sh.N, sh.d_out}).contiguous();
-  const scalar_t* ap = A.data_ptr<scalar_t>();
-  const scalar_t* gp = G.data_ptr<scalar_t>();
-  auto sq = [](const scalar_t* p, int64_t n) {  // 8 partial sums, so the loop vectorizes
-    acc_t part[8] = {};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-      for (int j = 0; j < 8; ++j) part[j] += static_cast<acc_t>(p[i + j]) * static_cast<acc_t>(p[i + j]);
-    acc_t s = 0;
-    for (; i < n; ++i) s += static_cast<acc_t>(p[i]) * static_cast<acc_t>(p[i]);
-    for (int j = 0; j < 8; ++j) s += part[j];
-    return s;
-  };
-  auto o = out.accessor<acc_t, 1>();
-  at::parallel_for(0, sh.N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const acc_t gg = sq(gp + n * sh.d_out, sh.d_out);
-      const acc_t s = sq(ap + n * sh.d_in, sh.d_in) * gg + (bias ? gg : acc_t(0));
-      o[n] = add ? o[n] + s : s;
-    }
-  });
-}
-
-// The norms into out; with want_weight, returns the weight gradient as well (else undefined).
-Tensor linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
-                   const std::string& method, bool add, bool want_weight) {
-  const auto acc = result_dtype(a.scalar_type());
-  if (sh.N == 0 || sh.T == 1) {
-    if (sh.N > 0) {
-      choose_method(method, 1, sh.d_in, sh.d_out);  // validates the argument; both methods are this product
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "linear_rows",
-                                      [&] { linear_rows_into<scalar_t>(out, sh, a, g, bias, add); });
-    }
-    return want_weight ? linear_weight_grad(sh, a, g) : Tensor();
-  }
-  const Tensor A = a.reshape({sh.N, sh.T, sh.d_in});
-  const Tensor G = g.reshape({sh.N, sh.T, sh.d_out});
-  const Method m = choose_method(method, sh.T, sh.d_in, sh.d_out, materialize_cost(acc));
-  const bool fused = m == Method::Materialize && acc == at::kFloat && fused_gemm_sqnorm_available();
-  const int64_t nr = fused_panel_width(sh.d_out);
-  const int64_t full = sh.d_in / nr, tail = sh.d_in - full * nr;
-  // The weight gradient's transpose, one row per panel column (the tail panel's zero columns too).
-  Partials weight({(full + (tail ? 1 : 0)) * nr, sh.d_out}, a.options());
-  const int64_t elt = at::elementSize(acc);
-  const int64_t ws = m == Method::Ghost ? 2 * sh.T * sh.T : sh.d_in * sh.d_out;
-  const int64_t nb = block_size(sh.N, elt * (ws + sh.T * (sh.d_in + sh.d_out)));
-  for_each_block(sh.N, nb, [&](int64_t n0, int64_t cnt, Scratch& scratch) {
-    const Tensor Ab = A.narrow(0, n0, cnt).to(acc).contiguous();
-    const Tensor Gb = G.narrow(0, n0, cnt).to(acc).contiguous();
-    Tensor s;
-    if (fused) {
-      // Full panels are read from a in place (row pitch d_in); the last, partial one is
-      // copied into a zero-padded panel.
-      float* tail_panel = scratch.get(0, {sh.T * nr}, Ab.options()).zero_().data_ptr<float>();
-      float* wt = want_weight ? weight.mine() : nullptr;
-      auto at_panel = [&](int64_t t) { return wt ? wt + t * nr * sh.d_out : nullptr; };
-      s = at::empty({cnt}, Ab.options());
-      float* sp = s.data_ptr<float>();
-      for (int64_t n = 0; n < cnt; ++n) {
-        const float* an = Ab.data_ptr<float>() + n * sh.T * sh.d_in;
-        const float* gn = Gb.data_ptr<float>() + n * sh.T * sh.d_out;
-        double total = 0;
-        for (int64_t t = 0; t < full; ++t)
-          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, an + t * nr, sh.d_in, 1, {1, sh.T, sh.T}, nr, at_panel(t),
-                                      sh.d_out);
-        if (tail) {
-          for (int64_t k = 0; k < sh.T; ++k)
-            std::copy(an + k * sh.d_in + full * nr, an + (k + 1) * sh.d_in, tail_panel + k * nr);
-          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, tail_panel, nr, 1, {1, sh.T, sh.T}, nr, at_panel(full),
-                                      sh.d_out);
-        }
-        sp[n] = static_cast<float>(total);
-      }
-    } else {
-      s = rule(Ab.transpose(1, 2), Gb.transpose(1, 2), m, scratch);
-    }
-    if (bias) s.add_(Gb.sum(1).square_().sum(1));
-    write_result(out, n0, s, add);
-  });
-  if (!want_weight) return Tensor();
-  return fused ? weight.sum().narrow(0, 0, sh.d_in).t().contiguous() : linear_weight_grad(sh, a, g);
-}
-
-void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
-                 const std::string& method, bool add) {
-  linear_impl(out, sh, a, g, bias, method, add, /*want_weight=*/false);
-}
-
-Tensor linear_grad_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
-                        const std::string& method) {
-  return linear_impl(out, sh, a, g, bias, method, /*add=*/false, /*want_weight=*/true);
-}
-
-// ---- convolution -----------------------------------------------------------
 
 // Strides of x normalized to (n, c, z, h, w); a missing leading spatial dim gets stride 0.
 std::array<int64_t, 5> strides5(const Tensor& t) {
@@ -592,8 +389,6 @@ Tensor conv_grad_into(Tensor& out, const ConvShape& s, const Tensor& x, const Te
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisher_ext, CPU, m) {
-  SqnormEntry<linear_into, conv_into, linear_grad_into, conv_grad_into>::register_all(m);
-}
+TORCH_LIBRARY_IMPL(fisher_ext, CPU, m) { ConvEntry<conv_into, conv_grad_into>::register_all(m); }
 
 }  // namespace fisher_ext

@@ -1,10 +1,10 @@
-// The Python module fisher_ext._C: loading it registers the ops (ops.cpp and the
+// The Python module fisher_ext._C: loading it registers the ops (schemas.cpp and the
 // per-device kernels); build_info() says what this binary was compiled with.
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 #include <torch/version.h>
 
-#include "cpu/gemm_sqnorm.h"
+#include "../cpu/gemm_sqnorm.h"
 
 #ifndef FISHER_EXT_CUDA_ARCHS
 #define FISHER_EXT_CUDA_ARCHS ""

@@ -1,0 +1,116 @@
+// The CPU kernels' shared machinery: examples are processed in blocks (at::parallel_for over
+// blocks, one block per task), so the working memory is O(threads x block), never
+// O(N x d_in x d_out); within a block the linear rule of docs/design.md (section 2) runs as batched
+// GEMMs (ghost: Gram matrices; materialize: per-example weight gradients), squared and reduced
+// before the next block, or as the fused register-tiled kernel of gemm_sqnorm.h.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "../common/shapes.h"
+#include "gemm_sqnorm.h"
+
+namespace fisher_ext {
+
+using at::Tensor;
+
+inline constexpr int64_t kBlockBytes = 8 << 20;  // working memory of one block
+
+// Time per flop of the fused materialize kernel relative to BLAS Gram matrices (measured on a
+// Zen 4 core: ~95 against ~70 GFLOPS), for the cost model; 1 where the kernel is not used.
+inline double materialize_cost(at::ScalarType acc) {
+  return acc == at::kFloat && fused_gemm_sqnorm_available() ? 0.75 : 1.0;
+}
+
+// Examples per block: within the memory budget, and at least one block per thread.
+inline int64_t block_size(int64_t N, int64_t bytes_per_example) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t nb = kBlockBytes / std::max<int64_t>(1, bytes_per_example);
+  nb = std::min(nb, (N + threads - 1) / threads);
+  return std::max<int64_t>(1, nb);
+}
+
+// Scratch tensors of one parallel task, allocated once and reused by all its blocks:
+// a fresh multi-megabyte allocation per block costs page faults comparable to the GEMMs.
+class Scratch {
+ public:
+  Tensor get(size_t slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+    const int64_t numel = c10::multiply_integers(sizes);
+    Tensor& t = slots_.at(slot);
+    if (!t.defined() || t.numel() < numel) t = at::empty({numel}, opts);
+    return t.narrow(0, 0, numel).view(sizes);
+  }
+
+ private:
+  std::array<Tensor, 3> slots_;
+};
+
+// Calls f(n0, cnt, scratch) for consecutive blocks of at most nb examples, in parallel.
+template <typename F>
+void for_each_block(int64_t N, int64_t nb, const F& f) {
+  const int64_t blocks = (N + nb - 1) / nb;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    // The op's autograd is registered from Python; the ATen calls inside must not record a graph.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Scratch scratch;
+    for (int64_t b = b0; b < b1; ++b) f(b * nb, std::min(nb, N - b * nb), scratch);
+  });
+}
+
+// Per-thread partial sums of a weight gradient's transpose (float32), zeroed on first use by
+// each thread and added up at the end.
+class Partials {
+ public:
+  Partials(at::IntArrayRef sizes, const at::TensorOptions& opts)
+      : sizes_(sizes.vec()), opts_(opts.dtype(at::kFloat)), slots_(std::max(1, at::get_num_threads())) {}
+
+  float* mine() {
+    const size_t slot = static_cast<size_t>(at::get_thread_num());
+    TORCH_CHECK(slot < slots_.size(), "fisher_ext: thread ", slot, " outside the ", slots_.size(), " planned");
+    if (!slots_[slot].defined()) slots_[slot] = at::zeros(sizes_, opts_);
+    return slots_[slot].data_ptr<float>();
+  }
+
+  Tensor sum() const {
+    Tensor total;
+    for (const Tensor& t : slots_)
+      if (t.defined()) total = total.defined() ? total.add_(t) : t;
+    return total.defined() ? total : at::zeros(sizes_, opts_);
+  }
+
+ private:
+  std::vector<int64_t> sizes_;
+  at::TensorOptions opts_;
+  std::vector<Tensor> slots_;
+};
+
+inline void write_result(Tensor& out, int64_t n0, const Tensor& s, bool add) {
+  auto dst = out.narrow(0, n0, s.size(0));
+  if (add)
+    dst.add_(s);
+  else
+    dst.copy_(s);
+}
+
+// Per batch entry: ||G X^T||_F^2 (materialize) or <X^T X, G^T G>_F (ghost).
+// X: (B, rows, L), G: (B, d_out, L); any strides.
+// Uses scratch slots 1 and 2.
+inline Tensor rule(const Tensor& X, const Tensor& G, Method method, Scratch& scratch) {
+  const int64_t B = X.size(0), L = X.size(2);
+  if (method == Method::Ghost) {
+    Tensor gram = scratch.get(1, {B, L, L}, X.options()), gg = scratch.get(2, {B, L, L}, X.options());
+    at::bmm_out(gram, X.transpose(1, 2), X);
+    at::bmm_out(gg, G.transpose(1, 2), G);
+    return gram.mul_(gg).sum({1, 2});
+  }
+  Tensor W = scratch.get(1, {B, G.size(1), X.size(1)}, X.options());
+  at::bmm_out(W, G, X.transpose(1, 2));
+  return W.mul_(W).sum({1, 2});
+}
+
+}  // namespace fisher_ext

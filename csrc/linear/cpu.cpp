@@ -1,0 +1,117 @@
+// The linear ops' CPU kernels: per-example squared norms of a Linear layer's weight (and bias)
+// gradient, with the weight gradient itself for the fused op. T = 1 is two dot products per
+// example; otherwise float32 materialize on AVX-512 CPUs runs the fused register-tiled kernel
+// over panels of a read in place, and every other case the batched GEMMs of cpu/blocks.h.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "../cpu/blocks.h"
+#include "entry.h"
+
+namespace fisher_ext {
+namespace {
+
+// T = 1: ||a_n||^2 ||g_n||^2 (+ ||g_n||^2), two dot products per example.
+template <typename scalar_t>
+void linear_rows_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias, bool add) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Tensor A = a.reshape({sh.N, sh.d_in}).contiguous(), G = g.reshape({sh.N, sh.d_out}).contiguous();
+  const scalar_t* ap = A.data_ptr<scalar_t>();
+  const scalar_t* gp = G.data_ptr<scalar_t>();
+  auto sq = [](const scalar_t* p, int64_t n) {  // 8 partial sums, so the loop vectorizes
+    acc_t part[8] = {};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      for (int j = 0; j < 8; ++j) part[j] += static_cast<acc_t>(p[i + j]) * static_cast<acc_t>(p[i + j]);
+    acc_t s = 0;
+    for (; i < n; ++i) s += static_cast<acc_t>(p[i]) * static_cast<acc_t>(p[i]);
+    for (int j = 0; j < 8; ++j) s += part[j];
+    return s;
+  };
+  auto o = out.accessor<acc_t, 1>();
+  at::parallel_for(0, sh.N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const acc_t gg = sq(gp + n * sh.d_out, sh.d_out);
+      const acc_t s = sq(ap + n * sh.d_in, sh.d_in) * gg + (bias ? gg : acc_t(0));
+      o[n] = add ? o[n] + s : s;
+    }
+  });
+}
+
+// The norms into out; with want_weight, returns the weight gradient as well (else undefined).
+Tensor linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
+                   const std::string& method, bool add, bool want_weight) {
+  const auto acc = result_dtype(a.scalar_type());
+  if (sh.N == 0 || sh.T == 1) {
+    if (sh.N > 0) {
+      choose_method(method, 1, sh.d_in, sh.d_out);  // validates the argument; both methods are this product
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "linear_rows",
+                                      [&] { linear_rows_into<scalar_t>(out, sh, a, g, bias, add); });
+    }
+    return want_weight ? linear_weight_grad(sh, a, g) : Tensor();
+  }
+  const Tensor A = a.reshape({sh.N, sh.T, sh.d_in});
+  const Tensor G = g.reshape({sh.N, sh.T, sh.d_out});
+  const Method m = choose_method(method, sh.T, sh.d_in, sh.d_out, materialize_cost(acc));
+  const bool fused = m == Method::Materialize && acc == at::kFloat && fused_gemm_sqnorm_available();
+  const int64_t nr = fused_panel_width(sh.d_out);
+  const int64_t full = sh.d_in / nr, tail = sh.d_in - full * nr;
+  // The weight gradient's transpose, one row per panel column (the tail panel's zero columns too).
+  Partials weight({(full + (tail ? 1 : 0)) * nr, sh.d_out}, a.options());
+  const int64_t elt = at::elementSize(acc);
+  const int64_t ws = m == Method::Ghost ? 2 * sh.T * sh.T : sh.d_in * sh.d_out;
+  const int64_t nb = block_size(sh.N, elt * (ws + sh.T * (sh.d_in + sh.d_out)));
+  for_each_block(sh.N, nb, [&](int64_t n0, int64_t cnt, Scratch& scratch) {
+    const Tensor Ab = A.narrow(0, n0, cnt).to(acc).contiguous();
+    const Tensor Gb = G.narrow(0, n0, cnt).to(acc).contiguous();
+    Tensor s;
+    if (fused) {
+      // Full panels are read from a in place (row pitch d_in); the last, partial one is
+      // copied into a zero-padded panel.
+      float* tail_panel = scratch.get(0, {sh.T * nr}, Ab.options()).zero_().data_ptr<float>();
+      float* wt = want_weight ? weight.mine() : nullptr;
+      auto at_panel = [&](int64_t t) { return wt ? wt + t * nr * sh.d_out : nullptr; };
+      s = at::empty({cnt}, Ab.options());
+      float* sp = s.data_ptr<float>();
+      for (int64_t n = 0; n < cnt; ++n) {
+        const float* an = Ab.data_ptr<float>() + n * sh.T * sh.d_in;
+        const float* gn = Gb.data_ptr<float>() + n * sh.T * sh.d_out;
+        double total = 0;
+        for (int64_t t = 0; t < full; ++t)
+          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, an + t * nr, sh.d_in, 1, {1, sh.T, sh.T}, nr, at_panel(t),
+                                      sh.d_out);
+        if (tail) {
+          for (int64_t k = 0; k < sh.T; ++k)
+            std::copy(an + k * sh.d_in + full * nr, an + (k + 1) * sh.d_in, tail_panel + k * nr);
+          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, tail_panel, nr, 1, {1, sh.T, sh.T}, nr, at_panel(full),
+                                      sh.d_out);
+        }
+        sp[n] = static_cast<float>(total);
+      }
+    } else {
+      s = rule(Ab.transpose(1, 2), Gb.transpose(1, 2), m, scratch);
+    }
+    if (bias) s.add_(Gb.sum(1).square_().sum(1));
+    write_result(out, n0, s, add);
+  });
+  if (!want_weight) return Tensor();
+  return fused ? weight.sum().narrow(0, 0, sh.d_in).t().contiguous() : linear_weight_grad(sh, a, g);
+}
+
+void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
+                 const std::string& method, bool add) {
+  linear_impl(out, sh, a, g, bias, method, add, /*want_weight=*/false);
+}
+
+Tensor linear_grad_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
+                        const std::string& method) {
+  return linear_impl(out, sh, a, g, bias, method, /*add=*/false, /*want_weight=*/true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fisher_ext, CPU, m) { LinearEntry<linear_into, linear_grad_into>::register_all(m); }
+
+}  // namespace fisher_ext

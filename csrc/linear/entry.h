@@ -1,0 +1,68 @@
+// The linear ops' entry points, shared by every device: shape checks, output allocation, the
+// call into a device's kernels, and their registration. A device gives
+//   void linear_into(Tensor& out, const LinearShape&, const Tensor& a, const Tensor& g, bool bias,
+//                    const std::string& method, bool add);  // add: accumulate into out
+//   Tensor linear_grad_into(Tensor& out, const LinearShape&, a, g, bias, method);
+// the latter writing the norms into out and returning the weight gradient (any floating dtype;
+// the entry casts it to the inputs'). unfused_linear_grad makes it from the norm kernel and
+// ATen's weight gradient, for a device without a fused kernel.
+#pragma once
+
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../common/shapes.h"
+
+namespace fisher_ext {
+
+// sum over examples and positions of g^T a: (d_out, d_in).
+inline at::Tensor linear_weight_grad(const LinearShape& sh, const at::Tensor& a, const at::Tensor& g) {
+  return at::mm(g.reshape({sh.N * sh.T, sh.d_out}).t(), a.reshape({sh.N * sh.T, sh.d_in}));
+}
+
+template <auto linear_into>
+at::Tensor unfused_linear_grad(at::Tensor& out, const LinearShape& sh, const at::Tensor& a, const at::Tensor& g,
+                               bool bias, const std::string& method) {
+  linear_into(out, sh, a, g, bias, method, /*add=*/false);
+  return linear_weight_grad(sh, a, g);
+}
+
+template <auto linear_into, auto linear_grad_into>
+struct LinearEntry {
+  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+  static at::Tensor linear(const at::Tensor& a, const at::Tensor& g, bool bias, c10::string_view method) {
+    const LinearShape sh = linear_shape(a, g);
+    at::Tensor out = at::empty({sh.N}, a.options().dtype(result_dtype(a.scalar_type())));
+    linear_into(out, sh, a, g, bias, std::string(method), /*add=*/false);
+    return out;
+  }
+
+  static void linear_accumulate(at::Tensor acc, const at::Tensor& a, const at::Tensor& g, bool bias,
+                                c10::string_view method) {
+    const LinearShape sh = linear_shape(a, g);
+    check_accumulator(acc, a, "a", g);
+    linear_into(acc, sh, a, g, bias, std::string(method), /*add=*/true);
+  }
+
+  // (weight gradient, bias gradient or undefined without bias, per-example squared norms).
+  static Grads linear_grad(const at::Tensor& a, const at::Tensor& g, bool bias, c10::string_view method) {
+    const LinearShape sh = linear_shape(a, g);
+    at::Tensor out = at::empty({sh.N}, a.options().dtype(result_dtype(a.scalar_type())));
+    at::Tensor weight = linear_grad_into(out, sh, a, g, bias, std::string(method)).to(a.scalar_type());
+    at::Tensor bias_grad = bias ? g.reshape({sh.N * sh.T, sh.d_out}).sum(0) : at::Tensor();
+    return {weight, bias_grad, out};
+  }
+
+  // In a TORCH_LIBRARY_IMPL block of the device.
+  static void register_all(torch::Library& m) {
+    m.impl("linear_sqnorm", &linear);
+    m.impl("linear_sqnorm_accumulate_", &linear_accumulate);
+    m.impl("linear_grad_sqnorm", &linear_grad);
+  }
+};
+
+}  // namespace fisher_ext
