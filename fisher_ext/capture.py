@@ -29,6 +29,9 @@ from .rules.norm import check_batch_norm, uses_batch_statistics
 from .rules.registry import Call
 from .state import BufferState, RandomState
 
+# The norms' arithmetic: 'full' in the inputs' dtype, 'bf16' from bfloat16-rounded Linear/Conv inputs.
+PRECISIONS = ("full", "bf16")
+
 Tensor = torch.Tensor
 
 
@@ -166,9 +169,14 @@ class Capture:
 
     ``strict``: a call the rules cannot handle (a module called twice) raises during the forward;
     otherwise the error is kept and raised by :meth:`norms_from_grads`, and the forward goes on.
+    ``precision``: 'full' (the norms' kernels in the inputs' dtype) or 'bf16' (Linear and Conv
+    norms of float32 layers from bfloat16-rounded inputs, float32 accumulation; values only).
     """
 
-    def __init__(self, model: nn.Module, strict: bool = True):
+    def __init__(self, model: nn.Module, strict: bool = True, precision: str = "full"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+        self.reduced = torch.bfloat16 if precision == "bf16" else None
         self.model = getattr(model, "_orig_mod", model)  # a compiled model's own module (run eagerly)
         self.owners = validate(self.model)
         self.prefix: dict[nn.Module, str] = {}
@@ -432,7 +440,7 @@ class Capture:
             rng, buffers = self.before.get(module, (None, None))
             call = Call(record.args if differentiable else _detach(record.args),
                         record.kwargs if differentiable else _detach(record.kwargs), unchanged, record.grads, n,
-                        record.batch_dims, rng, buffers)
+                        record.batch_dims, rng, buffers, reduced=None if differentiable else self.reduced)
             rule = rule_for(module)
             if module in own:
                 local = rule.fn(module, own[module], call)

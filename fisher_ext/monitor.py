@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .capture import Capture, as_args, foreign_output, select_logits
+from .capture import PRECISIONS, Capture, as_args, foreign_output, select_logits
 from .distributed import (accumulate_grads, agreement, check_same_model, gather, global_means, process_group, rank,
                           refuse_fsdp, refuse_static_graph, unwrap_ddp)
 from .estimators import LabelGenerator, estimate_norms
@@ -89,6 +89,7 @@ def fisher_trace(
     samples: int = 1,
     generator: torch.Generator | None = None,
     logits: Callable[[Any], torch.Tensor] | None = None,
+    precision: str = "full",
 ) -> FisherTraceResult:
     """Tr(F) of ``model`` on one batch, with its per-example and per-parameter parts.
 
@@ -107,15 +108,20 @@ def fisher_trace(
             ``torch.initial_seed()`` (the global random stream is not drawn from).
         logits: where the likelihood's parameters are in the model's output, for a model that returns
             more than them (``lambda out: out[0]``, ``lambda out: out["logits"]``).
+        precision: 'full' (default: the norms in the model's own dtype) or 'bf16' (the Linear and
+            Conv norms of float32 layers from bfloat16-rounded inputs and output gradients, float32
+            accumulation: faster where the CPU has native bfloat16 GEMMs (AVX512-BF16, AMX), at a
+            relative error of about 1e-3 per example; docs/precision.md).
     """
     return _trace(model, inputs, get_likelihood(likelihood), estimator, labels, samples, LabelGenerator(generator),
-                  logits)
+                  logits, precision)
 
 
 def _trace(model: nn.Module, inputs, likelihood: Likelihood, estimator: str, labels: torch.Tensor | None,
-           samples: int, draws: LabelGenerator, logits: Callable | None = None) -> FisherTraceResult:
+           samples: int, draws: LabelGenerator, logits: Callable | None = None,
+           precision: str = "full") -> FisherTraceResult:
     args = as_args(inputs)
-    capture = Capture(model)  # refuses what the rules cannot do before anything runs
+    capture = Capture(model, precision=precision)  # refuses what the rules cannot do before anything runs
     with capture, torch.enable_grad():
         capture.start()
         output = capture.model(*args)
@@ -150,13 +156,21 @@ class FisherTraceMonitor:
     rank (:meth:`gather` collects the per-example values); :meth:`probe` splits the probe set
     across the ranks; :meth:`backward` writes its gradient through DDP's reducer. ``scope='local'``:
     each rank's own batch.
+
+    ``precision='bf16'`` computes the Linear and Conv norms of :meth:`estimate` and :meth:`probe`
+    from bfloat16-rounded inputs (as :func:`fisher_trace`); :meth:`backward`'s come from the
+    training gradient's own pass, in the model's dtype.
     """
 
     def __init__(self, model: nn.Module, *, likelihood: Union[str, Likelihood] = "categorical",
                  estimator: str = "mc", samples: int = 1, every: int = 1, generator: torch.Generator | None = None,
-                 logits: Callable[[Any], torch.Tensor] | None = None, scope: str | None = None):
+                 logits: Callable[[Any], torch.Tensor] | None = None, scope: str | None = None,
+                 precision: str = "full"):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected an int >= 1, got {every!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         self.model, self.ddp = unwrap_ddp(model)
         refuse_fsdp(self.model, "model")
         self.group = process_group(self.ddp, scope)
@@ -343,7 +357,8 @@ class FisherTraceMonitor:
             parts, per_param, coverage = [], {}, {}
             for i, batch in enumerate(batches):
                 x = batch[0] if isinstance(batch, tuple | list) else batch
-                r = _trace(self.model, x, self.likelihood, self.estimator, None, self.samples, self._draws, self.logits)
+                r = _trace(self.model, x, self.likelihood, self.estimator, None, self.samples, self._draws, self.logits,
+                           self.precision)
                 parts.append(r.per_example)
                 for k, v in r.per_parameter.items():
                     per_param[k] = per_param.get(k, 0.0) + v * r.per_example.numel()
@@ -390,7 +405,7 @@ class _Watch:
         monitor = self.monitor
         if monitor._capture is not None:  # the previous step's hooks and records
             monitor._capture.__exit__()
-        monitor._capture = Capture(monitor.model).__enter__()
+        monitor._capture = Capture(monitor.model, precision=monitor.precision).__enter__()
         monitor._capture.start()
         monitor._wrapper_outputs = []
         self._hook = None if monitor.ddp is None else monitor.ddp.register_forward_hook(  # new tensors with

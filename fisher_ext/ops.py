@@ -8,7 +8,9 @@ loss was a mean over N examples, each norm is ``1/N^2`` of the per-example
 loss's norm (docs/design.md, section 2: reduction scaling).
 
 Results are float32 (float64 for float64 inputs); float16/bfloat16 inputs are
-accumulated in float32. Both ops are differentiable in their two tensor inputs.
+accumulated in float32 (on a CPU with native bfloat16 GEMMs, bfloat16 materialize rounds each
+per-example weight-gradient entry to bfloat16 once before squaring it: docs/precision.md).
+Both ops are differentiable in their two tensor inputs.
 
 :func:`linear_grad_sqnorm` and :func:`conv_grad_sqnorm` return the batch's weight and bias
 gradient together with the same norms, for a backward that needs both: on the CPU's fused

@@ -220,23 +220,22 @@ void conv_block_shifted(const Tensor& x, const Tensor& g, const ConvShape& s, co
 }
 
 // BLAS path: the block's im2col matrix in the scratch, then batched GEMMs with the groups
-// of all the block's examples as one batch.
-template <typename scalar_t>
+// of all the block's examples as one batch, in buf_t (the result dtype, or bfloat16 kept).
+template <typename scalar_t, typename buf_t = at::opmath_type<scalar_t>>
 Tensor conv_block_blas(const Tensor& x, const Tensor& G, const ConvShape& s, bool bias, Method m, int64_t n0,
                        int64_t cnt, Scratch& scratch) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol(), rows_total = s.C_in * s.k_vol();
-  const Tensor Gb = G.narrow(0, n0, cnt).to(at::CppTypeToScalarType<acc_t>::value).contiguous();
+  const Tensor Gb = G.narrow(0, n0, cnt).to(at::CppTypeToScalarType<buf_t>::value).contiguous();
   Tensor X = scratch.get(0, {cnt, rows_total, P}, Gb.options());
   const auto st = strides5(x);
   for (int64_t n = 0; n < cnt; ++n)
     for (int64_t r = 0; r < rows_total; ++r)
-      pack_row<scalar_t, acc_t>(x.data_ptr<scalar_t>() + (n0 + n) * st[0], st, s, r,
-                                X.data_ptr<acc_t>() + (n * rows_total + r) * P);
+      pack_row<scalar_t, buf_t>(x.data_ptr<scalar_t>() + (n0 + n) * st[0], st, s, r,
+                                X.data_ptr<buf_t>() + (n * rows_total + r) * P);
   Tensor sb = rule(X.view({cnt * s.groups, rows, P}), Gb.view({cnt * s.groups, s.cout_g, P}), m, scratch)
                   .view({cnt, s.groups})
                   .sum(1);
-  if (bias) sb.add_(Gb.sum(2).square_().sum(1));
+  if (bias) sb.add_(bias_term(Gb));
   return sb;
 }
 
@@ -312,7 +311,7 @@ Tensor conv_block_gram_shift(const Tensor& x, const Tensor& G, const ConvShape& 
   Tensor gg = scratch.get(1, {B, P, P}, Gb.options());
   at::bmm_out(gg, Gg.transpose(1, 2), Gg);
   Tensor sb = gram.mul_(gg).sum({1, 2}).view({cnt, s.groups}).sum(1);
-  if (bias) sb.add_(Gb.sum(2).square_().sum(1));
+  if (bias) sb.add_(bias_term(Gb));
   return sb;
 }
 
@@ -322,8 +321,10 @@ Tensor conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor&
   if (s.N == 0) return want_weight ? conv_weight_grad(s, x, g) : Tensor();
   const auto acc = result_dtype(x.scalar_type());
   const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol();
-  const Method m = choose_method(method, P, rows, s.cout_g, materialize_cost(acc));
-  const bool fused = m == Method::Materialize && acc == at::kFloat && fused_gemm_sqnorm_available();
+  const MaterializePath path = materialize_path(x.scalar_type(), P, s.groups);
+  const Method m = choose_method(method, P, rows, s.cout_g, materialize_cost(path));
+  const bool fused = m == Method::Materialize && path == MaterializePath::Fused;
+  const bool bf16_gemm = m == Method::Materialize && path == MaterializePath::Bf16Gemm;
   const bool unit_stride = s.stride[0] == 1 && s.stride[1] == 1 && s.stride[2] == 1;
   const ShiftPlan shift = fused && unit_stride && P > 0 ? plan_shift(s) : ShiftPlan{};
   // FISHER_EXT_CPU_CONV_LAYOUT=shift|panels overrides the cost model (tests, benchmarks).
@@ -361,6 +362,8 @@ Tensor conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor&
         sb = at::empty({cnt}, x.options().dtype(at::kFloat));
         conv_block_fused<scalar_t>(x, g, s, bias, n0, cnt, scratch, sb.data_ptr<float>(),
                                    want_weight ? weight.mine() : nullptr);
+      } else if (bf16_gemm) {
+        sb = conv_block_blas<scalar_t, scalar_t>(x, G, s, bias, m, n0, cnt, scratch);
       } else {
         sb = conv_block_blas<scalar_t>(x, G, s, bias, m, n0, cnt, scratch);
       }

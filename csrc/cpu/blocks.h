@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <array>
 #include <vector>
 
@@ -21,10 +22,46 @@ using at::Tensor;
 
 inline constexpr int64_t kBlockBytes = 8 << 20;  // working memory of one block
 
-// Time per flop of the fused materialize kernel relative to BLAS Gram matrices (measured on a
-// Zen 4 core: ~95 against ~70 GFLOPS), for the cost model; 1 where the kernel is not used.
-inline double materialize_cost(at::ScalarType acc) {
-  return acc == at::kFloat && fused_gemm_sqnorm_available() ? 0.75 : 1.0;
+// Whether bfloat16 GEMMs run natively on this CPU (AVX512-BF16 or AMX-BF16, through oneDNN), unless
+// FISHER_EXT_CPU_NO_BF16_GEMM is set (read on every call, so tests cover both paths in one process).
+inline bool bf16_gemm_available() {
+  const char* off = std::getenv("FISHER_EXT_CPU_NO_BF16_GEMM");
+  if (off && off[0] != '\0' && off[0] != '0') return false;
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+#else
+  return false;
+#endif
+}
+
+// How the CPU forms per-example weight gradients (materialize) for inputs of dtype t:
+//   Fused     the register-tiled AVX-512 kernel of gemm_sqnorm.h, float32 accumulation;
+//   Bf16Gemm  bfloat16 inputs kept in bfloat16: batched native bf16 GEMMs (float32 accumulation,
+//             each weight-gradient entry rounded to bfloat16 once), squared and summed in float32;
+//   Blas      batched BLAS GEMMs in the result dtype.
+enum class MaterializePath { Fused, Bf16Gemm, Blas };
+
+// positions: the length of the sums of per-example products (T, or P output positions). The
+// batched bf16 GEMMs are no faster than the fused kernel on converted inputs over fewer than 64
+// positions, nor on a grouped convolution's small per-group matrices (bench/results/precision_cpu.md).
+inline MaterializePath materialize_path(at::ScalarType t, int64_t positions, int64_t groups = 1) {
+  if (t == at::kBFloat16 && positions >= 64 && groups == 1 && bf16_gemm_available()) return MaterializePath::Bf16Gemm;
+  if (result_dtype(t) == at::kFloat && fused_gemm_sqnorm_available()) return MaterializePath::Fused;
+  return MaterializePath::Blas;
+}
+
+// Time per flop of the materialize path relative to BLAS Gram matrices in the result dtype, for
+// the cost model: the fused kernel ~95 against ~70 GFLOPS on a Zen 4 core; native bf16 GEMMs
+// several times float32's (bench/results/precision_cpu.md).
+inline double materialize_cost(MaterializePath path) {
+  switch (path) {
+    case MaterializePath::Fused:
+      return 0.75;
+    case MaterializePath::Bf16Gemm:
+      return 0.5;
+    default:
+      return 1.0;
+  }
 }
 
 // Examples per block: within the memory budget, and at least one block per thread.
@@ -97,20 +134,25 @@ inline void write_result(Tensor& out, int64_t n0, const Tensor& s, bool add) {
     dst.copy_(s);
 }
 
-// Per batch entry: ||G X^T||_F^2 (materialize) or <X^T X, G^T G>_F (ghost).
-// X: (B, rows, L), G: (B, d_out, L); any strides.
-// Uses scratch slots 1 and 2.
+// Per batch entry: ||G X^T||_F^2 (materialize) or <X^T X, G^T G>_F (ghost), as float32 (float64
+// for float64). X: (B, rows, L), G: (B, d_out, L); any strides. Uses scratch slots 1 and 2.
 inline Tensor rule(const Tensor& X, const Tensor& G, Method method, Scratch& scratch) {
   const int64_t B = X.size(0), L = X.size(2);
   if (method == Method::Ghost) {
     Tensor gram = scratch.get(1, {B, L, L}, X.options()), gg = scratch.get(2, {B, L, L}, X.options());
     at::bmm_out(gram, X.transpose(1, 2), X);
     at::bmm_out(gg, G.transpose(1, 2), G);
-    return gram.mul_(gg).sum({1, 2});
+    return gram.mul_(gg).sum({1, 2}, false, result_dtype(X.scalar_type()));
   }
   Tensor W = scratch.get(1, {B, G.size(1), X.size(1)}, X.options());
   at::bmm_out(W, G, X.transpose(1, 2));
-  return W.mul_(W).sum({1, 2});
+  if (W.scalar_type() == result_dtype(W.scalar_type())) return W.mul_(W).sum({1, 2});
+  // reduced precision: squared and summed in float32, not in the GEMM's output dtype
+  return at::linalg_vector_norm(W.view({B, -1}), 2, 1, false, at::kFloat).square_();
 }
+
+// The bias term of a block: ||sum over positions of g_n||^2 per example, in float32 (float64 for
+// float64). Gb: (B, C, L).
+inline Tensor bias_term(const Tensor& Gb) { return Gb.sum(2, false, result_dtype(Gb.scalar_type())).square_().sum(1); }
 
 }  // namespace fisher_ext

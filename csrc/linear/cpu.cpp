@@ -54,8 +54,11 @@ Tensor linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Te
   }
   const Tensor A = a.reshape({sh.N, sh.T, sh.d_in});
   const Tensor G = g.reshape({sh.N, sh.T, sh.d_out});
-  const Method m = choose_method(method, sh.T, sh.d_in, sh.d_out, materialize_cost(acc));
-  const bool fused = m == Method::Materialize && acc == at::kFloat && fused_gemm_sqnorm_available();
+  const MaterializePath path = materialize_path(a.scalar_type(), sh.T);
+  const Method m = choose_method(method, sh.T, sh.d_in, sh.d_out, materialize_cost(path));
+  const bool fused = m == Method::Materialize && path == MaterializePath::Fused;
+  // the batched GEMMs' dtype: bfloat16 on the Bf16Gemm path, else the result dtype
+  const auto gemm = m == Method::Materialize && path == MaterializePath::Bf16Gemm ? a.scalar_type() : acc;
   const int64_t nr = fused_panel_width(sh.d_out);
   const int64_t full = sh.d_in / nr, tail = sh.d_in - full * nr;
   // The weight gradient's transpose, one row per panel column (the tail panel's zero columns too).
@@ -64,8 +67,8 @@ Tensor linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Te
   const int64_t ws = m == Method::Ghost ? 2 * sh.T * sh.T : sh.d_in * sh.d_out;
   const int64_t nb = block_size(sh.N, elt * (ws + sh.T * (sh.d_in + sh.d_out)));
   for_each_block(sh.N, nb, [&](int64_t n0, int64_t cnt, Scratch& scratch) {
-    const Tensor Ab = A.narrow(0, n0, cnt).to(acc).contiguous();
-    const Tensor Gb = G.narrow(0, n0, cnt).to(acc).contiguous();
+    const Tensor Ab = A.narrow(0, n0, cnt).to(gemm).contiguous();
+    const Tensor Gb = G.narrow(0, n0, cnt).to(gemm).contiguous();
     Tensor s;
     if (fused) {
       // Full panels are read from a in place (row pitch d_in); the last, partial one is
@@ -93,7 +96,7 @@ Tensor linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Te
     } else {
       s = rule(Ab.transpose(1, 2), Gb.transpose(1, 2), m, scratch);
     }
-    if (bias) s.add_(Gb.sum(1).square_().sum(1));
+    if (bias) s.add_(bias_term(Gb.transpose(1, 2)));
     write_result(out, n0, s, add);
   });
   if (!want_weight) return Tensor();

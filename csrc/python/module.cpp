@@ -4,7 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/version.h>
 
-#include "../cpu/gemm_sqnorm.h"
+#include "../cpu/blocks.h"
 
 #ifndef FISHER_EXT_CUDA_ARCHS
 #define FISHER_EXT_CUDA_ARCHS ""
@@ -23,6 +23,8 @@ PYBIND11_MODULE(_C, m) {
     info["openmp"] = static_cast<bool>(AT_PARALLEL_OPENMP);
     // The fused AVX-512 GEMM-square-sum kernel of the CPU materialize path (else: BLAS GEMMs).
     info["cpu_fused_kernel"] = fisher_ext::fused_gemm_sqnorm_available();
+    // Native bfloat16 GEMMs (AVX512-BF16 / AMX-BF16) for bfloat16 materialize (precision='bf16').
+    info["cpu_bf16_gemm"] = fisher_ext::bf16_gemm_available();
     return info;
   });
 }

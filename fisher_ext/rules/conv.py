@@ -16,12 +16,12 @@ def _zero_padded(module: nn.Module) -> bool:
     return module.padding_mode == "zeros"
 
 
-def _conv(module, names: list, x, g):
+def _conv(module, names: list, call: Call, x, g):
     out = {}
     if "weight" in names:
-        out["weight"] = conv_sqnorm(x, g.to(x.dtype), kernel_size=module.kernel_size, stride=module.stride,
-                                    padding=module.padding, dilation=module.dilation, groups=module.groups,
-                                    bias=False)
+        out["weight"] = conv_sqnorm(*call.lowered(x, g.to(x.dtype)), kernel_size=module.kernel_size,
+                                    stride=module.stride, padding=module.padding, dilation=module.dilation,
+                                    groups=module.groups, bias=False)
     return out
 
 
@@ -45,7 +45,7 @@ def conv_gradients(module: nn.modules.conv._ConvNd, names: list, call: Call):
 def conv_rule(module: nn.modules.conv._ConvNd, names: list, call: Call):
     require_batch_first(module, call)
     x, g = call.args[0], call.grad
-    out = _conv(module, names, x, g)
+    out = _conv(module, names, call, x, g)
     if "bias" in names:
         out["bias"] = bias_norm(g, 1)
     return out
@@ -56,7 +56,7 @@ def conv_rule(module: nn.modules.conv._ConvNd, names: list, call: Call):
 def conv_transpose_rule(module: nn.modules.conv._ConvTransposeNd, names: list, call: Call):
     require_batch_first(module, call)
     x, g = call.args[0], call.grad  # any output_padding / output_size: the extra rows read no input
-    out = _conv(module, names, g.to(x.dtype), x)  # swapped: see the module docstring
+    out = _conv(module, names, call, g.to(x.dtype), x)  # swapped: see the module docstring
     if "bias" in names:
         out["bias"] = bias_norm(g, 1)
     return out
