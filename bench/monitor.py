@@ -14,6 +14,10 @@ its own subprocess (so that its peak memory is its own), median of --repeats:
   backpack    BackPACK BatchL2Grad: forward + backward with the extension (if installed:
               pip install backpack-for-pytorch; it rejects layers it does not support; its
               hooks cannot follow in-place ReLUs, so those are made out-of-place for it)
+  opacus      Opacus GradSampleModule: forward + backward forming every parameter's per-example
+              gradients (p.grad_sample), then their norms (bash bench/install_peers.sh)
+  opacus-ghost  Opacus GradSampleModuleFastGradientClipping (ghost clipping): forward + the
+              backward that forms its per-example norms (get_norm_sample)
   func        torch.func vmap(grad) per-example gradients of all parameters, then their norms
 All methods use the same sampled labels; their Tr(F) values must agree.
 """
@@ -38,7 +42,7 @@ from torch import nn
 from fisher_ext.experiments.models import ResNet18
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ["step", "backward", "ours", "ours-ref", "trace", "backpack", "func"]
+METHODS = ["step", "backward", "ours", "ours-ref", "trace", "opacus", "opacus-ghost", "backpack", "func"]
 
 
 # ---- models ------------------------------------------------------------------------------
@@ -157,6 +161,36 @@ def measure(model_name: str, method: str, batch: int, repeats: int) -> dict:
             fn()
         except Exception as err:  # BackPACK rejects modules it has no extension for
             return {"skipped": f"BackPACK failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"}
+    elif method in ("opacus", "opacus-ghost"):
+        try:
+            from opacus import GradSampleModule
+            from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        except ImportError:
+            return {"skipped": "Opacus is not installed (bash bench/install_peers.sh)"}
+        try:
+            # nn.MultiheadAttention fails in Opacus; its own replacement (ModuleValidator.fix ->
+            # DPMultiheadAttention, same weights) computes another function here (outputs 0.1 apart),
+            # so there is no Opacus run of the same model to time
+            if method == "opacus":
+                wrapped = GradSampleModule(model, loss_reduction="sum")
+
+                def fn():
+                    opt.zero_grad()
+                    loss_sum(wrapped(x)).backward()
+                    total = sum(p.grad_sample.flatten(1).square().sum(1) for p in params)
+                    for p in params:
+                        p.grad_sample = None
+                    return float(total.mean())
+            else:  # ghost clipping's first backward forms the per-example norms
+                wrapped = GradSampleModuleFastGradientClipping(model, loss_reduction="sum", use_ghost_clipping=True)
+
+                def fn():
+                    opt.zero_grad()
+                    loss_sum(wrapped(x)).backward()
+                    return float(wrapped.get_norm_sample().square().mean())
+            fn()
+        except Exception as err:  # Opacus rejects modules it has no sampler for, and eval-mode models
+            return {"skipped": f"Opacus failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"}
     elif method == "func":
         from torch.func import functional_call, grad, vmap
         named = {k: v.detach() for k, v in model.named_parameters()}
@@ -234,6 +268,8 @@ def write_report(rows: dict, args) -> None:
              "that process's, model and data included).", "",
              "`ours`: the extra cost of `FisherTraceMonitor.estimate` on a watched training forward; `ours-ref`: "
              "the same on the pure-PyTorch kernels; `trace`: `fisher_trace` from scratch (forward + norms); "
+             "`opacus`: Opacus GradSampleModule forward + backward + norms of `grad_sample`; `opacus-ghost`: "
+             "Opacus ghost clipping's forward + norm-forming backward; "
              "`backpack`: BackPACK BatchL2Grad forward + backward (in-place ReLUs made out-of-place for it); `func`: "
              "torch.func vmap(grad). Bar: `ours` / "
              "`backward` under 1.5, and `trace` faster than every peer.", "",
