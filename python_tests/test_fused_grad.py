@@ -65,7 +65,10 @@ def test_cpu_paths(monkeypatch, cpu_path):
         pytest.skip("the compiled CPU kernel is not loaded in this run")
     for name, value in CPU_PATHS[cpu_path].items():
         monkeypatch.setenv(name, value)
-    for case in CONV_CASES:
+    # and two with more than 32 output channels whose 27 and 117 im2col rows (13 channels in the
+    # shifted layout) take the 14-column tiles
+    wide = [(2, 3, 40, (8, 8), {"kernel_size": 3, "padding": 1}), (2, 13, 37, (6, 7), {"kernel_size": 3, "padding": 1})]
+    for case in CONV_CASES + wide:
         module, x, g = make_conv(case, True, N=9, dtype=torch.float32)
         got = fisher_ext.conv_grad_sqnorm(x, g, bias=True, method="materialize", **conv_kwargs(module))
         check(got, module, x, g, True, 2e-5)

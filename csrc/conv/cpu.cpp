@@ -104,7 +104,7 @@ template <typename scalar_t>
 void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool bias, int64_t n0, int64_t cnt,
                       Scratch& scratch, float* result, float* wt) {
   const auto xst = strides5(x), gst = strides5(g);
-  const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol(), nr = fused_panel_width(s.cout_g);
+  const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol(), nr = fused_panel_width(s.cout_g, rows);
   const int64_t rows_pad = (rows + nr - 1) / nr * nr;
   const int64_t pitch = P + kPitchPad;
   const auto opts = x.options().dtype(at::kFloat);
@@ -169,7 +169,8 @@ bool prefer_shift(const ConvShape& s, const ShiftPlan& p) {
   constexpr double kPackCost = 40;
   constexpr int64_t kMaxShiftBytes = 640 << 10;
   if ((p.Lx * p.ctot + p.L * s.C_out) * int64_t(sizeof(float)) > kMaxShiftBytes) return false;
-  const double P = s.out_vol(), rows = s.cin_g * s.k_vol(), nr = fused_panel_width(s.cout_g);
+  const double P = s.out_vol(), rows = s.cin_g * s.k_vol();
+  const double nr = fused_panel_width(s.cout_g, s.cin_g * s.k_vol());
   const double packed = 2 * P * std::ceil(rows / nr) * nr * s.cout_g * s.groups + kPackCost * rows * P * s.groups;
   const double shifted = 2.0 * p.runs.count * p.runs.length * s.k_vol() * p.cpad * s.cout_g * s.groups +
                          kPackCost * (double(p.Lx) * p.ctot + double(p.L) * s.C_out);
@@ -344,7 +345,7 @@ Tensor conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor&
   const int64_t nb = block_size(s.N, at::elementSize(acc) * per_example);
   const Tensor G = g.reshape({s.N, s.C_out, P});
   // The fused paths' weight gradient, transposed in the layout of each (see their comments).
-  const int64_t nr = fused_panel_width(s.cout_g);
+  const int64_t nr = fused_panel_width(s.cout_g, rows);
   const std::vector<int64_t> wt_sizes = shifted ? std::vector<int64_t>{s.groups, s.k_vol(), shift.cpad, s.cout_g}
                                                 : std::vector<int64_t>{s.groups, (rows + nr - 1) / nr * nr, s.cout_g};
   Partials weight(wt_sizes, x.options());

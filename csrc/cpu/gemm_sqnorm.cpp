@@ -1,9 +1,9 @@
 // AVX-512 micro-kernel of the fused GEMM-square-sum (see gemm_sqnorm.h).
 //
-// A tile of W is 32 output channels x 12 panel columns, 16 x 24, or 16 x 16, held in
-// 24 (16) zmm accumulators. Per k it loads 2 (1) vectors
-// of A, masked at the channel tail, and broadcasts 12 (24) panel values: 24 FMAs
-// for 14 (25) loads, so the loop is FMA-bound. The panel's two strides are run-time
+// A tile of W is 32 output channels x 12 or 14 panel columns, 16 x 24, or 16 x 16, held in
+// 24, 28 (24, 16) zmm accumulators. Per k it loads 2 (1) vectors
+// of A, masked at the channel tail, and broadcasts 12 or 14 (24) panel values: 24 or 28 FMAs
+// for 14 or 16 (25) loads, so the loop is FMA-bound. The panel's two strides are run-time
 // values at no measured cost (same GFLOPS as a fixed interleaved layout). Compiled with a target attribute and chosen
 // at run time, so the rest of the build needs no -mavx512f.
 #include "gemm_sqnorm.h"
@@ -22,6 +22,7 @@ namespace {
 // The accumulators are named variables, not an array: GCC keeps an array of __m512 in
 // memory and stores every accumulator on every k (seen in the assembly: 3x slower).
 #define FX_REP12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#define FX_REP14(X) FX_REP12(X) X(12) X(13)
 #define FX_REP24(X) FX_REP12(X) X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19) X(20) X(21) X(22) X(23)
 
 // wt[0, 16) += c on the lanes of mask (a column of the weight gradient's transpose).
@@ -29,12 +30,14 @@ FISHER_EXT_AVX512 inline void add_column(float* wt, __mmask16 mask, __m512 c) {
   if (mask) _mm512_mask_storeu_ps(wt, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, wt), c));
 }
 
-// 32 channels x 12 columns: 24 accumulators.
-FISHER_EXT_AVX512 float tile_32x12(const float* a_base, int64_t lda, __mmask16 mask0, __mmask16 mask1,
-                                   const float* panel_base, int64_t ks, int64_t js, PositionRuns K, float* wt,
-                                   int64_t ldw) {
+// 32 channels x NR columns (NR <= 14): 2 NR accumulators; the unused ones compile away.
+template <int NR>
+FISHER_EXT_AVX512 float tile_32xN(const float* a_base, int64_t lda, __mmask16 mask0, __mmask16 mask1,
+                                  const float* panel_base, int64_t ks, int64_t js, PositionRuns K, float* wt,
+                                  int64_t ldw) {
+  static_assert(NR <= 14, "at most 28 accumulators");
 #define FX_DECL(j) __m512 c0_##j = _mm512_setzero_ps(), c1_##j = _mm512_setzero_ps();
-  FX_REP12(FX_DECL)
+  FX_REP14(FX_DECL)
   for (int64_t r = 0; r < K.count; ++r) {
     const float* a = a_base + r * K.stride * lda;
     const float* panel = panel_base + r * K.stride * ks;
@@ -42,24 +45,28 @@ FISHER_EXT_AVX512 float tile_32x12(const float* a_base, int64_t lda, __mmask16 m
       const __m512 a0 = _mm512_maskz_loadu_ps(mask0, a);
       const __m512 a1 = _mm512_maskz_loadu_ps(mask1, a + 16);
 #define FX_STEP(j)                                  \
-  {                                                 \
+  if (j < NR) {                                     \
     const __m512 b = _mm512_set1_ps(panel[j * js]); \
     c0_##j = _mm512_fmadd_ps(a0, b, c0_##j);        \
     c1_##j = _mm512_fmadd_ps(a1, b, c1_##j);        \
   }
-      FX_REP12(FX_STEP)
+      FX_REP14(FX_STEP)
     }
   }
   __m512 s = _mm512_setzero_ps();
-#define FX_SUM(j)                         \
-  s = _mm512_fmadd_ps(c0_##j, c0_##j, s); \
-  s = _mm512_fmadd_ps(c1_##j, c1_##j, s);
-  FX_REP12(FX_SUM)
+#define FX_SUM(j)                           \
+  if (j < NR) {                             \
+    s = _mm512_fmadd_ps(c0_##j, c0_##j, s); \
+    s = _mm512_fmadd_ps(c1_##j, c1_##j, s); \
+  }
+  FX_REP14(FX_SUM)
   if (wt) {
-#define FX_ADD(j)                          \
-  add_column(wt + j * ldw, mask0, c0_##j); \
-  add_column(wt + j * ldw + 16, mask1, c1_##j);
-    FX_REP12(FX_ADD)
+#define FX_ADD(j)                                 \
+  if (j < NR) {                                   \
+    add_column(wt + j * ldw, mask0, c0_##j);      \
+    add_column(wt + j * ldw + 16, mask1, c1_##j); \
+  }
+    FX_REP14(FX_ADD)
   }
   return _mm512_reduce_add_ps(s);
 #undef FX_DECL
@@ -123,19 +130,25 @@ bool fused_gemm_sqnorm_available() {
   return cpu_has_it && !(off && *off && *off != '0');
 }
 
-int64_t fused_panel_width(int64_t M) { return M <= 16 ? 24 : 12; }
+int64_t fused_panel_width(int64_t M, int64_t rows) {
+  if (M <= 16) return 24;
+  const auto padded = [rows](int64_t w) { return (rows + w - 1) / w * w; };
+  return padded(14) < padded(12) ? 14 : 12;  // 12 where it pads no more: fewer accumulators
+}
 
 double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step, int64_t j_step,
                           PositionRuns K, int64_t width, float* wt, int64_t ldw) {
   switch (width) {
     case 12:
-      return panel_sqnorm<32, tile_32x12>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
+      return panel_sqnorm<32, tile_32xN<12>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
+    case 14:
+      return panel_sqnorm<32, tile_32xN<14>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
     case 16:
       return panel_sqnorm<16, tile_16xN<16>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
     case 24:
       return panel_sqnorm<16, tile_16xN<24>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
     default:
-      TORCH_CHECK(false, "fused_panel_sqnorm: width: expected 12, 16 or 24, got ", width);
+      TORCH_CHECK(false, "fused_panel_sqnorm: width: expected 12, 14, 16 or 24, got ", width);
   }
 }
 

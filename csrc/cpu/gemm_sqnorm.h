@@ -19,9 +19,10 @@ namespace fisher_ext {
 // so tests can cover the BLAS fallback in the same process).
 bool fused_gemm_sqnorm_available();
 
-// The panel widths the kernel has register tiles for, and the best one for M output channels.
-constexpr int64_t kFusedPanelWidths[] = {12, 16, 24};
-int64_t fused_panel_width(int64_t M);
+// The panel widths the kernel has register tiles for, and the best one for M output channels and
+// `rows` panel columns in all (the width that pads them least).
+constexpr int64_t kFusedPanelWidths[] = {12, 14, 16, 24};
+int64_t fused_panel_width(int64_t M, int64_t rows);
 
 // The positions K the kernel sums over: `count` runs of `length` consecutive positions, run r
 // starting at position r * stride. {1, n, n} is simply the positions 0..n-1; runs let the

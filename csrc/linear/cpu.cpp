@@ -59,7 +59,7 @@ Tensor linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Te
   const bool fused = m == Method::Materialize && path == MaterializePath::Fused;
   // the batched GEMMs' dtype: bfloat16 on the Bf16Gemm path, else the result dtype
   const auto gemm = m == Method::Materialize && path == MaterializePath::Bf16Gemm ? a.scalar_type() : acc;
-  const int64_t nr = fused_panel_width(sh.d_out);
+  const int64_t nr = fused_panel_width(sh.d_out, sh.d_in);
   const int64_t full = sh.d_in / nr, tail = sh.d_in - full * nr;
   // The weight gradient's transpose, one row per panel column (the tail panel's zero columns too).
   Partials weight({(full + (tail ? 1 : 0)) * nr, sh.d_out}, a.options());
