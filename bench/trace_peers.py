@@ -1,7 +1,6 @@
 """The exact Fisher trace of a whole model: ours against nngeometry and curvlinops.
 
-    pip install --no-deps nngeometry==0.4 curvlinops-for-pytorch==3.0.1 einconv linear_operator \
-        jaxtyping wadler_lindig mpmath        # (bench/install_peers.sh does it)
+    bash bench/install_peers.sh   # nngeometry 0.4, curvlinops-for-pytorch 3.0.1 and what they import
     python bench/trace_peers.py [--batch 64] [--matvecs 20] [--out bench/results]
 
 On a CIFAR-sized ResNet-18 with GroupNorm (bench/monitor.py's), one batch, CPU float32, each

@@ -16,10 +16,10 @@ _LINE = re.compile(r'FISHER_EXT_SCHEMA\("(?P<schema>(?P<name>\w+)\(.*\) -> .*)"\
 def _read() -> dict[str, str]:
     text = resources.files(__package__).joinpath("schemas.def").read_text()
     schemas = {}
-    for line in text.splitlines():
-        if not line.strip() or line.startswith("//"):
+    for line in map(str.strip, text.splitlines()):
+        if not line or line.startswith("//"):
             continue
-        match = _LINE.fullmatch(line.strip())
+        match = _LINE.fullmatch(line)
         if match is None:
             raise RuntimeError(f"fisher_ext/schemas.def: expected FISHER_EXT_SCHEMA(\"...\"), got {line!r}")
         schemas[match["name"]] = match["schema"]

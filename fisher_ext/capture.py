@@ -32,6 +32,13 @@ from .state import BufferState, RandomState
 # The norms' arithmetic: 'full' in the inputs' dtype, 'bf16' from bfloat16-rounded Linear/Conv inputs.
 PRECISIONS = ("full", "bf16")
 
+
+def reduced_dtype(precision: str) -> torch.dtype | None:
+    """The dtype a ``precision`` lets the rules compute float32 layers' norms in (None: their own)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    return torch.bfloat16 if precision == "bf16" else None
+
 Tensor = torch.Tensor
 
 
@@ -174,9 +181,7 @@ class Capture:
     """
 
     def __init__(self, model: nn.Module, strict: bool = True, precision: str = "full"):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-        self.reduced = torch.bfloat16 if precision == "bf16" else None
+        self.reduced = reduced_dtype(precision)
         self.model = getattr(model, "_orig_mod", model)  # a compiled model's own module (run eagerly)
         self.owners = validate(self.model)
         self.prefix: dict[nn.Module, str] = {}
@@ -382,7 +387,8 @@ class Capture:
                 and self.module_of[self.param_ids[id(p)]] not in self.records}
 
     def norms_from_grads(self, n: int, used_unrecorded: set[str], scale: float = 1.0,
-                         differentiable: bool = False, done: frozenset = frozenset()) -> dict[str, Tensor]:
+                         differentiable: bool = False, done: frozenset = frozenset(),
+                         full_precision: bool = False) -> dict[str, Tensor]:
         """Per-example norms from the output gradients the hooks caught in the last backward.
 
         ``used_unrecorded``: the parameters of modules that did not run which the loss depends on.
@@ -391,6 +397,7 @@ class Capture:
         the norms can be differentiated w.r.t. the parameters; only closed-form rules allow it.
         ``done``: modules whose norms the caller has formed already (the fused backward's); they
         count as used and keep their rule's name, but are not computed again.
+        ``full_precision``: ignore the capture's ``precision`` (the training backward's norms).
         """
         if self.error is not None:
             raise self.error
@@ -440,7 +447,8 @@ class Capture:
             rng, buffers = self.before.get(module, (None, None))
             call = Call(record.args if differentiable else _detach(record.args),
                         record.kwargs if differentiable else _detach(record.kwargs), unchanged, record.grads, n,
-                        record.batch_dims, rng, buffers, reduced=None if differentiable else self.reduced)
+                        record.batch_dims, rng, buffers,
+                        reduced=None if differentiable or full_precision else self.reduced)
             rule = rule_for(module)
             if module in own:
                 local = rule.fn(module, own[module], call)

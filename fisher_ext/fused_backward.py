@@ -132,7 +132,7 @@ def backward_with_norms(capture: Capture, loss: Tensor, params: Sequence[Tensor]
     try:
         with torch.no_grad():
             found.update(capture.norms_from_grads(n, capture.used_unrecorded(params, ordered), scale=scale,
-                                                  done=frozenset(fused)))
+                                                  done=frozenset(fused), full_precision=True))
     except ValueError as e:  # e.g. BatchNorm in train mode couples the examples
         if norms_required:
             raise

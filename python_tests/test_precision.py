@@ -98,3 +98,21 @@ def test_bad_precision_is_refused():
         fisher_ext.fisher_trace(model, inputs, labels=labels, precision="fp16")
     with pytest.raises(ValueError, match="precision: expected one of"):
         fisher_ext.FisherTraceMonitor(model, precision=torch.bfloat16)
+
+
+@pytest.mark.parametrize("case_id", ["conv_transpose", "transformer_seq_first", "mlp"])
+def test_backward_keeps_full_precision(case_id):
+    # the training backward's norms (fused or not: ConvTranspose and sequence-first layers take the
+    # rules) are the model's own, whatever the monitor's precision
+    case = CASES_BY_ID[case_id]
+    model64, inputs64, labels = build(case)
+    results = {}
+    for precision in ("full", "bf16"):
+        model = copy.deepcopy(model64).float()
+        inputs = tuple(t.float() if t.is_floating_point() else t for t in inputs64)
+        monitor = fisher_ext.FisherTraceMonitor(model, precision=precision)
+        with monitor.watch():
+            out = model(*inputs)
+        losses = F.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1), reduction="none")
+        results[precision] = monitor.backward(losses.reshape(labels.shape[0], -1).sum(1))
+    assert torch.equal(results["full"].per_example, results["bf16"].per_example)

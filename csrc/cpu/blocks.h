@@ -9,7 +9,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <array>
 #include <vector>
 
@@ -21,18 +20,6 @@ namespace fisher_ext {
 using at::Tensor;
 
 inline constexpr int64_t kBlockBytes = 8 << 20;  // working memory of one block
-
-// Whether bfloat16 GEMMs run natively on this CPU (AVX512-BF16 or AMX-BF16, through oneDNN), unless
-// FISHER_EXT_CPU_NO_BF16_GEMM is set (read on every call, so tests cover both paths in one process).
-inline bool bf16_gemm_available() {
-  const char* off = std::getenv("FISHER_EXT_CPU_NO_BF16_GEMM");
-  if (off && off[0] != '\0' && off[0] != '0') return false;
-#if defined(__x86_64__) && defined(__GNUC__)
-  return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
-#else
-  return false;
-#endif
-}
 
 // How the CPU forms per-example weight gradients (materialize) for inputs of dtype t:
 //   Fused     the register-tiled AVX-512 kernel of gemm_sqnorm.h, float32 accumulation;

@@ -130,6 +130,12 @@ bool fused_gemm_sqnorm_available() {
   return cpu_has_it && !(off && *off && *off != '0');
 }
 
+bool bf16_gemm_available() {
+  static const bool cpu_has_it = __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+  const char* off = std::getenv("FISHER_EXT_CPU_NO_BF16_GEMM");
+  return cpu_has_it && !(off && *off && *off != '0');
+}
+
 int64_t fused_panel_width(int64_t M, int64_t rows) {
   if (M <= 16) return 24;
   const auto padded = [rows](int64_t w) { return (rows + w - 1) / w * w; };

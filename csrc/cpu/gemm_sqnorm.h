@@ -19,8 +19,13 @@ namespace fisher_ext {
 // so tests can cover the BLAS fallback in the same process).
 bool fused_gemm_sqnorm_available();
 
-// The panel widths the kernel has register tiles for, and the best one for M output channels and
-// `rows` panel columns in all (the width that pads them least).
+// True when the CPU has native bfloat16 GEMMs (AVX512-BF16 or AMX-BF16, used through oneDNN) and
+// FISHER_EXT_CPU_NO_BF16_GEMM is unset (read on every call, like the above).
+bool bf16_gemm_available();
+
+// The panel widths the kernel has register tiles for, and the one for M output channels and `rows`
+// panel columns in all: 24 for up to 16 channels (one 16-lane tile), else 12 or 14, whichever
+// pads the rows less.
 constexpr int64_t kFusedPanelWidths[] = {12, 14, 16, 24};
 int64_t fused_panel_width(int64_t M, int64_t rows);
 

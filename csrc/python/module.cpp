@@ -4,7 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/version.h>
 
-#include "../cpu/blocks.h"
+#include "../cpu/gemm_sqnorm.h"
 
 #ifndef FISHER_EXT_CUDA_ARCHS
 #define FISHER_EXT_CUDA_ARCHS ""
