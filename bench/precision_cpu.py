@@ -5,8 +5,8 @@
 Per layer of the benchmark list (bench/ops_cpu.py), on one captured float32 (x, g):
 
   full        fisher_ext.linear_sqnorm / conv_sqnorm on the float32 tensors (the default)
-  bf16        the same on x and g cast to bfloat16, the cast included (what precision='bf16' runs)
-  bf16-only   the op alone on tensors already in bfloat16 (a model trained in bfloat16)
+  bf16        the same with precision='bf16' (what fisher_trace(..., precision='bf16') runs)
+  bf16-inputs precision='bf16' on x and g already in bfloat16 (a model trained in bfloat16)
 
 Each result is compared with a float64 torch.func oracle of the float32 tensors: the largest and
 the median relative error over the examples. Times are medians of interleaved rounds
@@ -38,13 +38,13 @@ from peers_cpu import interleaved_medians, oracle  # noqa: E402
 
 
 def _op(layer: nn.Module):
-    """(x, g) -> the layer's per-example squared norms through the package's op."""
+    """(x, g, precision) -> the layer's per-example squared norms through the package's op."""
     bias = layer.bias is not None
     if isinstance(layer, nn.Linear):
-        return lambda x, g: fisher_ext.linear_sqnorm(x, g, bias=bias)
-    return lambda x, g: fisher_ext.conv_sqnorm(x, g, kernel_size=layer.kernel_size, stride=layer.stride,
-                                               padding=layer.padding, dilation=layer.dilation,
-                                               groups=layer.groups, bias=bias)
+        return lambda x, g, precision: fisher_ext.linear_sqnorm(x, g, bias=bias, precision=precision)
+    return lambda x, g, precision: fisher_ext.conv_sqnorm(x, g, kernel_size=layer.kernel_size, stride=layer.stride,
+                                                          padding=layer.padding, dilation=layer.dilation,
+                                                          groups=layer.groups, bias=bias, precision=precision)
 
 
 def _errors(got: torch.Tensor, want: torch.Tensor) -> dict:
@@ -63,11 +63,13 @@ def measure_layer(layer_id: str, batch: int, repeats: int) -> dict:
     want = oracle(layer, x, g)
     op = _op(layer)
     xb, gb = x.bfloat16(), g.bfloat16()
-    fns = {"full": lambda: op(x, g), "bf16": lambda: op(x.bfloat16(), g.bfloat16()), "bf16-only": lambda: op(xb, gb)}
+    fns = {"full": lambda: op(x, g, "full"), "bf16": lambda: op(x, g, "bf16"),
+           "bf16-inputs": lambda: op(xb, gb, "bf16")}
     errors = {name: _errors(fns[name](), want) for name in ("full", "bf16")}
     seconds = interleaved_medians(fns, repeats)
     return {"layer": layer_id, "batch": batch, "seconds": seconds, "errors": errors,
-            "speedup": seconds["full"] / seconds["bf16"], "speedup_op_only": seconds["full"] / seconds["bf16-only"]}
+            "speedup": seconds["full"] / seconds["bf16"],
+            "speedup_bf16_inputs": seconds["full"] / seconds["bf16-inputs"]}
 
 
 def measure_model(batch: int, repeats: int) -> dict:
@@ -98,15 +100,16 @@ def write_report(layers: list[dict], model: dict, meta: dict, out_dir: str) -> N
              f"{meta['date']}; {meta['cpu']} ({meta['machine']}); torch {meta['torch']}; {meta['threads']} "
              f"thread(s); batch {meta['batch']}; native bf16 GEMMs: {meta['bf16_gemm']}; median of "
              f"{meta['repeats']} interleaved rounds.", "",
-             "`full`: the op on the float32 tensors; `bf16`: on them cast to bfloat16, the cast included (what "
-             "`precision='bf16'` runs); `bf16-only`: the op on tensors already in bfloat16. Errors: relative to "
-             "a float64 torch.func oracle of the float32 tensors, over the examples.", "",
-             "| layer | full ms | bf16 ms | bf16-only ms | speedup | speedup, op only | full max err | "
+             "`full`: the op on the float32 tensors; `bf16`: the same with `precision='bf16'` (what "
+             "`fisher_trace(..., precision='bf16')` runs); `bf16-inputs`: `precision='bf16'` on tensors already in "
+             "bfloat16. Errors: relative to a float64 torch.func oracle of the float32 tensors, over the "
+             "examples.", "",
+             "| layer | full ms | bf16 ms | bf16-inputs ms | speedup | speedup, bf16 inputs | full max err | "
              "bf16 max err | bf16 median err |", "|---|---|---|---|---|---|---|---|---|"]
     for r in layers:
         s, e = r["seconds"], r["errors"]
-        lines.append(f"| {r['layer']} | {s['full'] * 1e3:.2f} | {s['bf16'] * 1e3:.2f} | {s['bf16-only'] * 1e3:.2f} | "
-                     f"{r['speedup']:.2f} | {r['speedup_op_only']:.2f} | {e['full']['max']:.1e} | "
+        lines.append(f"| {r['layer']} | {s['full'] * 1e3:.2f} | {s['bf16'] * 1e3:.2f} | {s['bf16-inputs'] * 1e3:.2f} | "
+                     f"{r['speedup']:.2f} | {r['speedup_bf16_inputs']:.2f} | {e['full']['max']:.1e} | "
                      f"{e['bf16']['max']:.1e} | {e['bf16']['median']:.1e} |")
     lines += ["", f"ResNet-18 (GroupNorm), batch {meta['batch']}, `fisher_trace` (forward, backward and norms), "
               f"float64 model's Tr(F) = {model['trace_float64']:.6g}:", "",
@@ -139,7 +142,7 @@ def main() -> None:
     for layer_id in args.layers:
         layers.append(measure_layer(layer_id, args.batch, args.repeats))
         r = layers[-1]
-        print(f"{layer_id}: speedup {r['speedup']:.2f} (op only {r['speedup_op_only']:.2f}), "
+        print(f"{layer_id}: speedup {r['speedup']:.2f} (bf16 inputs {r['speedup_bf16_inputs']:.2f}), "
               f"bf16 max err {r['errors']['bf16']['max']:.1e}", flush=True)
     write_report(layers, measure_model(args.batch, max(1, args.repeats // 3)), meta, args.out)
 

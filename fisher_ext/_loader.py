@@ -31,12 +31,12 @@ def _load_extension() -> tuple[ModuleType | None, str | None]:
     return _C, None
 
 
-def _linear_accumulate(acc, a, g, bias, method):
-    acc.add_(reference.linear_sqnorm(a, g, bias, method))
+def _linear_accumulate(acc, a, g, bias, method, precision="full"):
+    acc.add_(reference.linear_sqnorm(a, g, bias, method, precision))
 
 
-def _conv_accumulate(acc, x, g, kernel_size, stride, padding, dilation, groups, bias, method):
-    acc.add_(reference.conv_sqnorm(x, g, kernel_size, stride, padding, dilation, groups, bias, method))
+def _conv_accumulate(acc, x, g, kernel_size, stride, padding, dilation, groups, bias, method, precision="full"):
+    acc.add_(reference.conv_sqnorm(x, g, kernel_size, stride, padding, dilation, groups, bias, method, precision))
 
 
 _REFERENCE_KERNELS = {

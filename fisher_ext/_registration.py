@@ -17,22 +17,22 @@ from . import reference
 
 
 @torch.library.register_fake("fisher_ext::linear_sqnorm")
-def _linear_fake(a, g, bias, method):
+def _linear_fake(a, g, bias, method, precision="full"):
     return a.new_empty(a.shape[0], dtype=reference.result_dtype(a.dtype))
 
 
 @torch.library.register_fake("fisher_ext::conv_sqnorm")
-def _conv_fake(x, g, kernel_size, stride, padding, dilation, groups, bias, method):
+def _conv_fake(x, g, kernel_size, stride, padding, dilation, groups, bias, method, precision="full"):
     return x.new_empty(x.shape[0], dtype=reference.result_dtype(x.dtype))
 
 
 @torch.library.register_fake("fisher_ext::linear_sqnorm_accumulate_")
-def _linear_accumulate_fake(acc, a, g, bias, method):
+def _linear_accumulate_fake(acc, a, g, bias, method, precision="full"):
     return None
 
 
 @torch.library.register_fake("fisher_ext::conv_sqnorm_accumulate_")
-def _conv_accumulate_fake(acc, x, g, kernel_size, stride, padding, dilation, groups, bias, method):
+def _conv_accumulate_fake(acc, x, g, kernel_size, stride, padding, dilation, groups, bias, method, precision="full"):
     return None
 
 
@@ -58,7 +58,7 @@ def _save_inputs(ctx, inputs, output):
 def _vjp_backward(formula):
     def backward(ctx, grad_s):
         first, second = ctx.saved_tensors
-        *args, _method = ctx.args
+        *args, _method, _precision = ctx.args  # the exact gradient, whatever the forward's precision
         _, vjp = torch.func.vjp(lambda t, u: formula(t, u, *args, "auto"), first, second)
         return (*vjp(grad_s), *(None for _ in ctx.args))
 

@@ -22,10 +22,16 @@ def _read() -> dict[str, str]:
         match = _LINE.fullmatch(line)
         if match is None:
             raise RuntimeError(f"fisher_ext/schemas.def: expected FISHER_EXT_SCHEMA(\"...\"), got {line!r}")
-        schemas[match["name"]] = match["schema"]
+        schemas[match["name"]] = match["schema"].replace('\\"', '"')  # a C++ string literal's \" is "
     return schemas
 
 
 SCHEMAS = _read()
 
 METHODS = ("auto", "ghost", "materialize")
+PRECISIONS = ("full", "bf16")  # the norm ops' `precision` (docs/precision.md)
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")

@@ -27,17 +27,9 @@ from .rules import UnsupportedModuleError, rule_for
 from .rules.functional import check_replayable, per_example_grads
 from .rules.norm import check_batch_norm, uses_batch_statistics
 from .rules.registry import Call
+from ._schemas import check_precision
 from .state import BufferState, RandomState
 
-# The norms' arithmetic: 'full' in the inputs' dtype, 'bf16' from bfloat16-rounded Linear/Conv inputs.
-PRECISIONS = ("full", "bf16")
-
-
-def reduced_dtype(precision: str) -> torch.dtype | None:
-    """The dtype a ``precision`` lets the rules compute float32 layers' norms in (None: their own)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-    return torch.bfloat16 if precision == "bf16" else None
 
 Tensor = torch.Tensor
 
@@ -176,12 +168,13 @@ class Capture:
 
     ``strict``: a call the rules cannot handle (a module called twice) raises during the forward;
     otherwise the error is kept and raised by :meth:`norms_from_grads`, and the forward goes on.
-    ``precision``: 'full' (the norms' kernels in the inputs' dtype) or 'bf16' (Linear and Conv
-    norms of float32 layers from bfloat16-rounded inputs, float32 accumulation; values only).
+    ``precision``: passed by the Linear and Conv rules to the norm ops: 'full', or 'bf16' (bfloat16
+    GEMMs where they are faster; values only: differentiable norms are always 'full').
     """
 
     def __init__(self, model: nn.Module, strict: bool = True, precision: str = "full"):
-        self.reduced = reduced_dtype(precision)
+        check_precision(precision)
+        self.precision = precision
         self.model = getattr(model, "_orig_mod", model)  # a compiled model's own module (run eagerly)
         self.owners = validate(self.model)
         self.prefix: dict[nn.Module, str] = {}
@@ -448,7 +441,7 @@ class Capture:
             call = Call(record.args if differentiable else _detach(record.args),
                         record.kwargs if differentiable else _detach(record.kwargs), unchanged, record.grads, n,
                         record.batch_dims, rng, buffers,
-                        reduced=None if differentiable or full_precision else self.reduced)
+                        precision="full" if differentiable or full_precision else self.precision)
             rule = rule_for(module)
             if module in own:
                 local = rule.fn(module, own[module], call)

@@ -29,7 +29,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .capture import Capture, as_args, foreign_output, reduced_dtype, select_logits
+from ._schemas import check_precision
+from .capture import Capture, as_args, foreign_output, select_logits
 from .distributed import (accumulate_grads, agreement, check_same_model, gather, global_means, process_group, rank,
                           refuse_fsdp, refuse_static_graph, unwrap_ddp)
 from .estimators import LabelGenerator, estimate_norms
@@ -168,7 +169,7 @@ class FisherTraceMonitor:
                  precision: str = "full"):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected an int >= 1, got {every!r}")
-        reduced_dtype(precision)  # checks it
+        check_precision(precision)
         self.precision = precision
         self.model, self.ddp = unwrap_ddp(model)
         refuse_fsdp(self.model, "model")

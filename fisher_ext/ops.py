@@ -8,9 +8,8 @@ loss was a mean over N examples, each norm is ``1/N^2`` of the per-example
 loss's norm (docs/design.md, section 2: reduction scaling).
 
 Results are float32 (float64 for float64 inputs); float16/bfloat16 inputs are
-accumulated in float32 (on a CPU with native bfloat16 GEMMs, bfloat16 materialize rounds each
-per-example weight-gradient entry to bfloat16 once before squaring it: docs/precision.md).
-Both ops are differentiable in their two tensor inputs.
+accumulated in float32 (``precision='bf16'`` allows bfloat16 GEMMs where they are faster:
+docs/precision.md). Both ops are differentiable in their two tensor inputs.
 
 :func:`linear_grad_sqnorm` and :func:`conv_grad_sqnorm` return the batch's weight and bias
 gradient together with the same norms, for a backward that needs both: on the CPU's fused
@@ -27,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _registration  # noqa: F401  (fake kernels and autograd)
-from ._schemas import METHODS
+from ._schemas import METHODS, check_precision
 from .reference import result_dtype
 
 IntOrTuple = Union[int, Sequence[int]]
@@ -47,6 +46,7 @@ def linear_sqnorm(
     bias: bool,
     method: str = "auto",
     accumulate: torch.Tensor | None = None,
+    precision: str = "full",
 ) -> torch.Tensor:
     """Per-example squared gradient norm of an ``nn.Linear`` layer.
 
@@ -58,11 +58,15 @@ def linear_sqnorm(
             or ``'materialize'`` (per-example ``A_n^T G_n``, blocked).
         accumulate: optional ``(N,)`` buffer of the result dtype; the norms are added
             into it (per-example totals across layers) and it is returned.
+        precision: ``'full'`` (float32 accumulation of the inputs as given) or ``'bf16'``
+            (float32 or bfloat16 inputs may be rounded to bfloat16 where the device's bfloat16
+            GEMMs are faster; the same arithmetic elsewhere; docs/precision.md).
 
     Returns:
         ``(N,)`` float32 (float64 for float64 inputs).
     """
-    return _dispatch(_LINEAR, _LINEAR_ACC, _linear_args(a, g, bias, method), accumulate)
+    check_precision(precision)
+    return _dispatch(_LINEAR, _LINEAR_ACC, (*_linear_args(a, g, bias, method), precision), accumulate, "a")
 
 
 def conv_sqnorm(
@@ -77,6 +81,7 @@ def conv_sqnorm(
     bias: bool,
     method: str = "auto",
     accumulate: torch.Tensor | None = None,
+    precision: str = "full",
 ) -> torch.Tensor:
     """Per-example squared gradient norm of an ``nn.Conv1d/2d/3d`` layer.
 
@@ -85,13 +90,14 @@ def conv_sqnorm(
         g: gradient of the loss w.r.t. the layer's output ``(N, C_out, *out_spatial)``.
         kernel_size, stride, padding, dilation, groups: as in ``nn.Conv*d``; padding
             may be an int, a tuple, ``'same'`` or ``'valid'`` (padding_mode 'zeros').
-        bias, method, accumulate: as in :func:`linear_sqnorm`.
+        bias, method, accumulate, precision: as in :func:`linear_sqnorm`.
 
     Returns:
         ``(N,)`` float32 (float64 for float64 inputs).
     """
-    args = _conv_args(x, g, kernel_size, stride, padding, dilation, groups, bias, method)
-    return _dispatch(_CONV, _CONV_ACC, args, accumulate)
+    check_precision(precision)
+    args = (*_conv_args(x, g, kernel_size, stride, padding, dilation, groups, bias, method), precision)
+    return _dispatch(_CONV, _CONV_ACC, args, accumulate, "x")
 
 
 def linear_grad_sqnorm(a: torch.Tensor, g: torch.Tensor, *, bias: bool, method: str = "auto") -> LayerGrads:
@@ -171,8 +177,9 @@ def _conv_args(x, g, kernel_size, stride, padding, dilation, groups, bias, metho
     return (x, g, list(ks), list(st), list(lead_pad), list(dil), groups, bool(bias), method)
 
 
-def _dispatch(op, accumulate_op, args, accumulate):
-    """Calls the functional op, or the fused accumulating op when no gradient is needed."""
+def _dispatch(op, accumulate_op, args, accumulate, first_name: str):
+    """Calls the functional op, or the fused accumulating op when no gradient is needed; ``first_name``
+    names ``args[0]`` in errors."""
     if accumulate is None:
         return op(*args)
     first = args[0]
@@ -189,7 +196,7 @@ def _dispatch(op, accumulate_op, args, accumulate):
             else type(accumulate).__name__
         )
         raise ValueError(f"accumulate: expected a ({first.shape[0]},) {expected} tensor on {first.device}, got {got}")
-    for name, t in (("a" if len(args) == 4 else "x", args[0]), ("g", args[1])):  # linear ops have 4 arguments
+    for name, t in ((first_name, args[0]), ("g", args[1])):
         if accumulate.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
             raise ValueError(f"accumulate: expected a buffer of its own, got one that shares memory with {name}")
     tensors = (accumulate, args[0], args[1])

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._schemas import METHODS
+from ._schemas import METHODS, check_precision
 
 
 def result_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,8 +51,10 @@ def _rule(A: torch.Tensor, G: torch.Tensor, method: str) -> torch.Tensor:
     return (G.mT @ A).square().sum((-1, -2))
 
 
-def linear_sqnorm(a: torch.Tensor, g: torch.Tensor, bias: bool, method: str) -> torch.Tensor:
-    """Per-example ``||dl_n/dW||^2 (+ ||dl_n/db||^2)`` of a Linear layer; a (N, *, d_in), g (N, *, d_out)."""
+def linear_sqnorm(a: torch.Tensor, g: torch.Tensor, bias: bool, method: str, precision: str = "full") -> torch.Tensor:
+    """Per-example ``||dl_n/dW||^2 (+ ||dl_n/db||^2)`` of a Linear layer; a (N, *, d_in), g (N, *, d_out).
+    ``precision`` is checked, and the result is the full-precision one either way."""
+    check_precision(precision)
     acc = result_dtype(a.dtype)
     N, T = a.shape[0], math.prod(a.shape[1:-1])
     A = a.to(acc).reshape(N, T, a.shape[-1])
@@ -114,8 +116,11 @@ def conv_sqnorm(
     groups: int,
     bias: bool,
     method: str,
+    precision: str = "full",
 ) -> torch.Tensor:
-    """Per-example squared weight (+ bias) gradient norm of a Conv{1,2,3}d layer."""
+    """Per-example squared weight (+ bias) gradient norm of a Conv{1,2,3}d layer (``precision`` as in
+    :func:`linear_sqnorm`)."""
+    check_precision(precision)
     A, G = _conv_matrices(x, g, kernel_size, stride, padding, dilation, groups)
     s = _rule(A, G, method).sum(1)
     if bias:

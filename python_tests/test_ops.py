@@ -112,16 +112,6 @@ def test_oracles_agree():
 # ---- reduced precision: float32 accumulation on the dtype's own inputs ---------------------
 
 RTOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
-_BF16_GEMM = bool(fisher_ext.build_info()["compiled"] and fisher_ext.build_info()["compiled"]["cpu_bf16_gemm"])
-
-
-def rtol(dtype, backend, device, method) -> float:
-    # bfloat16 materialize on a CPU with native bf16 GEMMs rounds each weight-gradient entry to
-    # bfloat16 once before squaring it (docs/precision.md); elsewhere float32 throughout
-    if dtype is torch.bfloat16 and method == "materialize" and backend.name == "ops" and device == "cpu" \
-            and _BF16_GEMM:
-        return 4e-3
-    return RTOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
@@ -132,7 +122,7 @@ def test_linear_dtypes(backend, device, dtype, method, shape):
     want = per_example_sqnorm(module, a.cpu(), g.cpu())  # the oracle sees the same rounded inputs
     got = backend.linear(a, g, bias=True, method=method)
     assert got.dtype == torch.float32
-    assert_close_rel(got, want, rtol(dtype, backend, device, method))
+    assert_close_rel(got, want, RTOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
@@ -143,7 +133,7 @@ def test_conv_dtypes(backend, device, dtype, method, case):
     want = per_example_sqnorm(module, x.cpu(), g.cpu())
     got = backend.conv(x, g, bias=True, method=method, **conv_kwargs(module))
     assert got.dtype == torch.float32
-    assert_close_rel(got, want, rtol(dtype, backend, device, method))
+    assert_close_rel(got, want, RTOL[dtype])
 
 
 # ---- layouts and edge cases ----------------------------------------------------------------

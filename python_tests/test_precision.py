@@ -1,8 +1,8 @@
-"""precision='bf16': the Linear/Conv norms from bfloat16-rounded inputs with float32 accumulation.
+"""precision='bf16': bfloat16 GEMMs for the Linear/Conv norms where they are faster.
 
-The ops' bfloat16 paths (native bf16 GEMMs where the CPU has them, else the float32 kernels on
-converted inputs) against a float64 oracle of the same rounded inputs; the opt-in on float32
-versions of the model patterns against the float64 per-example oracle of the float64 model."""
+The norm ops' `precision` argument on both CPU paths (native bf16 GEMMs where the CPU has them,
+else the same arithmetic as 'full') against float64 oracles; the opt-in of fisher_trace and the
+monitor on float32 versions of the model patterns against the float64 per-example oracle."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from cases import CASES_BY_ID, build, oracle
 BF16_GEMM = bool(fisher_ext.build_info()["compiled"] and fisher_ext.build_info()["compiled"]["cpu_bf16_gemm"])
 
 
-def conv_oracle(x, g, kernel, padding):
-    """float64 per-example ||G_n X_n^T||^2 + ||sum_p g_n||^2 of a 2-d convolution, by unfolding."""
+def conv_oracle(x, g, kernel, padding, bias=True):
+    """float64 per-example ||G_n X_n^T||^2 (+ ||sum_p g_n||^2) of a 2-d convolution, by unfolding."""
     X = F.unfold(x.double(), kernel, padding=padding)
     G = g.double().flatten(2)
-    return (G @ X.transpose(1, 2)).square().sum((1, 2)) + G.sum(2).square().sum(1)
+    return (G @ X.transpose(1, 2)).square().sum((1, 2)) + (G.sum(2).square().sum(1) if bias else 0)
 
 
 def linear_oracle(a, g):
@@ -32,32 +32,56 @@ def linear_oracle(a, g):
 
 @pytest.mark.parametrize("native", ["1", "0"], ids=["bf16-gemm-off", "bf16-gemm-if-available"])
 @pytest.mark.parametrize("method", ["materialize", "auto", "ghost"])
-def test_bf16_ops_match_the_oracle_of_their_rounded_inputs(monkeypatch, native, method):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bf16_precision_matches_the_oracle(monkeypatch, native, method, dtype):
+    # sizes past the bf16 GEMMs' 64 positions and columns (conv 100 x 144, linear 96 x 72) and below;
+    # bfloat16 rounding of the inputs and of each weight-gradient entry: 2^-9 relative at most, much
+    # less after the sums
     monkeypatch.setenv("FISHER_EXT_CPU_NO_BF16_GEMM", native)
     torch.manual_seed(0)
-    for c_in, c_out, h in [(16, 24, 10), (3, 32, 12)]:  # 100 and 144 positions: past the bf16 GEMM threshold
-        x, g = torch.randn(6, c_in, h, h).bfloat16(), torch.randn(6, c_out, h, h).bfloat16()
-        got = fisher_ext.conv_sqnorm(x, g, kernel_size=3, padding=1, bias=True, method=method)
+    for c_in, c_out, h in [(16, 24, 10), (3, 32, 12), (4, 8, 3)]:
+        x, g = torch.randn(6, c_in, h, h, dtype=dtype), torch.randn(6, c_out, h, h, dtype=dtype)
+        got = fisher_ext.conv_sqnorm(x, g, kernel_size=3, padding=1, bias=True, method=method, precision="bf16")
         assert got.dtype == torch.float32
-        # each weight-gradient entry is rounded to bfloat16 once (2^-9 relative) on the native path
         torch.testing.assert_close(got.double(), conv_oracle(x, g, 3, 1), rtol=4e-3, atol=0)
     for t in (1, 8, 96):
-        a, g = torch.randn(5, t, 40).bfloat16(), torch.randn(5, t, 24).bfloat16()
-        got = fisher_ext.linear_sqnorm(a, g, bias=True, method=method)
+        a, g = torch.randn(5, t, 72, dtype=dtype), torch.randn(5, t, 24, dtype=dtype)
+        got = fisher_ext.linear_sqnorm(a, g, bias=True, method=method, precision="bf16")
         torch.testing.assert_close(got.double(), linear_oracle(a, g), rtol=4e-3, atol=0)
 
 
 @pytest.mark.skipif(not BF16_GEMM, reason="this CPU has no native bfloat16 GEMMs (or the extension is not loaded)")
-def test_native_bf16_path_is_the_one_that_runs(monkeypatch):
-    # the native path rounds W to bfloat16; the float32 kernel does not: the switch is live
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bf16_gemms_run_only_when_asked(monkeypatch, dtype):
+    # 'bf16' rounds W (and float32 inputs) to bfloat16, 'full' does not: the results differ, and are
+    # equal again with the native path turned off
     torch.manual_seed(0)
-    x, g = torch.randn(4, 16, 10, 10).bfloat16(), torch.randn(4, 24, 10, 10).bfloat16()
-    results = {}
-    for off in ("0", "1"):
-        monkeypatch.setenv("FISHER_EXT_CPU_NO_BF16_GEMM", off)
-        results[off] = fisher_ext.conv_sqnorm(x, g, kernel_size=3, padding=1, bias=False, method="materialize")
-    assert not torch.equal(results["0"], results["1"])
-    torch.testing.assert_close(results["0"], results["1"], rtol=4e-3, atol=0)
+    x, g = torch.randn(4, 16, 10, 10, dtype=dtype), torch.randn(4, 24, 10, 10, dtype=dtype)
+
+    def norms(precision):
+        return fisher_ext.conv_sqnorm(x, g, kernel_size=3, padding=1, bias=False, method="materialize",
+                                      precision=precision)
+    full, bf16 = norms("full"), norms("bf16")
+    assert not torch.equal(full, bf16)
+    torch.testing.assert_close(full.double(), conv_oracle(x, g, 3, 1, bias=False), rtol=2e-5, atol=0)
+    torch.testing.assert_close(bf16, full, rtol=4e-3, atol=0)
+    a, ga = torch.randn(3, 96, 72, dtype=dtype), torch.randn(3, 96, 40, dtype=dtype)
+    linear = {p: fisher_ext.linear_sqnorm(a, ga, bias=True, method="materialize", precision=p)
+              for p in ("full", "bf16")}
+    assert not torch.equal(linear["full"], linear["bf16"])
+    monkeypatch.setenv("FISHER_EXT_CPU_NO_BF16_GEMM", "1")
+    assert torch.equal(norms("bf16"), full)
+    assert torch.equal(fisher_ext.linear_sqnorm(a, ga, bias=True, method="materialize", precision="bf16"),
+                       linear["full"])
+
+
+def test_bad_precision_is_refused_by_the_ops():
+    a, g = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match="precision: expected one of \\('full', 'bf16'\\), got 'fp16'"):
+        fisher_ext.linear_sqnorm(a, g, bias=True, precision="fp16")
+    compiled = fisher_ext.build_info()["extension"]
+    with pytest.raises(RuntimeError if compiled else ValueError, match="precision: expected"):
+        torch.ops.fisher_ext.linear_sqnorm(a, g, True, "auto", "fp16")  # the op's own check
 
 
 PATTERNS = ["mlp", "cnn_groupnorm", "cnn_batchnorm_eval", "conv_transpose", "transformer", "lstm_h_n", "dict_output"]

@@ -11,6 +11,16 @@ namespace fisher_ext {
 
 enum class Method { Ghost, Materialize };
 
+// The norm ops' `precision`: Full, the inputs as given with float32 accumulation; Bf16, float32
+// inputs may be rounded to bfloat16 where the device's bfloat16 GEMMs are faster.
+enum class Precision { Full, Bf16 };
+
+inline Precision parse_precision(c10::string_view precision) {
+  if (precision == "full") return Precision::Full;
+  TORCH_CHECK(precision == "bf16", "precision: expected 'full' or 'bf16', got '", std::string(precision), "'");
+  return Precision::Bf16;
+}
+
 // Every op returns float32, or float64 for float64 inputs (docs/design.md, section 2).
 inline at::ScalarType result_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 

@@ -321,11 +321,11 @@ Tensor conv_block_gram_shift(const Tensor& x, const Tensor& G, const ConvShape& 
 
 // The norms into out; with want_weight, returns the weight gradient as well (else undefined).
 Tensor conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
-                 const std::string& method, bool add, bool want_weight) {
+                 const std::string& method, bool add, bool want_weight, Precision precision) {
   if (s.N == 0) return want_weight ? conv_weight_grad(s, x, g) : Tensor();
   const auto acc = result_dtype(x.scalar_type());
   const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol();
-  const MaterializePath path = materialize_path(x.scalar_type(), P, s.groups);
+  const MaterializePath path = materialize_path(x.scalar_type(), precision, P, rows, s.groups);
   const Method m = choose_method(method, P, rows, s.cout_g, materialize_cost(path));
   const bool fused = m == Method::Materialize && path == MaterializePath::Fused;
   const bool bf16_gemm = m == Method::Materialize && path == MaterializePath::Bf16Gemm;
@@ -366,8 +366,9 @@ Tensor conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor&
         sb = at::empty({cnt}, x.options().dtype(at::kFloat));
         conv_block_fused<scalar_t>(x, g, s, bias, n0, cnt, scratch, sb.data_ptr<float>(),
                                    want_weight ? weight.mine() : nullptr);
-      } else if (bf16_gemm) {  // kept in bfloat16 (only bfloat16 inputs get here)
-        using gemm_t = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, scalar_t, at::opmath_type<scalar_t>>;
+      } else if (bf16_gemm) {  // packed in bfloat16 (only float32 and bfloat16 inputs get here)
+        using gemm_t = std::conditional_t<std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>,
+                                          at::BFloat16, at::opmath_type<scalar_t>>;
         sb = conv_block_blas<scalar_t, gemm_t>(x, G, s, bias, m, n0, cnt, scratch);
       } else {
         sb = conv_block_blas<scalar_t>(x, G, s, bias, m, n0, cnt, scratch);
@@ -386,13 +387,13 @@ Tensor conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor&
 }
 
 void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias, const std::string& method,
-               bool add) {
-  conv_impl(out, s, x, g, bias, method, add, /*want_weight=*/false);
+               bool add, Precision precision) {
+  conv_impl(out, s, x, g, bias, method, add, /*want_weight=*/false, precision);
 }
 
 Tensor conv_grad_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
                       const std::string& method) {
-  return conv_impl(out, s, x, g, bias, method, /*add=*/false, /*want_weight=*/true);
+  return conv_impl(out, s, x, g, bias, method, /*add=*/false, /*want_weight=*/true, Precision::Full);
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // The convolution ops' entry points, shared by every device: shape checks, output allocation,
 // the call into a device's kernels, and their registration. A device gives
 //   void conv_into(Tensor& out, const ConvShape&, const Tensor& x, const Tensor& g, bool bias,
-//                  const std::string& method, bool add);  // add: accumulate into out
+//                  const std::string& method, bool add, Precision);  // add: accumulate into out
 //   Tensor conv_grad_into(Tensor& out, const ConvShape&, x, g, bias, method);
 // the latter writing the norms into out and returning the weight gradient (any floating dtype;
 // the entry casts it to the inputs'). unfused_conv_grad makes it from the norm kernel and
@@ -56,7 +56,7 @@ inline at::Tensor conv_weight_grad(const ConvShape& s, const at::Tensor& x, cons
 template <auto conv_into>
 at::Tensor unfused_conv_grad(at::Tensor& out, const ConvShape& s, const at::Tensor& x, const at::Tensor& g, bool bias,
                              const std::string& method) {
-  conv_into(out, s, x, g, bias, method, /*add=*/false);
+  conv_into(out, s, x, g, bias, method, /*add=*/false, Precision::Full);
   return conv_weight_grad(s, x, g);
 }
 
@@ -66,19 +66,21 @@ struct ConvEntry {
 
   static at::Tensor conv(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool bias,
-                         c10::string_view method) {
+                         c10::string_view method, c10::string_view precision) {
     const ConvShape s = conv_shape(x, g, kernel_size, stride, padding, dilation, groups);
+    const Precision p = parse_precision(precision);
     at::Tensor out = at::empty({s.N}, x.options().dtype(result_dtype(x.scalar_type())));
-    conv_into(out, s, x, g, bias, std::string(method), /*add=*/false);
+    conv_into(out, s, x, g, bias, std::string(method), /*add=*/false, p);
     return out;
   }
 
   static void conv_accumulate(at::Tensor acc, const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                              bool bias, c10::string_view method) {
+                              bool bias, c10::string_view method, c10::string_view precision) {
     const ConvShape s = conv_shape(x, g, kernel_size, stride, padding, dilation, groups);
+    const Precision p = parse_precision(precision);
     check_accumulator(acc, x, "x", g);
-    conv_into(acc, s, x, g, bias, std::string(method), /*add=*/true);
+    conv_into(acc, s, x, g, bias, std::string(method), /*add=*/true, p);
   }
 
   static Grads conv_grad(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size, at::IntArrayRef stride,

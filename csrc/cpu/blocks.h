@@ -23,16 +23,22 @@ inline constexpr int64_t kBlockBytes = 8 << 20;  // working memory of one block
 
 // How the CPU forms per-example weight gradients (materialize) for inputs of dtype t:
 //   Fused     the register-tiled AVX-512 kernel of gemm_sqnorm.h, float32 accumulation;
-//   Bf16Gemm  bfloat16 inputs kept in bfloat16: batched native bf16 GEMMs (float32 accumulation,
-//             each weight-gradient entry rounded to bfloat16 once), squared and summed in float32;
+//   Bf16Gemm  (precision Bf16 only) the inputs packed in bfloat16: batched native bf16 GEMMs
+//             (float32 accumulation, each weight-gradient entry rounded to bfloat16 once), squared
+//             and summed in float32;
 //   Blas      batched BLAS GEMMs in the result dtype.
 enum class MaterializePath { Fused, Bf16Gemm, Blas };
 
-// positions: the length of the sums of per-example products (T, or P output positions). The
-// batched bf16 GEMMs are no faster than the fused kernel on converted inputs over fewer than 64
-// positions, nor on a grouped convolution's small per-group matrices (bench/results/precision_cpu.md).
-inline MaterializePath materialize_path(at::ScalarType t, int64_t positions, int64_t groups = 1) {
-  if (t == at::kBFloat16 && positions >= 64 && groups == 1 && bf16_gemm_available()) return MaterializePath::Bf16Gemm;
+// positions: the length of the sums of per-example products (T, or P output positions); columns:
+// the weight gradient's input side (d_in, or C_in/groups x kernel). The batched bf16 GEMMs are
+// no faster than the fused kernel over fewer than 64 positions or columns (a first convolution
+// on RGB: 27 columns), nor on a grouped convolution's small per-group matrices
+// (bench/results/precision_cpu.md).
+inline MaterializePath materialize_path(at::ScalarType t, Precision precision, int64_t positions, int64_t columns,
+                                        int64_t groups = 1) {
+  if (precision == Precision::Bf16 && (t == at::kFloat || t == at::kBFloat16) && positions >= 64 && columns >= 64 &&
+      groups == 1 && bf16_gemm_available())
+    return MaterializePath::Bf16Gemm;
   if (result_dtype(t) == at::kFloat && fused_gemm_sqnorm_available()) return MaterializePath::Fused;
   return MaterializePath::Blas;
 }

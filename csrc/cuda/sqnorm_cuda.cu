@@ -108,8 +108,10 @@ void launch(Tensor& out, const Tensor& x, const Tensor& g, const Geometry& geo, 
   });
 }
 
+// Precision::Bf16 changes nothing here: the tile programs read the inputs as given (bfloat16
+// inputs run on tensor cores either way).
 void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
-                 const std::string& method, bool add) {
+                 const std::string& method, bool add, Precision) {
   Tensor A = a.reshape({sh.N, sh.T, sh.d_in});
   Tensor G = g.reshape({sh.N, sh.T, sh.d_out});
   Geometry geo = tiles::linear_geometry(sh, A, G, bias);
@@ -121,7 +123,7 @@ void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tens
 }
 
 void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias, const std::string& method,
-               bool add) {
+               bool add, Precision) {
   Geometry geo = tiles::conv_geometry(s, x, g, bias);
   if (!geo.fits_32bit()) {  // strides too wide for the kernels' 32-bit offsets: a dense copy may fit
     const Tensor xc = x.contiguous(), gc = g.contiguous();

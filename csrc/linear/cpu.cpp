@@ -42,7 +42,7 @@ void linear_rows_into(Tensor& out, const LinearShape& sh, const Tensor& a, const
 
 // The norms into out; with want_weight, returns the weight gradient as well (else undefined).
 Tensor linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
-                   const std::string& method, bool add, bool want_weight) {
+                   const std::string& method, bool add, bool want_weight, Precision precision) {
   const auto acc = result_dtype(a.scalar_type());
   if (sh.N == 0 || sh.T == 1) {
     if (sh.N > 0) {
@@ -54,11 +54,11 @@ Tensor linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Te
   }
   const Tensor A = a.reshape({sh.N, sh.T, sh.d_in});
   const Tensor G = g.reshape({sh.N, sh.T, sh.d_out});
-  const MaterializePath path = materialize_path(a.scalar_type(), sh.T);
+  const MaterializePath path = materialize_path(a.scalar_type(), precision, sh.T, sh.d_in);
   const Method m = choose_method(method, sh.T, sh.d_in, sh.d_out, materialize_cost(path));
   const bool fused = m == Method::Materialize && path == MaterializePath::Fused;
   // the batched GEMMs' dtype: bfloat16 on the Bf16Gemm path, else the result dtype
-  const auto gemm = m == Method::Materialize && path == MaterializePath::Bf16Gemm ? a.scalar_type() : acc;
+  const auto gemm = m == Method::Materialize && path == MaterializePath::Bf16Gemm ? at::kBFloat16 : acc;
   const int64_t nr = fused_panel_width(sh.d_out, sh.d_in);
   const int64_t full = sh.d_in / nr, tail = sh.d_in - full * nr;
   // The weight gradient's transpose, one row per panel column (the tail panel's zero columns too).
@@ -104,13 +104,13 @@ Tensor linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Te
 }
 
 void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
-                 const std::string& method, bool add) {
-  linear_impl(out, sh, a, g, bias, method, add, /*want_weight=*/false);
+                 const std::string& method, bool add, Precision precision) {
+  linear_impl(out, sh, a, g, bias, method, add, /*want_weight=*/false, precision);
 }
 
 Tensor linear_grad_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
                         const std::string& method) {
-  return linear_impl(out, sh, a, g, bias, method, /*add=*/false, /*want_weight=*/true);
+  return linear_impl(out, sh, a, g, bias, method, /*add=*/false, /*want_weight=*/true, Precision::Full);
 }
 
 }  // namespace

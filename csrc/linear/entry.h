@@ -1,7 +1,7 @@
 // The linear ops' entry points, shared by every device: shape checks, output allocation, the
 // call into a device's kernels, and their registration. A device gives
 //   void linear_into(Tensor& out, const LinearShape&, const Tensor& a, const Tensor& g, bool bias,
-//                    const std::string& method, bool add);  // add: accumulate into out
+//                    const std::string& method, bool add, Precision);  // add: accumulate into out
 //   Tensor linear_grad_into(Tensor& out, const LinearShape&, a, g, bias, method);
 // the latter writing the norms into out and returning the weight gradient (any floating dtype;
 // the entry casts it to the inputs'). unfused_linear_grad makes it from the norm kernel and
@@ -26,7 +26,7 @@ inline at::Tensor linear_weight_grad(const LinearShape& sh, const at::Tensor& a,
 template <auto linear_into>
 at::Tensor unfused_linear_grad(at::Tensor& out, const LinearShape& sh, const at::Tensor& a, const at::Tensor& g,
                                bool bias, const std::string& method) {
-  linear_into(out, sh, a, g, bias, method, /*add=*/false);
+  linear_into(out, sh, a, g, bias, method, /*add=*/false, Precision::Full);
   return linear_weight_grad(sh, a, g);
 }
 
@@ -34,18 +34,21 @@ template <auto linear_into, auto linear_grad_into>
 struct LinearEntry {
   using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-  static at::Tensor linear(const at::Tensor& a, const at::Tensor& g, bool bias, c10::string_view method) {
+  static at::Tensor linear(const at::Tensor& a, const at::Tensor& g, bool bias, c10::string_view method,
+                           c10::string_view precision) {
     const LinearShape sh = linear_shape(a, g);
+    const Precision p = parse_precision(precision);
     at::Tensor out = at::empty({sh.N}, a.options().dtype(result_dtype(a.scalar_type())));
-    linear_into(out, sh, a, g, bias, std::string(method), /*add=*/false);
+    linear_into(out, sh, a, g, bias, std::string(method), /*add=*/false, p);
     return out;
   }
 
   static void linear_accumulate(at::Tensor acc, const at::Tensor& a, const at::Tensor& g, bool bias,
-                                c10::string_view method) {
+                                c10::string_view method, c10::string_view precision) {
     const LinearShape sh = linear_shape(a, g);
+    const Precision p = parse_precision(precision);
     check_accumulator(acc, a, "a", g);
-    linear_into(acc, sh, a, g, bias, std::string(method), /*add=*/true);
+    linear_into(acc, sh, a, g, bias, std::string(method), /*add=*/true, p);
   }
 
   // (weight gradient, bias gradient or undefined without bias, per-example squared norms).

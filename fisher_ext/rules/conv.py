@@ -19,9 +19,9 @@ def _zero_padded(module: nn.Module) -> bool:
 def _conv(module, names: list, call: Call, x, g):
     out = {}
     if "weight" in names:
-        out["weight"] = conv_sqnorm(*call.lowered(x, g.to(x.dtype)), kernel_size=module.kernel_size,
-                                    stride=module.stride, padding=module.padding, dilation=module.dilation,
-                                    groups=module.groups, bias=False)
+        out["weight"] = conv_sqnorm(x, g.to(x.dtype), kernel_size=module.kernel_size, stride=module.stride,
+                                    padding=module.padding, dilation=module.dilation, groups=module.groups,
+                                    bias=False, precision=call.precision)
     return out
 
 

@@ -26,7 +26,7 @@ def linear_rule(module: nn.Linear, names: list, call: Call):
     x, g = batch_first(call, call.args[0], call.grad)
     out = {}
     if "weight" in names:
-        out["weight"] = linear_sqnorm(*call.lowered(x, g.to(x.dtype)), bias=False)
+        out["weight"] = linear_sqnorm(x, g.to(x.dtype), bias=False, precision=call.precision)
     if "bias" in names:
         out["bias"] = bias_norm(g, -1)
     return out

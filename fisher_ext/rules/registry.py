@@ -47,8 +47,8 @@ class Call:
         batch_dims: the dimension of each output leaf that holds the examples (None where no
             gradient reached it), found by the capture from the losses of single examples.
         rng, buffers: the random state and the module's buffers before the call, for :meth:`rerun`.
-        reduced: the dtype a rule may compute its norms in for float32 inputs (torch.bfloat16
-            under ``precision='bf16'``; see :meth:`lowered`), or None for the inputs' own.
+        precision: the ``precision`` a rule passes to the norm ops ('full', or 'bf16' under
+            ``fisher_trace(..., precision='bf16')``: bfloat16 GEMMs allowed where they are faster).
     """
 
     args: tuple
@@ -59,13 +59,7 @@ class Call:
     batch_dims: list
     rng: RandomState | None = None
     buffers: BufferState | None = None
-    reduced: torch.dtype | None = None
-
-    def lowered(self, *tensors: torch.Tensor) -> tuple:
-        """``tensors`` with float32 ones cast to :attr:`reduced` (unchanged where it is None)."""
-        if self.reduced is None:
-            return tensors
-        return tuple(t.to(self.reduced) if t.dtype == torch.float32 else t for t in tensors)
+    precision: str = "full"
 
     def rerun(self, module: nn.Module) -> Any:
         """``module.forward`` on the captured inputs again, as the call ran: same random draws, same
