@@ -144,10 +144,11 @@ struct ShiftPlan {
 
 ShiftPlan plan_shift(const ConvShape& s) {
   ShiftPlan p{};
-  p.width = kFusedPanelWidths[0];
-  for (int64_t w : kFusedPanelWidths)  // the width that pads the group's channels least; 14 runs
-    // 32-channel tiles only, half idle for 16 output channels or fewer (measured slower there)
-    if ((w != 14 || s.cout_g > 16) && (s.cin_g + w - 1) / w * w < (s.cin_g + p.width - 1) / p.width * p.width)
+  // 12 and 14 columns run 32-channel tiles, 16 and 24 16-channel ones (gemm_sqnorm.cpp)
+  const bool wide = s.cout_g > 16;
+  p.width = wide ? 12 : 16;
+  for (int64_t w : kFusedPanelWidths)  // of the widths for these channels, the one that pads the input's least
+    if ((w == 12 || w == 14) == wide && (s.cin_g + w - 1) / w * w < (s.cin_g + p.width - 1) / p.width * p.width)
       p.width = w;
   p.cpad = (s.cin_g + p.width - 1) / p.width * p.width;
   p.ctot = p.cpad * s.groups;

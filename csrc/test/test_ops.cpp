@@ -10,13 +10,15 @@ using namespace fisher_ext_test;
 
 int main() {
   at::manual_seed(0);
-  auto conv = c10::Dispatcher::singleton()
-                  .findSchemaOrThrow("fisher_ext::conv_sqnorm", "")
-                  .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
-                                    at::IntArrayRef, at::IntArrayRef, int64_t, bool, c10::string_view)>();
-  auto linear = c10::Dispatcher::singleton()
-                    .findSchemaOrThrow("fisher_ext::linear_sqnorm", "")
-                    .typed<at::Tensor(const at::Tensor&, const at::Tensor&, bool, c10::string_view)>();
+  auto conv =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fisher_ext::conv_sqnorm", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                            at::IntArrayRef, int64_t, bool, c10::string_view, c10::string_view)>();
+  auto linear =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fisher_ext::linear_sqnorm", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, bool, c10::string_view, c10::string_view)>();
 
   struct ConvCase {
     int64_t N, C_in, C_out, H, k, stride, pad, dil, groups;
@@ -35,8 +37,8 @@ int main() {
         auto g = at::randn({c.N, c.C_out, Ho, Ho}).to(dtype);
         const auto want = naive_conv2d(x, g, c.k, c.stride, c.pad, c.dil, c.groups);
         for (const char* method : {"ghost", "materialize"}) {
-          auto s =
-              conv.call(x, g, {c.k, c.k}, {c.stride, c.stride}, {c.pad, c.pad}, {c.dil, c.dil}, c.groups, true, method);
+          auto s = conv.call(x, g, {c.k, c.k}, {c.stride, c.stride}, {c.pad, c.pad}, {c.dil, c.dil}, c.groups, true,
+                             method, "full");
           const double tol = dtype == at::kDouble ? 1e-10 : 1e-4;
           check(max_rel_err(s, want) < tol, "conv2d C_in=" + std::to_string(c.C_in) +
                                                 " groups=" + std::to_string(c.groups) + " " + method + " " +
@@ -48,17 +50,28 @@ int main() {
       auto a = at::randn({3, 7, 30}), g = at::randn({3, 7, d_out});
       const auto want = naive_linear(a, g);
       for (const char* method : {"ghost", "materialize"})
-        check(max_rel_err(linear.call(a, g, true, method), want) < 1e-4,
+        check(max_rel_err(linear.call(a, g, true, method, "full"), want) < 1e-4,
               "linear d_out=" + std::to_string(d_out) + " " + method + " " + path);
     }
   }
   bool threw = false;
   try {
-    linear.call(at::randn({2, 3}), at::randn({3, 4}), true, "auto");
+    linear.call(at::randn({2, 3}), at::randn({3, 4}), true, "auto", "full");
   } catch (const c10::Error& e) {
     threw = std::string(e.what()).find("g: expected the batch size N=2 of a, got 3") != std::string::npos;
   }
   check(threw, "mismatched batch size raises a message naming g");
+  {  // precision "bf16": bfloat16 GEMMs where the CPU has them (96 positions, 72 columns), else "full"
+    auto a = at::randn({3, 96, 72}), g = at::randn({3, 96, 40});
+    check(max_rel_err(linear.call(a, g, true, "materialize", "bf16"), naive_linear(a, g)) < 4e-3, "linear bf16");
+    threw = false;
+    try {
+      linear.call(a, g, true, "auto", "fp16");
+    } catch (const c10::Error& e) {
+      threw = std::string(e.what()).find("precision: expected 'full' or 'bf16', got 'fp16'") != std::string::npos;
+    }
+    check(threw, "an unknown precision raises a message naming it");
+  }
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }
