@@ -394,7 +394,9 @@ class Capture:
         """
         if self.error is not None:
             raise self.error
-        for record in self.records.values():
+        for module, record in self.records.items():
+            if module in done:  # formed already: only whether a gradient reached it counts below
+                continue
             record.grads = [(g * scale if scale != 1.0 else g) if g is not None else None for g in record.grads]
             if not differentiable:  # the norms are values, not part of a graph
                 record.grads = [g.detach() if g is not None else None for g in record.grads]

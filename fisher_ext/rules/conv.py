@@ -34,7 +34,7 @@ def conv_gradients(module: nn.modules.conv._ConvNd, names: list, call: Call):
         grads["weight"], _, norms["weight"] = conv_grad_sqnorm(
             x, g.to(x.dtype), kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
             dilation=module.dilation, groups=module.groups, bias=False)
-    if "bias" in names:
+    if "bias" in names:  # the gradient summed as autograd sums it: the finite difference mixes the two
         grads["bias"] = g.sum([d for d in range(g.dim()) if d != 1])
         norms["bias"] = bias_norm(g, 1)
     return grads, norms

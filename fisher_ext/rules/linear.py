@@ -15,7 +15,7 @@ def linear_gradients(module: nn.Linear, names: list, call: Call):
     grads, norms = {}, {}
     if "weight" in names:
         grads["weight"], _, norms["weight"] = linear_grad_sqnorm(x, g.to(x.dtype), bias=False)
-    if "bias" in names:
+    if "bias" in names:  # the gradient summed as autograd sums it: the finite difference mixes the two
         grads["bias"] = g.reshape(-1, g.shape[-1]).sum(0)
         norms["bias"] = bias_norm(g, -1)
     return grads, norms

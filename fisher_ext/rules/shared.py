@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..reference import result_dtype
 from ..reference import to_accumulation_dtype as acc
 from .registry import Call, UnsupportedModuleError
 
@@ -29,6 +30,9 @@ def sqnorm_per_example(t: torch.Tensor) -> torch.Tensor:
 
 
 def bias_norm(g: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """``||sum over positions of g_n||^2`` per example, channels on ``channel_dim``."""
-    g = acc(g).movedim(channel_dim, -1)
-    return g.reshape(g.shape[0], -1, g.shape[-1]).sum(1).square().sum(1)
+    """``||sum over positions of g_n||^2`` per example, channels on ``channel_dim``: one pass over
+    ``g`` in the accumulation dtype, no copy of it."""
+    channel_dim %= g.dim()
+    dims = [d for d in range(1, g.dim()) if d != channel_dim]
+    sums = g.sum(dims, dtype=result_dtype(g.dtype)) if dims else acc(g)
+    return sums.square().sum(1)
