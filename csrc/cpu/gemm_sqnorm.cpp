@@ -12,6 +12,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
 
 namespace fisher_ext {
@@ -122,7 +123,59 @@ FISHER_EXT_AVX512 double panel_sqnorm(const float* a, int64_t lda, int64_t M, co
   return total;
 }
 
+// r[c] (16 values of row c) becomes r[p] (value p of every row): unpacks of 32- and 64-bit pairs
+// within 128-bit lanes, then two rounds of lane shuffles.
+FISHER_EXT_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(u[i], u[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(u[i], u[4 + i], 0xdd);
+    t[8 + i] = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+  }
+}
+
+FISHER_EXT_AVX512 void transpose_rows_avx512(const float* src, int64_t lds, int64_t C, int64_t n, float* dst,
+                                             int64_t ldd, float* sums) {
+  const __mmask16 channels = lanes(C);
+  __m512 total = _mm512_setzero_ps();  // lane c: row c's sum
+  for (int64_t p0 = 0; p0 < n; p0 += 16) {
+    const int64_t np = std::min<int64_t>(16, n - p0);
+    const __mmask16 positions = lanes(np);
+    __m512 r[16];
+    for (int c = 0; c < 16; ++c)
+      r[c] = c < C ? _mm512_maskz_loadu_ps(positions, src + c * lds + p0) : _mm512_setzero_ps();
+    transpose16(r);
+    for (int64_t p = 0; p < np; ++p) {
+      _mm512_mask_storeu_ps(dst + (p0 + p) * ldd, channels, r[p]);
+      total = _mm512_add_ps(total, r[p]);
+    }
+  }
+  _mm512_mask_storeu_ps(sums, channels, _mm512_add_ps(_mm512_maskz_loadu_ps(channels, sums), total));
+}
+
 }  // namespace
+
+void transpose_rows(const float* src, int64_t lds, int64_t C, int64_t n, float* dst, int64_t ldd, float* sums) {
+  TORCH_CHECK(C >= 0 && C <= 16, "transpose_rows: C: expected 0 to 16 rows, got ", C);
+  transpose_rows_avx512(src, lds, C, n, dst, ldd, sums);
+}
 
 bool fused_gemm_sqnorm_available() {
   static const bool cpu_has_it = __builtin_cpu_supports("avx512f");

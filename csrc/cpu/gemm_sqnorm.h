@@ -36,6 +36,11 @@ struct PositionRuns {
   int64_t count, length, stride;
 };
 
+// dst[p * ldd + c] = src[c * lds + p] for c < C <= 16 and p < n (C rows of n contiguous values),
+// a 16 x 16 block at a time in registers; sums[c] += the values of row c (float). Needs
+// fused_gemm_sqnorm_available().
+void transpose_rows(const float* src, int64_t lds, int64_t C, int64_t n, float* dst, int64_t ldd, float* sums);
+
 // Needs fused_gemm_sqnorm_available(); width is one of kFusedPanelWidths.
 double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step, int64_t j_step,
                           PositionRuns K, int64_t width, float* wt = nullptr, int64_t ldw = 0);
