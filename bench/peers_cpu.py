@@ -166,14 +166,21 @@ def oracle(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return _func_sqnorms(copy.deepcopy(layer).double(), x.double(), g.double())()
 
 
-def measure(layer_id: str, batch: int, repeats: int, installed: dict) -> dict:
+def captured(layer_id: str, batch: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A layer of the benchmark list (seeded), a batch of inputs and an output gradient: what a hook
+    would capture (the list's batch override applies)."""
     make, shape, batch_override = LAYERS[layer_id]
-    batch = batch_override or batch
     torch.manual_seed(0)
     layer = make()
-    x = torch.randn(batch, *shape)
+    x = torch.randn(batch_override or batch, *shape)
     with torch.no_grad():
         g = torch.randn_like(layer(x))
+    return layer, x, g
+
+
+def measure(layer_id: str, batch: int, repeats: int, installed: dict) -> dict:
+    layer, x, g = captured(layer_id, batch)
+    batch = x.shape[0]
     want = oracle(layer, x, g)
     fns, errors = {}, {}
     table = methods(layer, x, g, installed)

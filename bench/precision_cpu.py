@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fisher_ext  # noqa: E402
 from fisher_ext.experiments.models import ResNet18  # noqa: E402
 from ops_cpu import LAYERS, _cpu_name  # noqa: E402
-from peers_cpu import interleaved_medians, oracle  # noqa: E402
+from peers_cpu import captured, interleaved_medians, oracle  # noqa: E402
 
 
 def _op(layer: nn.Module):
@@ -53,13 +53,8 @@ def _errors(got: torch.Tensor, want: torch.Tensor) -> dict:
 
 
 def measure_layer(layer_id: str, batch: int, repeats: int) -> dict:
-    make, shape, batch_override = LAYERS[layer_id]
-    batch = batch_override or batch
-    torch.manual_seed(0)
-    layer = make()
-    x = torch.randn(batch, *shape)
-    with torch.no_grad():
-        g = torch.randn_like(layer(x))
+    layer, x, g = captured(layer_id, batch)
+    batch = x.shape[0]
     want = oracle(layer, x, g)
     op = _op(layer)
     xb, gb = x.bfloat16(), g.bfloat16()
