@@ -53,17 +53,22 @@ from ops_cpu import LAYERS, _cpu_name  # noqa: E402
 PEERS = ("opacus", "opacus-ghost", "backpack", "func")
 
 
-def _versions() -> dict[str, str | None]:
-    out = {}
-    for name, module in (("opacus", "opacus"), ("backpack", "backpack")):
-        try:
-            from importlib.metadata import version
+def installed_versions(packages: dict[str, tuple[str, str]]) -> dict[str, str | None]:
+    """name -> the version of (module, distribution) where the module imports, else None."""
+    from importlib.metadata import version
 
+    out = {}
+    for name, (module, distribution) in packages.items():
+        try:
             __import__(module)
-            out[name] = version({"opacus": "opacus", "backpack": "backpack-for-pytorch"}[name])
+            out[name] = version(distribution)
         except ImportError:
             out[name] = None
     return out
+
+
+def _versions() -> dict[str, str | None]:
+    return installed_versions({"opacus": ("opacus", "opacus"), "backpack": ("backpack", "backpack-for-pytorch")})
 
 
 def calls_per_sample(fn: Callable, at_least: float = 5e-3) -> int:

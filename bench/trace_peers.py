@@ -41,6 +41,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from monitor import make  # noqa: E402
 from ops_cpu import _cpu_name  # noqa: E402
+from peers_cpu import installed_versions  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ["ours", "nngeometry", "curvlinops-ggn", "curvlinops-mc"]
@@ -113,17 +114,6 @@ def run_one(method: str, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {}
-    for name in ("nngeometry", "curvlinops-for-pytorch"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def write_report(rows: dict, meta: dict, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "trace_peers.json"), "w") as f:
@@ -173,7 +163,9 @@ def main() -> None:
     meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "cpu": _cpu_name(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
             "threads": torch.get_num_threads(), "batch": args.batch, "matvecs": args.matvecs,
-            "repeats": args.repeats, "versions": _versions()}
+            "repeats": args.repeats,
+            "versions": installed_versions({"nngeometry": ("nngeometry", "nngeometry"),
+                                            "curvlinops-for-pytorch": ("curvlinops", "curvlinops-for-pytorch")})}
     write_report(rows, meta, args.out)
 
 

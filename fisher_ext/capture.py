@@ -30,7 +30,6 @@ from .rules.registry import Call
 from ._schemas import check_precision
 from .state import BufferState, RandomState
 
-
 Tensor = torch.Tensor
 
 

@@ -109,10 +109,10 @@ def fisher_trace(
             ``torch.initial_seed()`` (the global random stream is not drawn from).
         logits: where the likelihood's parameters are in the model's output, for a model that returns
             more than them (``lambda out: out[0]``, ``lambda out: out["logits"]``).
-        precision: 'full' (default: the norms in the model's own dtype) or 'bf16' (the Linear and
-            Conv norms of float32 layers from bfloat16-rounded inputs and output gradients, float32
-            accumulation: faster where the CPU has native bfloat16 GEMMs (AVX512-BF16, AMX), at a
-            relative error of about 1e-3 per example; docs/precision.md).
+        precision: 'full' (default: float32 accumulation of the captured tensors as they are) or
+            'bf16' (the Linear and Conv norms may use bfloat16 GEMMs where the CPU has native ones
+            (AVX512-BF16, AMX) and they are faster, at a relative error of about 2e-4 per example;
+            the same values as 'full' elsewhere; docs/precision.md).
     """
     return _trace(model, inputs, get_likelihood(likelihood), estimator, labels, samples, LabelGenerator(generator),
                   logits, precision)
@@ -158,9 +158,9 @@ class FisherTraceMonitor:
     across the ranks; :meth:`backward` writes its gradient through DDP's reducer. ``scope='local'``:
     each rank's own batch.
 
-    ``precision='bf16'`` computes the Linear and Conv norms of :meth:`estimate` and :meth:`probe`
-    from bfloat16-rounded inputs (as :func:`fisher_trace`); :meth:`backward`'s come from the
-    training gradient's own pass, in the model's dtype.
+    ``precision='bf16'`` lets the Linear and Conv norms of :meth:`estimate` and :meth:`probe` use
+    bfloat16 GEMMs (as :func:`fisher_trace`); :meth:`backward`'s come from the training gradient's
+    own pass, in full precision.
     """
 
     def __init__(self, model: nn.Module, *, likelihood: Union[str, Likelihood] = "categorical",

@@ -128,14 +128,15 @@ inline void write_result(Tensor& out, int64_t n0, const Tensor& s, bool add) {
 }
 
 // Per batch entry: ||G X^T||_F^2 (materialize) or <X^T X, G^T G>_F (ghost), as float32 (float64
-// for float64). X: (B, rows, L), G: (B, d_out, L); any strides. Uses scratch slots 1 and 2.
+// for float64; bfloat16 materialize squares and sums in float32). X: (B, rows, L), G: (B, d_out, L); any strides. Uses
+// scratch slots 1 and 2.
 inline Tensor rule(const Tensor& X, const Tensor& G, Method method, Scratch& scratch) {
   const int64_t B = X.size(0), L = X.size(2);
   if (method == Method::Ghost) {
     Tensor gram = scratch.get(1, {B, L, L}, X.options()), gg = scratch.get(2, {B, L, L}, X.options());
     at::bmm_out(gram, X.transpose(1, 2), X);
     at::bmm_out(gg, G.transpose(1, 2), G);
-    return gram.mul_(gg).sum({1, 2}, false, result_dtype(X.scalar_type()));
+    return gram.mul_(gg).sum({1, 2});  // ghost runs in the result dtype
   }
   Tensor W = scratch.get(1, {B, G.size(1), X.size(1)}, X.options());
   at::bmm_out(W, G, X.transpose(1, 2));

@@ -170,6 +170,12 @@ FISHER_EXT_AVX512 void transpose_rows_avx512(const float* src, int64_t lds, int6
   _mm512_mask_storeu_ps(sums, channels, _mm512_add_ps(_mm512_maskz_loadu_ps(channels, sums), total));
 }
 
+// Whether the environment variable `name` turns a kernel off (set, and neither empty nor "0").
+bool turned_off(const char* name) {
+  const char* value = std::getenv(name);
+  return value && *value && *value != '0';
+}
+
 }  // namespace
 
 void transpose_rows(const float* src, int64_t lds, int64_t C, int64_t n, float* dst, int64_t ldd, float* sums) {
@@ -179,14 +185,12 @@ void transpose_rows(const float* src, int64_t lds, int64_t C, int64_t n, float* 
 
 bool fused_gemm_sqnorm_available() {
   static const bool cpu_has_it = __builtin_cpu_supports("avx512f");
-  const char* off = std::getenv("FISHER_EXT_CPU_NO_AVX512");
-  return cpu_has_it && !(off && *off && *off != '0');
+  return cpu_has_it && !turned_off("FISHER_EXT_CPU_NO_AVX512");
 }
 
 bool bf16_gemm_available() {
   static const bool cpu_has_it = __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
-  const char* off = std::getenv("FISHER_EXT_CPU_NO_BF16_GEMM");
-  return cpu_has_it && !(off && *off && *off != '0');
+  return cpu_has_it && !turned_off("FISHER_EXT_CPU_NO_BF16_GEMM");
 }
 
 int64_t fused_panel_width(int64_t M, int64_t rows) {
