@@ -140,6 +140,9 @@ class Record:
     grads: list = field(default_factory=list)
     versions: tuple = ()  # the outputs' version counters when produced (in-place use changes them)
     batch_dims: list = field(default_factory=list)  # of each output (Capture.find_batch_dims)
+    # takes (output index, gradient) in place of storing it, during the capture's own backward;
+    # what it returns replaces the gradient (None: unchanged)
+    consume: Any = None
 
 
 class _Uses(TorchFunctionMode):
@@ -226,6 +229,7 @@ class Capture:
         than by a later garbage collection."""
         for record in self.records.values():
             record.args, record.kwargs, record.outputs, record.grads = (), {}, [], []
+            record.consume = None
         self.records, self.users, self.before, self.output_leaves = {}, {}, {}, []
         self.error = None
 
@@ -285,8 +289,12 @@ class Capture:
 
     def _grad_slot(self, record: Record, i: int):
         def store(g):
-            if self.collecting:  # not during the caller's own backward
-                record.grads[i] = g
+            if not self.collecting:  # not during the caller's own backward
+                return None
+            if record.consume is not None:
+                return record.consume(i, g)
+            record.grads[i] = g
+            return None
         return store
 
     def produced(self, t: Any) -> bool:

@@ -4,6 +4,8 @@ ones where that is exact."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,6 +110,55 @@ def test_float32_conv_net_on_the_compiled_kernels():
     _, norms64, _, _ = fused_step(model64, (x.double(),), labels)
     for k in norms64:
         torch.testing.assert_close(norms[k].double(), norms64[k], rtol=1e-4, atol=0)
+
+
+class _Probe(torch.autograd.Function):
+    """Identity whose backward calls ``check()``: a look at what is alive at that point of a backward."""
+
+    @staticmethod
+    def forward(ctx, x, check):
+        ctx.check = check
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.check()
+        return g, None
+
+
+def test_output_gradients_are_freed_as_the_backward_goes():
+    """Each layer's output gradient is used inside the backward (fused gradients and norms, or
+    another rule's norms) and freed there, as a plain backward frees it: by the time the backward
+    reaches the first layer, the later layers' output gradients are gone. The gradients and norms
+    are still exact, with the first layer (whose node autograd would not run) fused too."""
+    torch.manual_seed(0)
+    seen: list = []
+    alive: list = []
+    probe = nn.Module()
+
+    def check():  # the gradients seen in this backward, so far
+        alive.append([r() is not None for r in seen])
+        seen.clear()
+
+    probe.forward = lambda x: _Probe.apply(x, check)
+    model = nn.Sequential(nn.Linear(6, 8), probe, nn.Tanh(), nn.Linear(8, 8), nn.LayerNorm(8), nn.Tanh(),
+                          nn.Linear(8, 4)).double()
+
+    def watch(module, args, out):  # after the capture's own hooks: they see the same gradient
+        out.register_hook(lambda g: seen.append(weakref.ref(g)))
+
+    for layer in (model[3], model[4], model[6]):
+        layer.register_forward_hook(watch)
+    x, labels = torch.randn(N, 6, dtype=torch.float64), torch.randint(4, (N,))
+    grads, norms, layers, want = fused_step(model, (x,), labels)
+    assert set(layers) == {model[0], model[3], model[6]}
+    assert alive[-2] == [False, False, False]  # the fused backward's (then the reference's)
+    assert_same_grads(grads, want)
+    params = dict(model.named_parameters())
+    for n in range(N):  # the oracle: each example's own backward
+        got = torch.autograd.grad(F.cross_entropy(model(x[n:n + 1]), labels[n:n + 1]), list(params.values()))
+        for (name, _), g in zip(params.items(), got):
+            torch.testing.assert_close(norms[name][n], g.square().sum(), rtol=1e-10, atol=0, msg=name)
 
 
 # ---- FisherTraceMonitor.backward: the training backward with the empirical Fisher's Tr(F) ----------

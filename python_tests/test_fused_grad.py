@@ -90,11 +90,13 @@ def test_reduced_precision(device, dtype):
     assert_close_rel(norms, per_example_sqnorm(module, x.cpu(), g.cpu()), 2e-5)
 
 
-def test_norms_equal_the_norm_op(device):
-    """The fused op's norms are the norm op's own (same kernels, same summation order)."""
+@pytest.mark.parametrize("method", ["ghost", "materialize"])
+def test_norms_equal_the_norm_op(device, method):
+    """Given one method, the fused op's norms are the norm op's own (same kernels, same summation
+    order). Their 'auto' may differ: the fused op's weighs the weight gradient it gets for free."""
     module, x, g = make_conv(CONV_CASES[10], True, N=6, dtype=torch.float32, device=device)
-    _, _, norms = fisher_ext.conv_grad_sqnorm(x, g, bias=True, **conv_kwargs(module))
-    assert torch.equal(norms, fisher_ext.conv_sqnorm(x, g, bias=True, **conv_kwargs(module)))
+    _, _, norms = fisher_ext.conv_grad_sqnorm(x, g, bias=True, method=method, **conv_kwargs(module))
+    assert torch.equal(norms, fisher_ext.conv_sqnorm(x, g, bias=True, method=method, **conv_kwargs(module)))
 
 
 def test_empty_batch(device):

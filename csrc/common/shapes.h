@@ -35,6 +35,17 @@ inline Method choose_method(const std::string& method, int64_t T, int64_t d_in, 
   return double(T) * (d_in + d_out) <= materialize_cost * d_in * d_out ? Method::Ghost : Method::Materialize;
 }
 
+// 'auto' of the fused ops (weight gradient and norms) where the materialize path forms the batch
+// weight gradient from the same tiles: materialize ~ d_in d_out (T + 8), each example's tile
+// costing about 8 positions' worth in its squaring, summing and storing; ghost also computes the
+// weight gradient, ~ T d_in d_out more (bench/results/peers_cpu.md, the ResNet-18 layers).
+inline Method choose_fused_method(const std::string& method, int64_t T, int64_t d_in, int64_t d_out,
+                                  double materialize_cost) {
+  if (method != "auto") return choose_method(method, T, d_in, d_out);
+  const double ghost = double(T) * T * (d_in + d_out) + double(T) * d_in * d_out;
+  return ghost < materialize_cost * d_in * d_out * (T + 8) ? Method::Ghost : Method::Materialize;
+}
+
 inline void check_inputs(const at::Tensor& a, const char* a_name, const at::Tensor& g) {
   TORCH_CHECK(a.device() == g.device(), a_name, " and g: expected tensors on one device, got ", a.device(), " and ",
               g.device());

@@ -342,7 +342,9 @@ Tensor conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor&
   const auto acc = result_dtype(x.scalar_type());
   const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol();
   const MaterializePath path = materialize_path(x.scalar_type(), precision, P, rows, s.groups);
-  const Method m = choose_method(method, P, rows, s.cout_g, materialize_cost(path));
+  const Method m = want_weight && path == MaterializePath::Fused
+                       ? choose_fused_method(method, P, rows, s.cout_g, materialize_cost(path))
+                       : choose_method(method, P, rows, s.cout_g, materialize_cost(path));
   const bool fused = m == Method::Materialize && path == MaterializePath::Fused;
   const bool bf16_gemm = m == Method::Materialize && path == MaterializePath::Bf16Gemm;
   const bool unit_stride = s.stride[0] == 1 && s.stride[1] == 1 && s.stride[2] == 1;

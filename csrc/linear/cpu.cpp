@@ -55,7 +55,9 @@ Tensor linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Te
   const Tensor A = a.reshape({sh.N, sh.T, sh.d_in});
   const Tensor G = g.reshape({sh.N, sh.T, sh.d_out});
   const MaterializePath path = materialize_path(a.scalar_type(), precision, sh.T, sh.d_in);
-  const Method m = choose_method(method, sh.T, sh.d_in, sh.d_out, materialize_cost(path));
+  const Method m = want_weight && path == MaterializePath::Fused
+                       ? choose_fused_method(method, sh.T, sh.d_in, sh.d_out, materialize_cost(path))
+                       : choose_method(method, sh.T, sh.d_in, sh.d_out, materialize_cost(path));
   const bool fused = m == Method::Materialize && path == MaterializePath::Fused;
   // the batched GEMMs' dtype: bfloat16 on the Bf16Gemm path, else the result dtype
   const auto gemm = m == Method::Materialize && path == MaterializePath::Bf16Gemm ? at::kBFloat16 : acc;
