@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from .capture import Capture, _detach
+from .capture import Capture, Record, _detach
 from .rules import rule_for
 from .rules.registry import Call
 
@@ -64,13 +64,9 @@ def fused_layers(capture: Capture, params: Sequence[Tensor], uses: dict,
         names = capture.owners.get(module, [])
         if rule is None or rule.gradients is None or not names:
             continue
-        live = [i for i, o in enumerate(record.outputs) if o is not None]
-        if len(live) != 1:
-            continue
-        i = live[0]
+        i = _single_output(record)
         x = record.args[0] if record.args else None
-        if record.outputs[i]._version != record.versions[i] or record.outputs[i].grad_fn is None \
-                or not record.batch_dims or record.batch_dims[i] != 0:
+        if i is None or record.batch_dims[i] != 0 or record.outputs[i].grad_fn is None:
             continue
         own = [by_name.get(full) for _, full in names]
         if any(p is None for p in own) or not isinstance(x, Tensor) or record.outputs[i].dtype != x.dtype \
@@ -98,11 +94,21 @@ def norm_layers(capture: Capture, fused: dict) -> dict[nn.Module, int]:
         rule = rule_for(module)
         if module in fused or module not in capture.owners or rule is None or rule.reruns:
             continue
-        live = [i for i, o in enumerate(record.outputs) if o is not None]
-        if len(live) == 1 and record.outputs[live[0]]._version == record.versions[live[0]] \
-                and record.batch_dims and record.batch_dims[live[0]] is not None:
-            found[module] = live[0]
+        i = _single_output(record)
+        if i is not None:
+            found[module] = i
     return found
+
+
+def _single_output(record: Record) -> int | None:
+    """The index of a record's one output leaf that requires grad, if it is unchanged since the
+    forward and its batch dim is known; else None."""
+    live = [i for i, o in enumerate(record.outputs) if o is not None]
+    if len(live) != 1 or not record.batch_dims:
+        return None
+    i = live[0]
+    unchanged = record.outputs[i]._version == record.versions[i]
+    return i if unchanged and record.batch_dims[i] is not None else None
 
 
 def _former(capture: Capture, module: nn.Module, n: int, fuse: bool, asked: bool, formed: dict):
