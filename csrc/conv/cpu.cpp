@@ -69,10 +69,11 @@ void pack_row(const scalar_t* xn, const std::array<int64_t, 5>& st, const ConvSh
 // output position (oz, oh, ow) becomes row oz * pitch_z + oh * pitch_h + ow of C_out values
 // (rows between are left alone). 16 channels at a time (float32 with contiguous rows: 16 x 16
 // blocks in registers); ATen's strided copy of the transpose is ~10x slower. Returns the bias
-// term ||sum_p g[:, p]||^2, summed on the way.
+// term ||sum_p g[:, p]||^2, summed on the way; unless bias_grad is null, adds sum_p g[:, p] into it
+// (C_out values: the bias gradient of the examples so far).
 template <typename scalar_t>
 double pack_transposed(const scalar_t* gn, const std::array<int64_t, 5>& st, const ConvShape& s, int64_t pitch_h,
-                       int64_t pitch_z, float* gt) {
+                       int64_t pitch_z, float* gt, float* bias_grad) {
   constexpr int64_t kChannels = 16;
   double bias_sq = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -84,7 +85,10 @@ double pack_transposed(const scalar_t* gn, const std::array<int64_t, 5>& st, con
           for (int64_t oh = 0; oh < s.out[1]; ++oh)
             transpose_rows(gn + o0 * st[1] + oz * st[2] + oh * st[3], st[1], width, s.out[2],
                            gt + (oz * pitch_z + oh * pitch_h) * s.C_out + o0, s.C_out, sums);
-        for (int64_t o = 0; o < width; ++o) bias_sq += double(sums[o]) * sums[o];
+        for (int64_t o = 0; o < width; ++o) {
+          bias_sq += double(sums[o]) * sums[o];
+          if (bias_grad) bias_grad[o0 + o] += sums[o];
+        }
       }
       return bias_sq;
     }
@@ -103,7 +107,10 @@ double pack_transposed(const scalar_t* gn, const std::array<int64_t, 5>& st, con
             sums[o] += v;
           }
       }
-    for (int64_t o = 0; o < width; ++o) bias_sq += sums[o] * sums[o];
+    for (int64_t o = 0; o < width; ++o) {
+      bias_sq += sums[o] * sums[o];
+      if (bias_grad) bias_grad[o0 + o] += static_cast<float>(sums[o]);
+    }
   }
   return bias_sq;
 }
@@ -115,10 +122,11 @@ constexpr int64_t kPitchPad = 16;
 // Fused path (float32 accumulation, AVX-512): per example and group, the im2col rows are
 // packed a panel (nr rows of P) at a time into a small cache-resident buffer and consumed
 // at once by the register-tiled kernel: implicit GEMM, no im2col matrix in memory.
-// wt (or null): the weight gradient's transpose, (groups, rows rounded up to panels, cout_g).
+// wt (or null): the weight gradient's transpose, (groups, rows rounded up to panels, cout_g);
+// bias_grad (or null): the bias gradient (C_out).
 template <typename scalar_t>
 void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool bias, int64_t n0, int64_t cnt,
-                      Scratch& scratch, float* result, float* wt) {
+                      Scratch& scratch, float* result, float* wt, float* bias_grad) {
   const auto xst = strides5(x), gst = strides5(g);
   const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol(), nr = fused_panel_width(s.cout_g, rows);
   const int64_t rows_pad = (rows + nr - 1) / nr * nr;
@@ -129,7 +137,7 @@ void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool
   for (int64_t n = 0; n < cnt; ++n) {
     const scalar_t* xn = x.data_ptr<scalar_t>() + (n0 + n) * xst[0];
     const double bias_sq = pack_transposed<scalar_t>(g.data_ptr<scalar_t>() + (n0 + n) * gst[0], gst, s, s.out[2],
-                                                     s.out[1] * s.out[2], gt);
+                                                     s.out[1] * s.out[2], gt, bias_grad);
     double total = bias ? bias_sq : 0.0;
     for (int64_t gr = 0; gr < s.groups; ++gr) {
       for (int64_t r0 = 0; r0 < rows; r0 += nr) {
@@ -196,37 +204,49 @@ bool prefer_shift(const ConvShape& s, const ShiftPlan& p) {
   return shifted < packed;
 }
 
+// The input's positions of one example into the grid, channels last; the grid's padding (border
+// positions, channels past cin_g in each group) is left alone: zeroed once per block by the caller.
+// float32 with contiguous rows goes 16 channels at a time through registers.
 template <typename scalar_t>
 void pack_shift_grid(const scalar_t* xn, const std::array<int64_t, 5>& st, const ConvShape& s, const ShiftPlan& p,
                      float* grid) {
-  for (int64_t q = 0; q < p.Lx; ++q) {
-    const int64_t iz = q / (p.Hp * p.Wp) - s.pad[0], ih = (q / p.Wp) % p.Hp - s.pad[1], iw = q % p.Wp - s.pad[2];
-    float* dst = grid + q * p.ctot;
-    if (iz < 0 || iz >= s.in[0] || ih < 0 || ih >= s.in[1] || iw < 0 || iw >= s.in[2]) {
-      std::fill(dst, dst + p.ctot, 0.f);
-      continue;
+  bool in_registers = false;
+  if constexpr (std::is_same_v<scalar_t, float>) in_registers = st[4] == 1 && fused_gemm_sqnorm_available();
+  for (int64_t iz = 0; iz < s.in[0]; ++iz)
+    for (int64_t ih = 0; ih < s.in[1]; ++ih) {
+      const scalar_t* src_row = xn + iz * st[2] + ih * st[3];
+      float* dst_row = grid + (((iz + s.pad[0]) * p.Hp + ih + s.pad[1]) * p.Wp + s.pad[2]) * p.ctot;
+      for (int64_t gr = 0; gr < s.groups; ++gr)
+        for (int64_t c0 = 0; c0 < s.cin_g; c0 += 16) {
+          const int64_t C = std::min<int64_t>(16, s.cin_g - c0);
+          const scalar_t* src = src_row + (gr * s.cin_g + c0) * st[1];
+          float* dst = dst_row + gr * p.cpad + c0;
+          if constexpr (std::is_same_v<scalar_t, float>)
+            if (in_registers) {
+              transpose_rows(src, st[1], C, s.in[2], dst, p.ctot, nullptr);
+              continue;
+            }
+          for (int64_t iw = 0; iw < s.in[2]; ++iw)
+            for (int64_t c = 0; c < C; ++c) dst[iw * p.ctot + c] = static_cast<float>(src[c * st[1] + iw * st[4]]);
+        }
     }
-    const scalar_t* src = xn + iz * st[2] + ih * st[3] + iw * st[4];
-    for (int64_t gr = 0; gr < s.groups; ++gr, dst += p.cpad) {
-      for (int64_t c = 0; c < s.cin_g; ++c) dst[c] = static_cast<float>(src[(gr * s.cin_g + c) * st[1]]);
-      std::fill(dst + s.cin_g, dst + p.cpad, 0.f);
-    }
-  }
 }
 
-// wt (or null): the weight gradient's transpose, (groups, k_vol, cpad, cout_g).
+// wt (or null): the weight gradient's transpose, (groups, k_vol, cpad, cout_g); bias_grad (or
+// null): the bias gradient (C_out).
 template <typename scalar_t>
 void conv_block_shifted(const Tensor& x, const Tensor& g, const ConvShape& s, const ShiftPlan& p, bool bias, int64_t n0,
-                        int64_t cnt, Scratch& scratch, float* result, float* wt) {
+                        int64_t cnt, Scratch& scratch, float* result, float* wt, float* bias_grad) {
   const auto xst = strides5(x), gst = strides5(g);
   const auto opts = x.options().dtype(at::kFloat);
-  float* grid = scratch.get(0, {p.Lx * p.ctot}, opts).data_ptr<float>();
-  float* gt = scratch.get(1, {p.L * s.C_out}, opts).data_ptr<float>();
+  // Zeroed once: every example writes the same positions, so the grid's padding and g's
+  // wrap-around columns stay zero.
+  float* grid = scratch.get(0, {p.Lx * p.ctot}, opts).zero_().data_ptr<float>();
+  float* gt = scratch.get(1, {p.L * s.C_out}, opts).zero_().data_ptr<float>();
   for (int64_t n = 0; n < cnt; ++n) {
     pack_shift_grid<scalar_t>(x.data_ptr<scalar_t>() + (n0 + n) * xst[0], xst, s, p, grid);
-    std::fill(gt, gt + p.L * s.C_out, 0.f);  // the wrap-around columns stay zero
     const double bias_sq =
-        pack_transposed<scalar_t>(g.data_ptr<scalar_t>() + (n0 + n) * gst[0], gst, s, p.Wp, p.Hp * p.Wp, gt);
+        pack_transposed<scalar_t>(g.data_ptr<scalar_t>() + (n0 + n) * gst[0], gst, s, p.Wp, p.Hp * p.Wp, gt, bias_grad);
     double total = bias ? bias_sq : 0.0;
     const int64_t kv = static_cast<int64_t>(p.offsets.size());
     for (int64_t gr = 0; gr < s.groups; ++gr)
@@ -335,10 +355,11 @@ Tensor conv_block_gram_shift(const Tensor& x, const Tensor& G, const ConvShape& 
   return sb;
 }
 
-// The norms into out; with want_weight, returns the weight gradient as well (else undefined).
-Tensor conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
-                 const std::string& method, bool add, bool want_weight, Precision precision) {
-  if (s.N == 0) return want_weight ? conv_weight_grad(s, x, g) : Tensor();
+// The norms into out; with want_weight, returns the weight gradient as well (else undefined), and
+// the bias gradient where the fused kernels formed it.
+WeightGrads conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
+                      const std::string& method, bool add, bool want_weight, Precision precision) {
+  if (s.N == 0) return {want_weight ? conv_weight_grad(s, x, g) : Tensor(), Tensor()};
   const auto acc = result_dtype(x.scalar_type());
   const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol();
   const MaterializePath path = materialize_path(x.scalar_type(), precision, P, rows, s.groups);
@@ -369,21 +390,24 @@ Tensor conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor&
   const int64_t nr = fused_panel_width(s.cout_g, rows);
   const std::vector<int64_t> wt_sizes = shifted ? std::vector<int64_t>{s.groups, s.k_vol(), shift.cpad, s.cout_g}
                                                 : std::vector<int64_t>{s.groups, (rows + nr - 1) / nr * nr, s.cout_g};
-  Partials weight(wt_sizes, x.options());
+  // One partial sum per thread: the weight gradient's transpose, then the bias gradient (C_out).
+  const int64_t wt_numel = c10::multiply_integers(wt_sizes), bias_numel = bias ? s.C_out : 0;
+  Partials weight({wt_numel + bias_numel}, x.options());
+  auto bias_part = [&](float* wt) { return wt && bias ? wt + wt_numel : nullptr; };
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_sqnorm_cpu", [&] {
     for_each_block(s.N, nb, [&](int64_t n0, int64_t cnt, Scratch& scratch) {
       Tensor sb;
       if (shifted) {
         sb = at::empty({cnt}, x.options().dtype(at::kFloat));
-        conv_block_shifted<scalar_t>(x, g, s, shift, bias, n0, cnt, scratch, sb.data_ptr<float>(),
-                                     want_weight ? weight.mine() : nullptr);
+        float* wt = want_weight ? weight.mine() : nullptr;
+        conv_block_shifted<scalar_t>(x, g, s, shift, bias, n0, cnt, scratch, sb.data_ptr<float>(), wt, bias_part(wt));
       } else if (gram_shift) {
         sb = conv_block_gram_shift<scalar_t>(x, G, s, gram_plan, bias, n0, cnt, scratch);
       } else if (fused) {
         sb = at::empty({cnt}, x.options().dtype(at::kFloat));
-        conv_block_fused<scalar_t>(x, g, s, bias, n0, cnt, scratch, sb.data_ptr<float>(),
-                                   want_weight ? weight.mine() : nullptr);
+        float* wt = want_weight ? weight.mine() : nullptr;
+        conv_block_fused<scalar_t>(x, g, s, bias, n0, cnt, scratch, sb.data_ptr<float>(), wt, bias_part(wt));
       } else if (bf16_gemm) {  // packed in bfloat16 (only float32 and bfloat16 inputs get here)
         using gemm_t = std::conditional_t<std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>,
                                           at::BFloat16, at::opmath_type<scalar_t>>;
@@ -394,14 +418,15 @@ Tensor conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor&
       write_result(out, n0, sb, add);
     });
   });
-  if (!want_weight) return Tensor();
-  if (!fused) return conv_weight_grad(s, x, g);
+  if (!want_weight) return {};
+  if (!fused) return {conv_weight_grad(s, x, g), Tensor()};
   std::vector<int64_t> kernel{s.C_out, s.cin_g};  // the weight's shape: (C_out, cin_g, *kernel)
   for (int64_t d = 3 - (x.dim() - 2); d < 3; ++d) kernel.push_back(s.k[d]);
-  const Tensor wt = weight.sum();
+  const Tensor total = weight.sum();
+  const Tensor wt = total.narrow(0, 0, wt_numel).view(wt_sizes);
   const Tensor w = shifted ? wt.narrow(2, 0, s.cin_g).permute({0, 3, 2, 1})  // (groups, cout_g, cin_g, k_vol)
                            : wt.narrow(1, 0, rows).permute({0, 2, 1});       // (groups, cout_g, rows)
-  return w.reshape(kernel);
+  return {w.reshape(kernel), bias ? total.narrow(0, wt_numel, s.C_out) : Tensor()};
 }
 
 void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias, const std::string& method,
@@ -409,8 +434,8 @@ void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g
   conv_impl(out, s, x, g, bias, method, add, /*want_weight=*/false, precision);
 }
 
-Tensor conv_grad_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
-                      const std::string& method) {
+WeightGrads conv_grad_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
+                           const std::string& method) {
   return conv_impl(out, s, x, g, bias, method, /*add=*/false, /*want_weight=*/true, Precision::Full);
 }
 

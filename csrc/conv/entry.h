@@ -2,10 +2,11 @@
 // the call into a device's kernels, and their registration. A device gives
 //   void conv_into(Tensor& out, const ConvShape&, const Tensor& x, const Tensor& g, bool bias,
 //                  const std::string& method, bool add, Precision);  // add: accumulate into out
-//   Tensor conv_grad_into(Tensor& out, const ConvShape&, x, g, bias, method);
-// the latter writing the norms into out and returning the weight gradient (any floating dtype;
-// the entry casts it to the inputs'). unfused_conv_grad makes it from the norm kernel and
-// ATen's weight gradient, for a device without a fused kernel.
+//   WeightGrads conv_grad_into(Tensor& out, const ConvShape&, x, g, bias, method);
+// the latter writing the norms into out and returning the weight gradient and, where its kernel
+// formed it on the way, the bias gradient (any floating dtype; the entry casts them to the
+// inputs', and sums g for a bias gradient left undefined). unfused_conv_grad makes them from the
+// norm kernel and ATen's weight gradient, for a device without a fused kernel.
 #pragma once
 
 #include <torch/library.h>
@@ -53,11 +54,16 @@ inline at::Tensor conv_weight_grad(const ConvShape& s, const at::Tensor& x, cons
                                               false, zeros, s.groups, {false, true, false}));
 }
 
+// A fused op's gradients: the bias gradient is undefined where the kernel did not form it.
+struct WeightGrads {
+  at::Tensor weight, bias;
+};
+
 template <auto conv_into>
-at::Tensor unfused_conv_grad(at::Tensor& out, const ConvShape& s, const at::Tensor& x, const at::Tensor& g, bool bias,
-                             const std::string& method) {
+WeightGrads unfused_conv_grad(at::Tensor& out, const ConvShape& s, const at::Tensor& x, const at::Tensor& g, bool bias,
+                              const std::string& method) {
   conv_into(out, s, x, g, bias, method, /*add=*/false, Precision::Full);
-  return conv_weight_grad(s, x, g);
+  return {conv_weight_grad(s, x, g), at::Tensor()};
 }
 
 template <auto conv_into, auto conv_grad_into>
@@ -88,11 +94,16 @@ struct ConvEntry {
                          c10::string_view method) {
     const ConvShape s = conv_shape(x, g, kernel_size, stride, padding, dilation, groups);
     at::Tensor out = at::empty({s.N}, x.options().dtype(result_dtype(x.scalar_type())));
-    at::Tensor weight = conv_grad_into(out, s, x, g, bias, std::string(method)).to(x.scalar_type());
-    std::vector<int64_t> reduce{0};
-    for (int64_t d = 2; d < g.dim(); ++d) reduce.push_back(d);
-    at::Tensor bias_grad = bias ? g.sum(reduce) : at::Tensor();
-    return {weight, bias_grad, out};
+    const WeightGrads grads = conv_grad_into(out, s, x, g, bias, std::string(method));
+    at::Tensor bias_grad;
+    if (bias && grads.bias.defined()) {
+      bias_grad = grads.bias.to(x.scalar_type());
+    } else if (bias) {
+      std::vector<int64_t> reduce{0};
+      for (int64_t d = 2; d < g.dim(); ++d) reduce.push_back(d);
+      bias_grad = g.sum(reduce);
+    }
+    return {grads.weight.to(x.scalar_type()), bias_grad, out};
   }
 
   // In a TORCH_LIBRARY_IMPL block of the device.

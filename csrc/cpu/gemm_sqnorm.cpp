@@ -167,7 +167,7 @@ FISHER_EXT_AVX512 void transpose_rows_avx512(const float* src, int64_t lds, int6
       total = _mm512_add_ps(total, r[p]);
     }
   }
-  _mm512_mask_storeu_ps(sums, channels, _mm512_add_ps(_mm512_maskz_loadu_ps(channels, sums), total));
+  if (sums) _mm512_mask_storeu_ps(sums, channels, _mm512_add_ps(_mm512_maskz_loadu_ps(channels, sums), total));
 }
 
 // Whether the environment variable `name` turns a kernel off (set, and neither empty nor "0").

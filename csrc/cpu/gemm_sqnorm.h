@@ -37,8 +37,8 @@ struct PositionRuns {
 };
 
 // dst[p * ldd + c] = src[c * lds + p] for c < C <= 16 and p < n (C rows of n contiguous values),
-// a 16 x 16 block at a time in registers; sums[c] += the values of row c (float). Needs
-// fused_gemm_sqnorm_available().
+// a 16 x 16 block at a time in registers; unless sums is null, sums[c] += the values of row c
+// (float). Needs fused_gemm_sqnorm_available().
 void transpose_rows(const float* src, int64_t lds, int64_t C, int64_t n, float* dst, int64_t ldd, float* sums);
 
 // Needs fused_gemm_sqnorm_available(); width is one of kFusedPanelWidths.
