@@ -70,6 +70,12 @@ inline void check_accumulator(const at::Tensor& acc, const at::Tensor& a, const 
 }
 
 // Linear: a (N, *, d_in) and g (N, *, d_out), flattened to (N, T, d).
+// What a device's fused op returns: the weight gradient and the bias gradient, undefined where the
+// kernel did not form it on the way (the entry then sums g).
+struct WeightGrads {
+  at::Tensor weight, bias;
+};
+
 struct LinearShape {
   int64_t N, T, d_in, d_out;
 };

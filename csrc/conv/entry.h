@@ -54,11 +54,6 @@ inline at::Tensor conv_weight_grad(const ConvShape& s, const at::Tensor& x, cons
                                               false, zeros, s.groups, {false, true, false}));
 }
 
-// A fused op's gradients: the bias gradient is undefined where the kernel did not form it.
-struct WeightGrads {
-  at::Tensor weight, bias;
-};
-
 template <auto conv_into>
 WeightGrads unfused_conv_grad(at::Tensor& out, const ConvShape& s, const at::Tensor& x, const at::Tensor& g, bool bias,
                               const std::string& method) {

@@ -40,9 +40,10 @@ void linear_rows_into(Tensor& out, const LinearShape& sh, const Tensor& a, const
   });
 }
 
-// The norms into out; with want_weight, returns the weight gradient as well (else undefined).
-Tensor linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
-                   const std::string& method, bool add, bool want_weight, Precision precision) {
+// The norms into out; with want_weight, returns the weight gradient as well (else undefined), and
+// the bias gradient where the fused kernel formed it.
+WeightGrads linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
+                        const std::string& method, bool add, bool want_weight, Precision precision) {
   const auto acc = result_dtype(a.scalar_type());
   if (sh.N == 0 || sh.T == 1) {
     if (sh.N > 0) {
@@ -50,7 +51,7 @@ Tensor linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Te
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "linear_rows",
                                       [&] { linear_rows_into<scalar_t>(out, sh, a, g, bias, add); });
     }
-    return want_weight ? linear_weight_grad(sh, a, g) : Tensor();
+    return {want_weight ? linear_weight_grad(sh, a, g) : Tensor(), Tensor()};
   }
   const Tensor A = a.reshape({sh.N, sh.T, sh.d_in});
   const Tensor G = g.reshape({sh.N, sh.T, sh.d_out});
@@ -63,8 +64,10 @@ Tensor linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Te
   const auto gemm = m == Method::Materialize && path == MaterializePath::Bf16Gemm ? at::kBFloat16 : acc;
   const int64_t nr = fused_panel_width(sh.d_out, sh.d_in);
   const int64_t full = sh.d_in / nr, tail = sh.d_in - full * nr;
-  // The weight gradient's transpose, one row per panel column (the tail panel's zero columns too).
-  Partials weight({(full + (tail ? 1 : 0)) * nr, sh.d_out}, a.options());
+  // The weight gradient's transpose, one row per panel column (the tail panel's zero columns too),
+  // then with a bias the bias gradient: one partial sum per thread.
+  const int64_t wt_rows = (full + (tail ? 1 : 0)) * nr;
+  Partials weight({wt_rows + (bias ? 1 : 0), sh.d_out}, a.options());
   const int64_t elt = at::elementSize(acc);
   const int64_t ws = m == Method::Ghost ? 2 * sh.T * sh.T : sh.d_in * sh.d_out;
   const int64_t nb = block_size(sh.N, elt * (ws + sh.T * (sh.d_in + sh.d_out)));
@@ -72,11 +75,11 @@ Tensor linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Te
     const Tensor Ab = A.narrow(0, n0, cnt).to(gemm).contiguous();
     const Tensor Gb = G.narrow(0, n0, cnt).to(gemm).contiguous();
     Tensor s;
+    float* wt = fused && want_weight ? weight.mine() : nullptr;
     if (fused) {
       // Full panels are read from a in place (row pitch d_in); the last, partial one is
       // copied into a zero-padded panel.
       float* tail_panel = scratch.get(0, {sh.T * nr}, Ab.options()).zero_().data_ptr<float>();
-      float* wt = want_weight ? weight.mine() : nullptr;
       auto at_panel = [&](int64_t t) { return wt ? wt + t * nr * sh.d_out : nullptr; };
       s = at::empty({cnt}, Ab.options());
       float* sp = s.data_ptr<float>();
@@ -98,11 +101,17 @@ Tensor linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Te
     } else {
       s = rule(Ab.transpose(1, 2), Gb.transpose(1, 2), m, scratch);
     }
-    if (bias) s.add_(bias_term(Gb.transpose(1, 2)));
+    if (bias) {
+      const Tensor sums = Gb.sum(1, false, acc);  // each example's bias gradient
+      s.add_(sums.square().sum(1));
+      if (wt) at::from_blob(wt + wt_rows * sh.d_out, {sh.d_out}, sums.options()).add_(sums.sum(0));
+    }
     write_result(out, n0, s, add);
   });
-  if (!want_weight) return Tensor();
-  return fused ? weight.sum().narrow(0, 0, sh.d_in).t().contiguous() : linear_weight_grad(sh, a, g);
+  if (!want_weight) return {};
+  if (!fused) return {linear_weight_grad(sh, a, g), Tensor()};
+  const Tensor total = weight.sum();
+  return {total.narrow(0, 0, sh.d_in).t().contiguous(), bias ? total[wt_rows] : Tensor()};
 }
 
 void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
@@ -110,8 +119,8 @@ void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tens
   linear_impl(out, sh, a, g, bias, method, add, /*want_weight=*/false, precision);
 }
 
-Tensor linear_grad_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
-                        const std::string& method) {
+WeightGrads linear_grad_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
+                             const std::string& method) {
   return linear_impl(out, sh, a, g, bias, method, /*add=*/false, /*want_weight=*/true, Precision::Full);
 }
 

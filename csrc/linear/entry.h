@@ -2,10 +2,11 @@
 // call into a device's kernels, and their registration. A device gives
 //   void linear_into(Tensor& out, const LinearShape&, const Tensor& a, const Tensor& g, bool bias,
 //                    const std::string& method, bool add, Precision);  // add: accumulate into out
-//   Tensor linear_grad_into(Tensor& out, const LinearShape&, a, g, bias, method);
-// the latter writing the norms into out and returning the weight gradient (any floating dtype;
-// the entry casts it to the inputs'). unfused_linear_grad makes it from the norm kernel and
-// ATen's weight gradient, for a device without a fused kernel.
+//   WeightGrads linear_grad_into(Tensor& out, const LinearShape&, a, g, bias, method);
+// the latter writing the norms into out and returning the weight gradient and, where its kernel
+// formed it on the way, the bias gradient (any floating dtype; the entry casts them to the
+// inputs', and sums g for a bias gradient left undefined). unfused_linear_grad makes them from
+// the norm kernel and ATen's weight gradient, for a device without a fused kernel.
 #pragma once
 
 #include <torch/library.h>
@@ -24,10 +25,10 @@ inline at::Tensor linear_weight_grad(const LinearShape& sh, const at::Tensor& a,
 }
 
 template <auto linear_into>
-at::Tensor unfused_linear_grad(at::Tensor& out, const LinearShape& sh, const at::Tensor& a, const at::Tensor& g,
-                               bool bias, const std::string& method) {
+WeightGrads unfused_linear_grad(at::Tensor& out, const LinearShape& sh, const at::Tensor& a, const at::Tensor& g,
+                                bool bias, const std::string& method) {
   linear_into(out, sh, a, g, bias, method, /*add=*/false, Precision::Full);
-  return linear_weight_grad(sh, a, g);
+  return {linear_weight_grad(sh, a, g), at::Tensor()};
 }
 
 template <auto linear_into, auto linear_grad_into>
@@ -55,9 +56,11 @@ struct LinearEntry {
   static Grads linear_grad(const at::Tensor& a, const at::Tensor& g, bool bias, c10::string_view method) {
     const LinearShape sh = linear_shape(a, g);
     at::Tensor out = at::empty({sh.N}, a.options().dtype(result_dtype(a.scalar_type())));
-    at::Tensor weight = linear_grad_into(out, sh, a, g, bias, std::string(method)).to(a.scalar_type());
-    at::Tensor bias_grad = bias ? g.reshape({sh.N * sh.T, sh.d_out}).sum(0) : at::Tensor();
-    return {weight, bias_grad, out};
+    const WeightGrads grads = linear_grad_into(out, sh, a, g, bias, std::string(method));
+    at::Tensor bias_grad;
+    if (bias)
+      bias_grad = grads.bias.defined() ? grads.bias.to(a.scalar_type()) : g.reshape({sh.N * sh.T, sh.d_out}).sum(0);
+    return {grads.weight.to(a.scalar_type()), bias_grad, out};
   }
 
   // In a TORCH_LIBRARY_IMPL block of the device.
