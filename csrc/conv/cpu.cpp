@@ -119,9 +119,10 @@ double pack_transposed(const scalar_t* gn, const std::array<int64_t, 5>& st, con
 // power of two (32 x 32 outputs) would put all the kernel's panel columns in one L1 cache set.
 constexpr int64_t kPitchPad = 16;
 
-// Fused path (float32 accumulation, AVX-512): per example and group, the im2col rows are
-// packed a panel (nr rows of P) at a time into a small cache-resident buffer and consumed
-// at once by the register-tiled kernel: implicit GEMM, no im2col matrix in memory.
+// Fused path (float32 accumulation, AVX-512): per group, the im2col rows are packed a panel
+// (nr rows of P) at a time into a small cache-resident buffer and consumed at once by the
+// register-tiled kernel: implicit GEMM, no im2col matrix in memory. A few examples (their g
+// transposed) go through each panel in turn (examples_in_cache).
 // wt (or null): the weight gradient's transpose, (groups, rows rounded up to panels, cout_g);
 // bias_grad (or null): the bias gradient (C_out).
 template <typename scalar_t>
@@ -131,25 +132,31 @@ void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool
   const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol(), nr = fused_panel_width(s.cout_g, rows);
   const int64_t rows_pad = (rows + nr - 1) / nr * nr;
   const int64_t pitch = P + kPitchPad;
+  const int64_t m = examples_in_cache(P * s.C_out * int64_t(sizeof(float)), cnt);
   const auto opts = x.options().dtype(at::kFloat);
   float* panel = scratch.get(0, {pitch * nr}, opts).data_ptr<float>();
-  float* gt = scratch.get(1, {P * s.C_out}, opts).data_ptr<float>();
-  for (int64_t n = 0; n < cnt; ++n) {
-    const scalar_t* xn = x.data_ptr<scalar_t>() + (n0 + n) * xst[0];
-    const double bias_sq = pack_transposed<scalar_t>(g.data_ptr<scalar_t>() + (n0 + n) * gst[0], gst, s, s.out[2],
-                                                     s.out[1] * s.out[2], gt, bias_grad);
-    double total = bias ? bias_sq : 0.0;
-    for (int64_t gr = 0; gr < s.groups; ++gr) {
+  float* gts = scratch.get(1, {m, P * s.C_out}, opts).data_ptr<float>();
+  std::vector<double> totals(m);
+  for (int64_t e0 = 0; e0 < cnt; e0 += m) {
+    const int64_t me = std::min(m, cnt - e0);
+    for (int64_t e = 0; e < me; ++e) {
+      const double bias_sq = pack_transposed<scalar_t>(g.data_ptr<scalar_t>() + (n0 + e0 + e) * gst[0], gst, s,
+                                                       s.out[2], s.out[1] * s.out[2], gts + e * P * s.C_out, bias_grad);
+      totals[e] = bias ? bias_sq : 0.0;
+    }
+    for (int64_t gr = 0; gr < s.groups; ++gr)
       for (int64_t r0 = 0; r0 < rows; r0 += nr) {
         const int64_t width = std::min(nr, rows - r0);
-        for (int64_t j = 0; j < width; ++j)
-          pack_row<scalar_t, float>(xn, xst, s, gr * rows + r0 + j, panel + j * pitch);
-        std::fill(panel + width * pitch, panel + nr * pitch, 0.f);
-        total += fused_panel_sqnorm(gt + gr * s.cout_g, s.C_out, s.cout_g, panel, 1, pitch, {1, P, P}, nr,
-                                    wt ? wt + (gr * rows_pad + r0) * s.cout_g : nullptr, s.cout_g);
+        for (int64_t e = 0; e < me; ++e) {
+          const scalar_t* xn = x.data_ptr<scalar_t>() + (n0 + e0 + e) * xst[0];
+          for (int64_t j = 0; j < width; ++j)
+            pack_row<scalar_t, float>(xn, xst, s, gr * rows + r0 + j, panel + j * pitch);
+          std::fill(panel + width * pitch, panel + nr * pitch, 0.f);
+          totals[e] += fused_panel_sqnorm(gts + e * P * s.C_out + gr * s.cout_g, s.C_out, s.cout_g, panel, 1, pitch,
+                                          {1, P, P}, nr, wt ? wt + (gr * rows_pad + r0) * s.cout_g : nullptr, s.cout_g);
+        }
       }
-    }
-    result[n] = static_cast<float>(total);
+    for (int64_t e = 0; e < me; ++e) result[e0 + e] = static_cast<float>(totals[e]);
   }
 }
 
@@ -239,23 +246,31 @@ void conv_block_shifted(const Tensor& x, const Tensor& g, const ConvShape& s, co
                         int64_t cnt, Scratch& scratch, float* result, float* wt, float* bias_grad) {
   const auto xst = strides5(x), gst = strides5(g);
   const auto opts = x.options().dtype(at::kFloat);
-  // Zeroed once: every example writes the same positions, so the grid's padding and g's
+  const int64_t grid_size = p.Lx * p.ctot, gt_size = p.L * s.C_out;
+  const int64_t m = examples_in_cache((grid_size + gt_size) * int64_t(sizeof(float)), cnt);
+  // Zeroed once: every example writes the same positions, so the grids' padding and g's
   // wrap-around columns stay zero.
-  float* grid = scratch.get(0, {p.Lx * p.ctot}, opts).zero_().data_ptr<float>();
-  float* gt = scratch.get(1, {p.L * s.C_out}, opts).zero_().data_ptr<float>();
-  for (int64_t n = 0; n < cnt; ++n) {
-    pack_shift_grid<scalar_t>(x.data_ptr<scalar_t>() + (n0 + n) * xst[0], xst, s, p, grid);
-    const double bias_sq =
-        pack_transposed<scalar_t>(g.data_ptr<scalar_t>() + (n0 + n) * gst[0], gst, s, p.Wp, p.Hp * p.Wp, gt, bias_grad);
-    double total = bias ? bias_sq : 0.0;
-    const int64_t kv = static_cast<int64_t>(p.offsets.size());
+  float* grids = scratch.get(0, {m, grid_size}, opts).zero_().data_ptr<float>();
+  float* gts = scratch.get(1, {m, gt_size}, opts).zero_().data_ptr<float>();
+  std::vector<double> totals(m);
+  const int64_t kv = static_cast<int64_t>(p.offsets.size());
+  for (int64_t e0 = 0; e0 < cnt; e0 += m) {
+    const int64_t me = std::min(m, cnt - e0);
+    for (int64_t e = 0; e < me; ++e) {
+      pack_shift_grid<scalar_t>(x.data_ptr<scalar_t>() + (n0 + e0 + e) * xst[0], xst, s, p, grids + e * grid_size);
+      const double bias_sq = pack_transposed<scalar_t>(g.data_ptr<scalar_t>() + (n0 + e0 + e) * gst[0], gst, s, p.Wp,
+                                                       p.Hp * p.Wp, gts + e * gt_size, bias_grad);
+      totals[e] = bias ? bias_sq : 0.0;
+    }
     for (int64_t gr = 0; gr < s.groups; ++gr)
       for (int64_t ki = 0; ki < kv; ++ki)
         for (int64_t c0 = 0; c0 < p.cpad; c0 += p.width)
-          total += fused_panel_sqnorm(gt + gr * s.cout_g, s.C_out, s.cout_g,
-                                      grid + p.offsets[ki] * p.ctot + gr * p.cpad + c0, p.ctot, 1, p.runs, p.width,
-                                      wt ? wt + ((gr * kv + ki) * p.cpad + c0) * s.cout_g : nullptr, s.cout_g);
-    result[n] = static_cast<float>(total);
+          for (int64_t e = 0; e < me; ++e)
+            totals[e] +=
+                fused_panel_sqnorm(gts + e * gt_size + gr * s.cout_g, s.C_out, s.cout_g,
+                                   grids + e * grid_size + p.offsets[ki] * p.ctot + gr * p.cpad + c0, p.ctot, 1, p.runs,
+                                   p.width, wt ? wt + ((gr * kv + ki) * p.cpad + c0) * s.cout_g : nullptr, s.cout_g);
+    for (int64_t e = 0; e < me; ++e) result[e0 + e] = static_cast<float>(totals[e]);
   }
 }
 

@@ -65,6 +65,15 @@ inline int64_t block_size(int64_t N, int64_t bytes_per_example) {
   return std::max<int64_t>(1, nb);
 }
 
+// How many examples the fused kernel takes through each panel in turn: as many as keep their
+// packed inputs (bytes_per_example each) within a core's L2 cache, at least 1 and at most cnt.
+// Each panel's weight-gradient tile then stays in L1 across them, where one example at a time would
+// stream the whole weight gradient through the caches per example (megabytes on wide layers).
+inline constexpr int64_t kCacheBytes = 512 << 10;
+inline int64_t examples_in_cache(int64_t bytes_per_example, int64_t cnt) {
+  return std::clamp<int64_t>(kCacheBytes / std::max<int64_t>(1, bytes_per_example), 1, std::max<int64_t>(1, cnt));
+}
+
 // Scratch tensors of one parallel task, allocated once and reused by all its blocks:
 // a fresh multi-megabyte allocation per block costs page faults comparable to the GEMMs.
 class Scratch {
