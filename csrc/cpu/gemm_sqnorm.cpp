@@ -170,6 +170,42 @@ FISHER_EXT_AVX512 void transpose_rows_avx512(const float* src, int64_t lds, int6
   if (sums) _mm512_mask_storeu_ps(sums, channels, _mm512_add_ps(_mm512_maskz_loadu_ps(channels, sums), total));
 }
 
+// gram[i * T + j] = x_i . x_j (both triangles) for the T rows x_i = x[i * ld, + d). Blocks of 4 x 4
+// rows on and above the diagonal; rows past T repeat row T - 1 and their sums are dropped.
+FISHER_EXT_AVX512 void gram_rows(const float* x, int64_t ld, int64_t d, int64_t T, float* gram) {
+  for (int64_t i0 = 0; i0 < T; i0 += 4)
+    for (int64_t j0 = i0; j0 < T; j0 += 4) {
+      const float* r[8];
+      for (int q = 0; q < 4; ++q) {
+        r[q] = x + std::min(i0 + q, T - 1) * ld;
+        r[4 + q] = x + std::min(j0 + q, T - 1) * ld;
+      }
+#define FX_DECL4(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
+      FX_DECL4(0) FX_DECL4(1) FX_DECL4(2) FX_DECL4(3) for (int64_t k = 0; k < d; k += 16) {
+        const __mmask16 mask = lanes(d - k);
+        const __m512 a0 = _mm512_maskz_loadu_ps(mask, r[0] + k), a1 = _mm512_maskz_loadu_ps(mask, r[1] + k);
+        const __m512 a2 = _mm512_maskz_loadu_ps(mask, r[2] + k), a3 = _mm512_maskz_loadu_ps(mask, r[3] + k);
+        const __m512 b0 = _mm512_maskz_loadu_ps(mask, r[4] + k), b1 = _mm512_maskz_loadu_ps(mask, r[5] + k);
+        const __m512 b2 = _mm512_maskz_loadu_ps(mask, r[6] + k), b3 = _mm512_maskz_loadu_ps(mask, r[7] + k);
+#define FX_ROW4(i)                              \
+  c##i##0 = _mm512_fmadd_ps(a##i, b0, c##i##0); \
+  c##i##1 = _mm512_fmadd_ps(a##i, b1, c##i##1); \
+  c##i##2 = _mm512_fmadd_ps(a##i, b2, c##i##2); \
+  c##i##3 = _mm512_fmadd_ps(a##i, b3, c##i##3);
+        FX_ROW4(0) FX_ROW4(1) FX_ROW4(2) FX_ROW4(3)
+      }
+      const __m512 c[16] = {c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33};
+      for (int p = 0; p < 4 && i0 + p < T; ++p)
+        for (int q = 0; q < 4 && j0 + q < T; ++q) {
+          const float v = _mm512_reduce_add_ps(c[p * 4 + q]);
+          gram[(i0 + p) * T + j0 + q] = v;
+          gram[(j0 + q) * T + i0 + p] = v;
+        }
+#undef FX_DECL4
+#undef FX_ROW4
+    }
+}
+
 // Whether the environment variable `name` turns a kernel off (set, and neither empty nor "0").
 bool turned_off(const char* name) {
   const char* value = std::getenv(name);
@@ -197,6 +233,15 @@ int64_t fused_panel_width(int64_t M, int64_t rows) {
   if (M <= 16) return 24;
   const auto padded = [rows](int64_t w) { return (rows + w - 1) / w * w; };
   return padded(14) < padded(12) ? 14 : 12;  // 12 where it pads no more: fewer accumulators
+}
+
+double ghost_sqnorm(const float* a, int64_t lda, int64_t d_a, const float* g, int64_t ldg, int64_t d_g, int64_t T,
+                    float* gram) {
+  gram_rows(a, lda, d_a, T, gram);
+  gram_rows(g, ldg, d_g, T, gram + T * T);
+  double total = 0;
+  for (int64_t i = 0; i < T * T; ++i) total += double(gram[i]) * gram[T * T + i];
+  return total;
 }
 
 double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step, int64_t j_step,

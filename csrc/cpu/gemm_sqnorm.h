@@ -41,6 +41,14 @@ struct PositionRuns {
 // (float). Needs fused_gemm_sqnorm_available().
 void transpose_rows(const float* src, int64_t lds, int64_t C, int64_t n, float* dst, int64_t ldd, float* sums);
 
+// Ghost norm of one example of a linear layer over its T positions:
+//   sum_{s,t} (a_s . a_t) (g_s . g_t),  a_s = a[s * lda, + d_a),  g_s = g[s * ldg, + d_g).
+// Both Gram matrices (T x T, float accumulation) are formed in `gram` (2 T^2 floats), one
+// triangle, 4 x 4 dot products at a time in registers, then contracted in double. Needs
+// fused_gemm_sqnorm_available().
+double ghost_sqnorm(const float* a, int64_t lda, int64_t d_a, const float* g, int64_t ldg, int64_t d_g, int64_t T,
+                    float* gram);
+
 // Needs fused_gemm_sqnorm_available(); width is one of kFusedPanelWidths.
 double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step, int64_t j_step,
                           PositionRuns K, int64_t width, float* wt = nullptr, int64_t ldw = 0);

@@ -1,7 +1,8 @@
 // The linear ops' CPU kernels: per-example squared norms of a Linear layer's weight (and bias)
 // gradient, with the weight gradient itself for the fused op. T = 1 is two dot products per
-// example; otherwise float32 materialize on AVX-512 CPUs runs the fused register-tiled kernel
-// over panels of a read in place, and every other case the batched GEMMs of cpu/blocks.h.
+// example; otherwise float32 on AVX-512 CPUs runs the register-tiled kernels of gemm_sqnorm.h on a
+// and g in place (materialize: the fused GEMM-square-sum over panels of a; ghost: both Gram
+// matrices), and every other case the batched GEMMs of cpu/blocks.h.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -98,6 +99,14 @@ WeightGrads linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, con
         }
         sp[n] = static_cast<float>(total);
       }
+    } else if (m == Method::Ghost && Ab.scalar_type() == at::kFloat && fused_gemm_sqnorm_available()) {
+      float* gram = scratch.get(0, {2 * sh.T * sh.T}, Ab.options()).data_ptr<float>();
+      s = at::empty({cnt}, Ab.options());
+      float* sp = s.data_ptr<float>();
+      for (int64_t n = 0; n < cnt; ++n)
+        sp[n] = static_cast<float>(ghost_sqnorm(Ab.data_ptr<float>() + n * sh.T * sh.d_in, sh.d_in, sh.d_in,
+                                                Gb.data_ptr<float>() + n * sh.T * sh.d_out, sh.d_out, sh.d_out, sh.T,
+                                                gram));
     } else {
       s = rule(Ab.transpose(1, 2), Gb.transpose(1, 2), m, scratch);
     }
