@@ -31,11 +31,14 @@ FISHER_EXT_AVX512 inline void add_column(float* wt, __mmask16 mask, __m512 c) {
   if (mask) _mm512_mask_storeu_ps(wt, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, wt), c));
 }
 
-// 32 channels x NR columns (NR <= 14): 2 NR accumulators; the unused ones compile away.
-template <int NR>
+// 32 channels x NR columns (NR <= 14): 2 NR accumulators; the unused ones compile away. JS: the
+// panel's column stride where it is known at compile time (1: columns adjacent, the broadcasts
+// take constant offsets instead of a register each), 0 where it is js.
+template <int NR, int JS>
 FISHER_EXT_AVX512 float tile_32xN(const float* a_base, int64_t lda, __mmask16 mask0, __mmask16 mask1,
-                                  const float* panel_base, int64_t ks, int64_t js, PositionRuns K, float* wt,
+                                  const float* panel_base, int64_t ks, int64_t js_runtime, PositionRuns K, float* wt,
                                   int64_t ldw) {
+  const int64_t js = JS ? JS : js_runtime;
   static_assert(NR <= 14, "at most 28 accumulators");
 #define FX_DECL(j) __m512 c0_##j = _mm512_setzero_ps(), c1_##j = _mm512_setzero_ps();
   FX_REP14(FX_DECL)
@@ -76,10 +79,11 @@ FISHER_EXT_AVX512 float tile_32xN(const float* a_base, int64_t lda, __mmask16 ma
 #undef FX_ADD
 }
 
-// 16 channels x NR columns (NR <= 24): NR accumulators; the unused ones compile away.
-template <int NR>
+// 16 channels x NR columns (NR <= 24): NR accumulators; the unused ones compile away. JS: as above.
+template <int NR, int JS>
 FISHER_EXT_AVX512 float tile_16xN(const float* a_base, int64_t lda, __mmask16 mask0, __mmask16, const float* panel_base,
-                                  int64_t ks, int64_t js, PositionRuns K, float* wt, int64_t ldw) {
+                                  int64_t ks, int64_t js_runtime, PositionRuns K, float* wt, int64_t ldw) {
+  const int64_t js = JS ? JS : js_runtime;
   static_assert(NR <= 24, "at most 24 accumulators");
 #define FX_DECL(j) __m512 c_##j = _mm512_setzero_ps();
   FX_REP24(FX_DECL)
@@ -246,15 +250,20 @@ double ghost_sqnorm(const float* a, int64_t lda, int64_t d_a, const float* g, in
 
 double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step, int64_t j_step,
                           PositionRuns K, int64_t width, float* wt, int64_t ldw) {
+  const bool adjacent = j_step == 1;
   switch (width) {
     case 12:
-      return panel_sqnorm<32, tile_32xN<12>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
+      return adjacent ? panel_sqnorm<32, tile_32xN<12, 1>>(a, lda, M, panel, k_step, j_step, K, wt, ldw)
+                      : panel_sqnorm<32, tile_32xN<12, 0>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
     case 14:
-      return panel_sqnorm<32, tile_32xN<14>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
+      return adjacent ? panel_sqnorm<32, tile_32xN<14, 1>>(a, lda, M, panel, k_step, j_step, K, wt, ldw)
+                      : panel_sqnorm<32, tile_32xN<14, 0>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
     case 16:
-      return panel_sqnorm<16, tile_16xN<16>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
+      return adjacent ? panel_sqnorm<16, tile_16xN<16, 1>>(a, lda, M, panel, k_step, j_step, K, wt, ldw)
+                      : panel_sqnorm<16, tile_16xN<16, 0>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
     case 24:
-      return panel_sqnorm<16, tile_16xN<24>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
+      return adjacent ? panel_sqnorm<16, tile_16xN<24, 1>>(a, lda, M, panel, k_step, j_step, K, wt, ldw)
+                      : panel_sqnorm<16, tile_16xN<24, 0>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
     default:
       TORCH_CHECK(false, "fused_panel_sqnorm: width: expected 12, 14, 16 or 24, got ", width);
   }
