@@ -41,6 +41,8 @@ CONV_CASES = [
     (2, 18, 4, (3, 3), dict(kernel_size=5, padding=2)),
     (3, 2, 4, (4, 5, 3), dict(kernel_size=(2, 3, 1), stride=(1, 2, 1), padding=(1, 0, 2))),
     (3, 32, 4, (4, 4, 3), dict(kernel_size=2, padding=1, dilation=(1, 2, 1))),
+    (2, 20, 24, (10, 10), dict(kernel_size=3, stride=2)),  # the last input row and column read by no output
+    (2, 12, 40, (8, 7), dict(kernel_size=1, stride=2)),
 ]
 
 CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}

@@ -160,17 +160,26 @@ void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool
   }
 }
 
-// Zero-copy implicit GEMM for stride-1 convolutions (fused path). Each example's input is
-// copied once, channels last, into a zero-padded grid of row pitch Wp and plane pitch Hp*Wp,
-// each group's channels padded to a multiple of the panel width. Every kernel offset is then
-// a plain shift of that grid, so each panel (group, offset, block of channels) is read in
-// place: position stride = all channels, column stride 1. The output gradient is laid on the
-// same pitch with zeros in the columns that wrap around rows, so those add nothing.
+// Zero-copy implicit GEMM (fused path) for stride-1 convolutions and for 1-d and 2-d ones with one
+// stride in both dims. Each example's input is copied once, channels last, into a zero-padded grid
+// (the extent the outputs read) of row pitch Wp and plane pitch Hp*Wp, each group's channels
+// padded to a multiple of the panel width. Every kernel offset is then a plain shift of that grid,
+// so each panel (group, offset, block of channels) is read in place: position step = stride x
+// all channels, column step 1. The output gradient is laid on row pitch Wp too (a stride-s row
+// of outputs spans s grid rows): for 3-d with zeros in the columns that wrap around rows, so those
+// add nothing; for 2-d the kernel skips them.
 struct ShiftPlan {
-  int64_t width, cpad, ctot, Hp, Wp, L, Lx;
+  int64_t width, cpad, ctot, Dp, Hp, Wp, L, Lx, step;
   PositionRuns runs;  // the output positions: for a 2-d output, its rows without the padding between
   std::vector<int64_t> offsets;
 };
+
+// Whether the shifted layout can take the convolution: unit strides, or a 1-d/2-d output with one
+// stride for its rows and columns (a run of outputs then advances the grid as a row of them does).
+bool shiftable(const ConvShape& s) {
+  const bool unit_stride = s.stride[0] == 1 && s.stride[1] == 1 && s.stride[2] == 1;
+  return unit_stride || (s.out[0] == 1 && s.stride[0] == 1 && (s.out[1] == 1 || s.stride[1] == s.stride[2]));
+}
 
 ShiftPlan plan_shift(const ConvShape& s) {
   ShiftPlan p{};
@@ -182,45 +191,54 @@ ShiftPlan plan_shift(const ConvShape& s) {
       p.width = w;
   p.cpad = (s.cin_g + p.width - 1) / p.width * p.width;
   p.ctot = p.cpad * s.groups;
-  p.Hp = s.out[1] + (s.k[1] - 1) * s.dil[1];
-  p.Wp = s.out[2] + (s.k[2] - 1) * s.dil[2];
+  auto extent = [&](int d) { return (s.out[d] - 1) * s.stride[d] + (s.k[d] - 1) * s.dil[d] + 1; };
+  p.Dp = extent(0);
+  p.Hp = extent(1);
+  p.Wp = extent(2);
+  p.step = s.stride[2];
   p.L = ((s.out[0] - 1) * p.Hp + (s.out[1] - 1)) * p.Wp + s.out[2];
   for (int64_t kz = 0; kz < s.k[0]; ++kz)
     for (int64_t kh = 0; kh < s.k[1]; ++kh)
       for (int64_t kw = 0; kw < s.k[2]; ++kw)
         p.offsets.push_back((kz * s.dil[0] * p.Hp + kh * s.dil[1]) * p.Wp + kw * s.dil[2]);
-  p.Lx = p.offsets.back() + p.L;
+  // one past the last grid position read: the last offset's last output
+  p.Lx = p.offsets.back() + ((s.out[0] - 1) * s.stride[0] * p.Hp + (s.out[1] - 1) * s.stride[1]) * p.Wp +
+         (s.out[2] - 1) * s.stride[2] + 1;
   p.runs = s.out[0] == 1 ? PositionRuns{s.out[1], s.out[2], p.Wp} : PositionRuns{1, p.L, p.L};
   return p;
 }
 
-// Whether the shifted layout is cheaper than packing im2col panels: flops plus ~40 flops'
-// worth of time per element written while packing (measured: packing one element costs
-// about what the kernel does in 0.4 ns). The shifted kernel streams its whole grid and g
-// per panel, so it only pays while both stay in the core's L2 cache: measured on a Zen 4 core
-// (1 MiB L2) it wins up to the 552 KiB of C2 and ties at the 313 KiB of C3 (bench/results/peers_cpu.md).
+// Whether the shifted layout is cheaper than packing im2col panels: flops plus, per element
+// written, ~120 flops' worth of time for an im2col row (a gather element by element, strided for
+// a strided convolution) and ~30 for the grid and g (16 x 16 transposes in registers), as measured
+// on a Zen 4 core (bench/results/peers_cpu.md). The shifted kernel streams its whole grid and g
+// per panel, so it only pays while both stay in the core's L2 cache (1 MiB there): it wins up to
+// the 552 KiB of C2.
 bool prefer_shift(const ConvShape& s, const ShiftPlan& p) {
-  constexpr double kPackCost = 40;
+  constexpr double kRowPackCost = 120, kGridPackCost = 30;
   constexpr int64_t kMaxShiftBytes = 640 << 10;
   if ((p.Lx * p.ctot + p.L * s.C_out) * int64_t(sizeof(float)) > kMaxShiftBytes) return false;
   const double P = s.out_vol(), rows = s.cin_g * s.k_vol();
   const double nr = fused_panel_width(s.cout_g, s.cin_g * s.k_vol());
-  const double packed = 2 * P * std::ceil(rows / nr) * nr * s.cout_g * s.groups + kPackCost * rows * P * s.groups;
+  const double packed = 2 * P * std::ceil(rows / nr) * nr * s.cout_g * s.groups + kRowPackCost * rows * P * s.groups;
   const double shifted = 2.0 * p.runs.count * p.runs.length * s.k_vol() * p.cpad * s.cout_g * s.groups +
-                         kPackCost * (double(p.Lx) * p.ctot + double(p.L) * s.C_out);
+                         kGridPackCost * (double(p.Lx) * p.ctot + double(p.L) * s.C_out);
   return shifted < packed;
 }
 
-// The input's positions of one example into the grid, channels last; the grid's padding (border
-// positions, channels past cin_g in each group) is left alone: zeroed once per block by the caller.
-// float32 with contiguous rows goes 16 channels at a time through registers.
+// The input's positions of one example into the grid, channels last (those past the extent the
+// outputs read left out); the grid's padding (border positions, channels past cin_g in each group)
+// is left alone: zeroed once per block by the caller. float32 with contiguous rows goes 16
+// channels at a time through registers.
 template <typename scalar_t>
 void pack_shift_grid(const scalar_t* xn, const std::array<int64_t, 5>& st, const ConvShape& s, const ShiftPlan& p,
                      float* grid) {
   bool in_registers = false;
   if constexpr (std::is_same_v<scalar_t, float>) in_registers = st[4] == 1 && fused_gemm_sqnorm_available();
-  for (int64_t iz = 0; iz < s.in[0]; ++iz)
-    for (int64_t ih = 0; ih < s.in[1]; ++ih) {
+  const int64_t iz_end = std::min(s.in[0], p.Dp - s.pad[0]), ih_end = std::min(s.in[1], p.Hp - s.pad[1]);
+  const int64_t width = std::max<int64_t>(0, std::min(s.in[2], p.Wp - s.pad[2]));
+  for (int64_t iz = 0; iz < iz_end; ++iz)
+    for (int64_t ih = 0; ih < ih_end; ++ih) {
       const scalar_t* src_row = xn + iz * st[2] + ih * st[3];
       float* dst_row = grid + (((iz + s.pad[0]) * p.Hp + ih + s.pad[1]) * p.Wp + s.pad[2]) * p.ctot;
       for (int64_t gr = 0; gr < s.groups; ++gr)
@@ -230,10 +248,10 @@ void pack_shift_grid(const scalar_t* xn, const std::array<int64_t, 5>& st, const
           float* dst = dst_row + gr * p.cpad + c0;
           if constexpr (std::is_same_v<scalar_t, float>)
             if (in_registers) {
-              transpose_rows(src, st[1], C, s.in[2], dst, p.ctot, nullptr);
+              transpose_rows(src, st[1], C, width, dst, p.ctot, nullptr);
               continue;
             }
-          for (int64_t iw = 0; iw < s.in[2]; ++iw)
+          for (int64_t iw = 0; iw < width; ++iw)
             for (int64_t c = 0; c < C; ++c) dst[iw * p.ctot + c] = static_cast<float>(src[c * st[1] + iw * st[4]]);
         }
     }
@@ -266,10 +284,10 @@ void conv_block_shifted(const Tensor& x, const Tensor& g, const ConvShape& s, co
       for (int64_t ki = 0; ki < kv; ++ki)
         for (int64_t c0 = 0; c0 < p.cpad; c0 += p.width)
           for (int64_t e = 0; e < me; ++e)
-            totals[e] +=
-                fused_panel_sqnorm(gts + e * gt_size + gr * s.cout_g, s.C_out, s.cout_g,
-                                   grids + e * grid_size + p.offsets[ki] * p.ctot + gr * p.cpad + c0, p.ctot, 1, p.runs,
-                                   p.width, wt ? wt + ((gr * kv + ki) * p.cpad + c0) * s.cout_g : nullptr, s.cout_g);
+            totals[e] += fused_panel_sqnorm(gts + e * gt_size + gr * s.cout_g, s.C_out, s.cout_g,
+                                            grids + e * grid_size + p.offsets[ki] * p.ctot + gr * p.cpad + c0,
+                                            p.step * p.ctot, 1, p.runs, p.width,
+                                            wt ? wt + ((gr * kv + ki) * p.cpad + c0) * s.cout_g : nullptr, s.cout_g);
     for (int64_t e = 0; e < me; ++e) result[e0 + e] = static_cast<float>(totals[e]);
   }
 }
@@ -383,15 +401,14 @@ WeightGrads conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Te
                        : choose_method(method, P, rows, s.cout_g, materialize_cost(path));
   const bool fused = m == Method::Materialize && path == MaterializePath::Fused;
   const bool bf16_gemm = m == Method::Materialize && path == MaterializePath::Bf16Gemm;
-  const bool unit_stride = s.stride[0] == 1 && s.stride[1] == 1 && s.stride[2] == 1;
-  const ShiftPlan shift = fused && unit_stride && P > 0 ? plan_shift(s) : ShiftPlan{};
+  const bool can_shift = fused && P > 0 && shiftable(s);
+  const ShiftPlan shift = can_shift ? plan_shift(s) : ShiftPlan{};
   // FISHER_EXT_CPU_CONV_LAYOUT=shift|panels overrides the cost model (tests, benchmarks).
   const char* layout_env = std::getenv("FISHER_EXT_CPU_CONV_LAYOUT");
   const std::string layout = layout_env ? layout_env : "auto";
   TORCH_CHECK(layout == "auto" || layout == "shift" || layout == "panels",
               "FISHER_EXT_CPU_CONV_LAYOUT: expected auto, shift or panels, got '", layout, "'");
-  const bool shifted =
-      fused && unit_stride && P > 0 && (layout == "shift" || (layout == "auto" && prefer_shift(s, shift)));
+  const bool shifted = can_shift && (layout == "shift" || (layout == "auto" && prefer_shift(s, shift)));
   const GramShift gram_plan = plan_gram_shift(s);
   const bool gram_shift = m == Method::Ghost && P > 0 && prefer_gram_shift(s, gram_plan);
   const int64_t per_example =
