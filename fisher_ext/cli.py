@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         demo.main(argv[1:])
         return 0
     args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()  # restored on return: main may be called in-process
     try:
         if args.command == "report":
             return _report(args.folder)
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _defaults(args: argparse.Namespace) -> None:

@@ -232,12 +232,14 @@ def test_bad_arguments_get_clear_errors(tmp_path, monkeypatch, capsys, args, mes
         pytest.skip("a CUDA device is present")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "config.json").write_text("{}")  # a file where a folder is expected
+    threads = torch.get_num_threads()
     try:
         code = main(list(args))
     except SystemExit as e:  # argparse's own errors
         code = e.code
     assert code == 2
     assert message in capsys.readouterr().err
+    assert torch.get_num_threads() == threads  # main runs single-threaded, then gives the caller's count back
 
 
 def test_train_data_parallel_under_torchrun(tmp_path):

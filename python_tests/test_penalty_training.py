@@ -19,8 +19,10 @@ from training_setup import accuracy, batches, relu_cnn, signals
 
 ALPHA = 0.1
 STEPS = 300
-# Achieved over this run: relative error at most ~4e-3, cosine at least 0.99999.
-MAX_ERROR, MIN_COSINE = 1e-2, 0.9999
+# Achieved over this run: median relative error ~1.3e-3; the worst step, where the float32 rounding
+# of the two gradients divided by the radius peaks, 4e-3 to 1.1e-2 depending on the machine and the
+# thread count; cosine at least 0.99999. A radius 100x too large reaches 0.3, no replayed decisions 70.
+MAX_ERROR, MIN_COSINE = 1.5e-2, 0.9999
 
 
 @pytest.fixture(scope="module")
