@@ -15,13 +15,16 @@ from .shared import batch_first, require_batch_first, sqnorm_per_example
 
 
 def _affine_norms(names: list, xhat: torch.Tensor, g: torch.Tensor, channel_dims: list[int]):
-    """Weight and bias of ``y = xhat * w + b`` whose parameters span ``channel_dims``."""
+    """Weight and bias of ``y = xhat * w + b`` whose parameters span ``channel_dims``. ``xhat`` is the
+    caller's own: it is multiplied by ``g`` in place unless it is being differentiated (one tensor
+    of the activation's size fewer to allocate and fault in)."""
     dtype = result_dtype(g.dtype)
     g, xhat = g.to(dtype), xhat.to(dtype)
     sum_dims = [d for d in range(1, g.dim()) if d not in channel_dims]
     out = {}
     if "weight" in names:
-        out["weight"] = sqnorm_per_example((g * xhat).sum(sum_dims) if sum_dims else g * xhat)
+        prod = g * xhat if torch.is_grad_enabled() and xhat.requires_grad else xhat.mul_(g)
+        out["weight"] = sqnorm_per_example(prod.sum(sum_dims) if sum_dims else prod)
     if "bias" in names:
         out["bias"] = sqnorm_per_example(g.sum(sum_dims) if sum_dims else g)
     return out
