@@ -174,29 +174,35 @@ FISHER_EXT_AVX512 void transpose_rows_avx512(const float* src, int64_t lds, int6
   if (sums) _mm512_mask_storeu_ps(sums, channels, _mm512_add_ps(_mm512_maskz_loadu_ps(channels, sums), total));
 }
 
-// gram[i * T + j] = x_i . x_j (both triangles) for the T rows x_i = x[i * ld, + d). Blocks of 4 x 4
-// rows on and above the diagonal; rows past T repeat row T - 1 and their sums are dropped.
-FISHER_EXT_AVX512 void gram_rows(const float* x, int64_t ld, int64_t d, int64_t T, float* gram) {
+// gram[i * T + j] = sum_s x_{i,s} . x_{j,s} (both triangles), x_{i,s} the d values at
+// base + rows[i] + shifts[s]. Blocks of 4 x 4 rows on and above the diagonal; rows past T repeat
+// row T - 1 and their sums are dropped.
+FISHER_EXT_AVX512 void gram_at_avx512(const float* base, const int64_t* rows, int64_t T, const int64_t* shifts,
+                                      int64_t S, int64_t d, float* gram) {
   for (int64_t i0 = 0; i0 < T; i0 += 4)
     for (int64_t j0 = i0; j0 < T; j0 += 4) {
-      const float* r[8];
+      int64_t at[8];
       for (int q = 0; q < 4; ++q) {
-        r[q] = x + std::min(i0 + q, T - 1) * ld;
-        r[4 + q] = x + std::min(j0 + q, T - 1) * ld;
+        at[q] = rows[std::min(i0 + q, T - 1)];
+        at[4 + q] = rows[std::min(j0 + q, T - 1)];
       }
 #define FX_DECL4(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
-      FX_DECL4(0) FX_DECL4(1) FX_DECL4(2) FX_DECL4(3) for (int64_t k = 0; k < d; k += 16) {
-        const __mmask16 mask = lanes(d - k);
-        const __m512 a0 = _mm512_maskz_loadu_ps(mask, r[0] + k), a1 = _mm512_maskz_loadu_ps(mask, r[1] + k);
-        const __m512 a2 = _mm512_maskz_loadu_ps(mask, r[2] + k), a3 = _mm512_maskz_loadu_ps(mask, r[3] + k);
-        const __m512 b0 = _mm512_maskz_loadu_ps(mask, r[4] + k), b1 = _mm512_maskz_loadu_ps(mask, r[5] + k);
-        const __m512 b2 = _mm512_maskz_loadu_ps(mask, r[6] + k), b3 = _mm512_maskz_loadu_ps(mask, r[7] + k);
+      FX_DECL4(0) FX_DECL4(1) FX_DECL4(2) FX_DECL4(3) for (int64_t sh = 0; sh < S; ++sh) {
+        const float* r[8];
+        for (int q = 0; q < 8; ++q) r[q] = base + at[q] + shifts[sh];
+        for (int64_t k = 0; k < d; k += 16) {
+          const __mmask16 mask = lanes(d - k);
+          const __m512 a0 = _mm512_maskz_loadu_ps(mask, r[0] + k), a1 = _mm512_maskz_loadu_ps(mask, r[1] + k);
+          const __m512 a2 = _mm512_maskz_loadu_ps(mask, r[2] + k), a3 = _mm512_maskz_loadu_ps(mask, r[3] + k);
+          const __m512 b0 = _mm512_maskz_loadu_ps(mask, r[4] + k), b1 = _mm512_maskz_loadu_ps(mask, r[5] + k);
+          const __m512 b2 = _mm512_maskz_loadu_ps(mask, r[6] + k), b3 = _mm512_maskz_loadu_ps(mask, r[7] + k);
 #define FX_ROW4(i)                              \
   c##i##0 = _mm512_fmadd_ps(a##i, b0, c##i##0); \
   c##i##1 = _mm512_fmadd_ps(a##i, b1, c##i##1); \
   c##i##2 = _mm512_fmadd_ps(a##i, b2, c##i##2); \
   c##i##3 = _mm512_fmadd_ps(a##i, b3, c##i##3);
-        FX_ROW4(0) FX_ROW4(1) FX_ROW4(2) FX_ROW4(3)
+          FX_ROW4(0) FX_ROW4(1) FX_ROW4(2) FX_ROW4(3)
+        }
       }
       const __m512 c[16] = {c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33};
       for (int p = 0; p < 4 && i0 + p < T; ++p)
@@ -239,12 +245,14 @@ int64_t fused_panel_width(int64_t M, int64_t rows) {
   return padded(14) < padded(12) ? 14 : 12;  // 12 where it pads no more: fewer accumulators
 }
 
-double ghost_sqnorm(const float* a, int64_t lda, int64_t d_a, const float* g, int64_t ldg, int64_t d_g, int64_t T,
-                    float* gram) {
-  gram_rows(a, lda, d_a, T, gram);
-  gram_rows(g, ldg, d_g, T, gram + T * T);
+void gram_at(const float* base, const int64_t* rows, int64_t T, const int64_t* shifts, int64_t S, int64_t d,
+             float* gram) {
+  gram_at_avx512(base, rows, T, shifts, S, d, gram);
+}
+
+double gram_dot(const float* a, const float* b, int64_t T) {
   double total = 0;
-  for (int64_t i = 0; i < T * T; ++i) total += double(gram[i]) * gram[T * T + i];
+  for (int64_t i = 0; i < T * T; ++i) total += double(a[i]) * b[i];
   return total;
 }
 

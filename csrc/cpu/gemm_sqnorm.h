@@ -41,13 +41,17 @@ struct PositionRuns {
 // (float). Needs fused_gemm_sqnorm_available().
 void transpose_rows(const float* src, int64_t lds, int64_t C, int64_t n, float* dst, int64_t ldd, float* sums);
 
-// Ghost norm of one example of a linear layer over its T positions:
-//   sum_{s,t} (a_s . a_t) (g_s . g_t),  a_s = a[s * lda, + d_a),  g_s = g[s * ldg, + d_g).
-// Both Gram matrices (T x T, float accumulation) are formed in `gram` (2 T^2 floats), one
-// triangle, 4 x 4 dot products at a time in registers, then contracted in double. Needs
+// The ghost rule's Gram matrices (float accumulation), in `gram` (T x T, both triangles):
+//   gram[i][j] = sum_s x_{i,s} . x_{j,s},  x_{i,s} = the d values at base + rows[i] + shifts[s],
+// one triangle formed, 4 x 4 dot products at a time in registers. A linear layer's rows are its
+// positions (one shift, 0); a convolution's are output positions in a channels-last grid, the
+// shifts its kernel offsets (the unfolded input's Gram without unfolding it). Needs
 // fused_gemm_sqnorm_available().
-double ghost_sqnorm(const float* a, int64_t lda, int64_t d_a, const float* g, int64_t ldg, int64_t d_g, int64_t T,
-                    float* gram);
+void gram_at(const float* base, const int64_t* rows, int64_t T, const int64_t* shifts, int64_t S, int64_t d,
+             float* gram);
+
+// <a, b>_F of two T x T matrices, in double: the ghost norm from the two Gram matrices.
+double gram_dot(const float* a, const float* b, int64_t T);
 
 // Needs fused_gemm_sqnorm_available(); width is one of kFusedPanelWidths.
 double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step, int64_t j_step,

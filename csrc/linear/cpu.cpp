@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "../cpu/blocks.h"
 #include "entry.h"
@@ -101,12 +102,20 @@ WeightGrads linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, con
       }
     } else if (m == Method::Ghost && Ab.scalar_type() == at::kFloat && fused_gemm_sqnorm_available()) {
       float* gram = scratch.get(0, {2 * sh.T * sh.T}, Ab.options()).data_ptr<float>();
+      std::vector<int64_t> rows_a(sh.T), rows_g(sh.T);
+      for (int64_t t = 0; t < sh.T; ++t) {
+        rows_a[t] = t * sh.d_in;
+        rows_g[t] = t * sh.d_out;
+      }
+      const int64_t no_shift = 0;
       s = at::empty({cnt}, Ab.options());
       float* sp = s.data_ptr<float>();
-      for (int64_t n = 0; n < cnt; ++n)
-        sp[n] = static_cast<float>(ghost_sqnorm(Ab.data_ptr<float>() + n * sh.T * sh.d_in, sh.d_in, sh.d_in,
-                                                Gb.data_ptr<float>() + n * sh.T * sh.d_out, sh.d_out, sh.d_out, sh.T,
-                                                gram));
+      for (int64_t n = 0; n < cnt; ++n) {
+        gram_at(Ab.data_ptr<float>() + n * sh.T * sh.d_in, rows_a.data(), sh.T, &no_shift, 1, sh.d_in, gram);
+        gram_at(Gb.data_ptr<float>() + n * sh.T * sh.d_out, rows_g.data(), sh.T, &no_shift, 1, sh.d_out,
+                gram + sh.T * sh.T);
+        sp[n] = static_cast<float>(gram_dot(gram, gram + sh.T * sh.T, sh.T));
+      }
     } else {
       s = rule(Ab.transpose(1, 2), Gb.transpose(1, 2), m, scratch);
     }
