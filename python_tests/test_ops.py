@@ -329,9 +329,10 @@ CPU_PATHS = {  # environment of each CPU kernel path (read by the kernel on ever
 }
 
 
-@pytest.mark.parametrize("ghost_path", ["shift", "im2col"])
+@pytest.mark.parametrize("ghost_path", ["grid", "shift", "im2col"])
 def test_cpu_conv_ghost_paths_agree_with_oracle(monkeypatch, ghost_path):
-    """Both ghost formulations of the CPU conv kernel: the Gram of the padded input gathered per
+    """Each ghost formulation of the CPU conv kernel: the Gram matrices from the channels-last
+    shifted grid (float32, where the strides allow it), the Gram of the padded input gathered per
     kernel offset (no im2col), and the Gram of the unfolded input; every stride, dilation,
     padding, group count and dimensionality of the shared cases, float32 and float64."""
     if not fisher_ext.build_info()["extension"]:

@@ -226,6 +226,14 @@ bool prefer_shift(const ConvShape& s, const ShiftPlan& p) {
   return shifted < packed;
 }
 
+// Whether ghost takes its Gram matrices from the shifted grid (conv_block_ghost_shifted): where the
+// grid, g and the two P x P Gram matrices stay within a core's L2 cache, as for prefer_shift.
+bool ghost_on_grid(const ConvShape& s, const ShiftPlan& p) {
+  constexpr int64_t kMaxBytes = 640 << 10;
+  const int64_t P = s.out_vol();
+  return (p.Lx * p.ctot + p.L * s.C_out + 2 * P * P) * int64_t(sizeof(float)) <= kMaxBytes;
+}
+
 // The input's positions of one example into the grid, channels last (those past the extent the
 // outputs read left out); the grid's padding (border positions, channels past cin_g in each group)
 // is left alone: zeroed once per block by the caller. float32 with contiguous rows goes 16
@@ -292,6 +300,42 @@ void conv_block_shifted(const Tensor& x, const Tensor& g, const ConvShape& s, co
   }
 }
 
+// Ghost on the shifted layout (float32, AVX-512): per example and group, the unfolded input's Gram
+// sum_k x(pos(p) + off_k) . x(pos(q) + off_k) over the grid's channels and g's Gram over its
+// transposed rows, each one triangle of 4 x 4 dot products in registers (gram_at), contracted.
+template <typename scalar_t>
+void conv_block_ghost_shifted(const Tensor& x, const Tensor& g, const ConvShape& s, const ShiftPlan& p, bool bias,
+                              int64_t n0, int64_t cnt, Scratch& scratch, float* result) {
+  const auto xst = strides5(x), gst = strides5(g);
+  const auto opts = x.options().dtype(at::kFloat);
+  const int64_t P = s.out_vol(), kv = static_cast<int64_t>(p.offsets.size());
+  // Zeroed once: every example writes the same positions.
+  float* grid = scratch.get(0, {p.Lx * p.ctot}, opts).zero_().data_ptr<float>();
+  float* gt = scratch.get(1, {p.L * s.C_out}, opts).zero_().data_ptr<float>();
+  float* gram = scratch.get(2, {2 * P * P}, opts).data_ptr<float>();
+  std::vector<int64_t> rows_x, rows_g, shifts_x(kv);
+  for (int64_t oz = 0; oz < s.out[0]; ++oz)
+    for (int64_t oh = 0; oh < s.out[1]; ++oh)
+      for (int64_t ow = 0; ow < s.out[2]; ++ow) {
+        rows_x.push_back(((oz * s.stride[0] * p.Hp + oh * s.stride[1]) * p.Wp + ow * s.stride[2]) * p.ctot);
+        rows_g.push_back(((oz * p.Hp + oh) * p.Wp + ow) * s.C_out);
+      }
+  for (int64_t k = 0; k < kv; ++k) shifts_x[k] = p.offsets[k] * p.ctot;
+  const int64_t no_shift = 0;
+  for (int64_t n = 0; n < cnt; ++n) {
+    pack_shift_grid<scalar_t>(x.data_ptr<scalar_t>() + (n0 + n) * xst[0], xst, s, p, grid);
+    const double bias_sq =
+        pack_transposed<scalar_t>(g.data_ptr<scalar_t>() + (n0 + n) * gst[0], gst, s, p.Wp, p.Hp * p.Wp, gt, nullptr);
+    double total = bias ? bias_sq : 0.0;
+    for (int64_t gr = 0; gr < s.groups; ++gr) {
+      gram_at(grid + gr * p.cpad, rows_x.data(), P, shifts_x.data(), kv, s.cin_g, gram);
+      gram_at(gt + gr * s.cout_g, rows_g.data(), P, &no_shift, 1, s.cout_g, gram + P * P);
+      total += gram_dot(gram, gram + P * P, P);
+    }
+    result[n] = static_cast<float>(total);
+  }
+}
+
 // BLAS path: the block's im2col matrix in the scratch, then batched GEMMs with the groups
 // of all the block's examples as one batch, in buf_t (the result dtype, or bfloat16 kept).
 template <typename scalar_t, typename buf_t = at::opmath_type<scalar_t>>
@@ -335,9 +379,6 @@ GramShift plan_gram_shift(const ConvShape& s) {
 // weight is fitted to where each formulation won on stride-1/2, 1x1 and 3x3 layers
 // (bench/results/peers_cpu.md); both are exact, only their speed differs.
 bool prefer_gram_shift(const ConvShape& s, const GramShift& gs) {
-  const char* env = std::getenv("FISHER_EXT_CPU_CONV_GHOST");  // shift|im2col: tests, benchmarks
-  if (env && std::string(env) == "shift") return true;
-  if (env && std::string(env) == "im2col") return false;
   constexpr double kMemory = 100.0;
   const double P = double(s.out_vol()), K = double(s.k_vol()), A = double(gs.A), c = double(s.cin_g);
   const double shift = A * A * c + kMemory * (A * A + P * P * K);
@@ -401,18 +442,29 @@ WeightGrads conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Te
                        : choose_method(method, P, rows, s.cout_g, materialize_cost(path));
   const bool fused = m == Method::Materialize && path == MaterializePath::Fused;
   const bool bf16_gemm = m == Method::Materialize && path == MaterializePath::Bf16Gemm;
-  const bool can_shift = fused && P > 0 && shiftable(s);
+  // the shifted grid serves the fused kernel (materialize) and, on float32 with AVX-512, ghost
+  const bool ghost_avx512 =
+      m == Method::Ghost && result_dtype(x.scalar_type()) == at::kFloat && fused_gemm_sqnorm_available();
+  const bool can_shift = (fused || ghost_avx512) && P > 0 && shiftable(s);
   const ShiftPlan shift = can_shift ? plan_shift(s) : ShiftPlan{};
   // FISHER_EXT_CPU_CONV_LAYOUT=shift|panels overrides the cost model (tests, benchmarks).
   const char* layout_env = std::getenv("FISHER_EXT_CPU_CONV_LAYOUT");
   const std::string layout = layout_env ? layout_env : "auto";
   TORCH_CHECK(layout == "auto" || layout == "shift" || layout == "panels",
               "FISHER_EXT_CPU_CONV_LAYOUT: expected auto, shift or panels, got '", layout, "'");
-  const bool shifted = can_shift && (layout == "shift" || (layout == "auto" && prefer_shift(s, shift)));
+  const bool shifted = fused && can_shift && (layout == "shift" || (layout == "auto" && prefer_shift(s, shift)));
+  // FISHER_EXT_CPU_CONV_GHOST=grid|shift|im2col picks ghost's formulation (tests, benchmarks).
+  const char* ghost_env = std::getenv("FISHER_EXT_CPU_CONV_GHOST");
+  const std::string ghost_layout = ghost_env ? ghost_env : "auto";
+  TORCH_CHECK(ghost_layout == "auto" || ghost_layout == "grid" || ghost_layout == "shift" || ghost_layout == "im2col",
+              "FISHER_EXT_CPU_CONV_GHOST: expected auto, grid, shift or im2col, got '", ghost_layout, "'");
+  const bool ghost_grid =
+      ghost_avx512 && can_shift && (ghost_layout == "grid" || (ghost_layout == "auto" && ghost_on_grid(s, shift)));
   const GramShift gram_plan = plan_gram_shift(s);
-  const bool gram_shift = m == Method::Ghost && P > 0 && prefer_gram_shift(s, gram_plan);
+  const bool gram_shift = m == Method::Ghost && P > 0 && !ghost_grid &&
+                          (ghost_layout == "shift" || (ghost_layout != "im2col" && prefer_gram_shift(s, gram_plan)));
   const int64_t per_example =
-      fused ? s.C_out * P
+      fused || ghost_grid ? s.C_out * P
       : gram_shift
           ? s.C_in * gram_plan.A + s.C_out * P + s.groups * (gram_plan.A * gram_plan.A + P * P * (s.k_vol() + 2))
           : s.C_in * s.k_vol() * P + s.C_out * P + s.groups * (m == Method::Ghost ? 2 * P * P : s.cout_g * rows);
@@ -430,7 +482,10 @@ WeightGrads conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_sqnorm_cpu", [&] {
     for_each_block(s.N, nb, [&](int64_t n0, int64_t cnt, Scratch& scratch) {
       Tensor sb;
-      if (shifted) {
+      if (ghost_grid) {
+        sb = at::empty({cnt}, x.options().dtype(at::kFloat));
+        conv_block_ghost_shifted<scalar_t>(x, g, s, shift, bias, n0, cnt, scratch, sb.data_ptr<float>());
+      } else if (shifted) {
         sb = at::empty({cnt}, x.options().dtype(at::kFloat));
         float* wt = want_weight ? weight.mine() : nullptr;
         conv_block_shifted<scalar_t>(x, g, s, shift, bias, n0, cnt, scratch, sb.data_ptr<float>(), wt, bias_part(wt));
