@@ -8,6 +8,7 @@ from torch import nn
 
 from ..ops import conv_grad_sqnorm, conv_sqnorm
 from .registry import Call, register_rule
+from ..reference import result_dtype
 from .shared import bias_norm, require_batch_first
 
 
@@ -34,9 +35,10 @@ def conv_gradients(module: nn.modules.conv._ConvNd, names: list, call: Call):
         grads["weight"], _, norms["weight"] = conv_grad_sqnorm(
             x, g.to(x.dtype), kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
             dilation=module.dilation, groups=module.groups, bias=False)
-    if "bias" in names:  # the gradient summed as autograd sums it: the finite difference mixes the two
-        grads["bias"] = g.sum([d for d in range(g.dim()) if d != 1])
-        norms["bias"] = bias_norm(g, 1)
+    if "bias" in names:  # each example's bias gradient, squared for its norm and summed for the batch's
+        sums = g.sum([d for d in range(2, g.dim())], dtype=result_dtype(g.dtype))
+        grads["bias"] = sums.sum(0).to(g.dtype)
+        norms["bias"] = sums.square().sum(1)
     return grads, norms
 
 

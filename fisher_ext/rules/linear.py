@@ -6,6 +6,7 @@ from torch import nn
 
 from ..ops import linear_grad_sqnorm, linear_sqnorm
 from .registry import Call, register_rule
+from ..reference import result_dtype
 from .shared import batch_first, bias_norm
 
 
@@ -15,9 +16,10 @@ def linear_gradients(module: nn.Linear, names: list, call: Call):
     grads, norms = {}, {}
     if "weight" in names:
         grads["weight"], _, norms["weight"] = linear_grad_sqnorm(x, g.to(x.dtype), bias=False)
-    if "bias" in names:  # the gradient summed as autograd sums it: the finite difference mixes the two
-        grads["bias"] = g.reshape(-1, g.shape[-1]).sum(0)
-        norms["bias"] = bias_norm(g, -1)
+    if "bias" in names:  # each example's bias gradient, squared for its norm and summed for the batch's
+        sums = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1, dtype=result_dtype(g.dtype))
+        grads["bias"] = sums.sum(0).to(g.dtype)
+        norms["bias"] = sums.square().sum(1)
     return grads, norms
 
 
