@@ -69,13 +69,13 @@ inline void check_accumulator(const at::Tensor& acc, const at::Tensor& a, const 
   TORCH_CHECK(!acc.is_alias_of(g), "acc: expected a buffer of its own, got one that shares memory with g");
 }
 
-// Linear: a (N, *, d_in) and g (N, *, d_out), flattened to (N, T, d).
 // What a device's fused op returns: the weight gradient and the bias gradient, undefined where the
 // kernel did not form it on the way (the entry then sums g).
 struct WeightGrads {
   at::Tensor weight, bias;
 };
 
+// Linear: a (N, *, d_in) and g (N, *, d_out), flattened to (N, T, d).
 struct LinearShape {
   int64_t N, T, d_in, d_out;
 };

@@ -208,30 +208,34 @@ ShiftPlan plan_shift(const ConvShape& s) {
   return p;
 }
 
+// The shifted layouts read their grid and g once per panel, so they only pay while both (and
+// ghost's Gram matrices) stay in a core's L2 cache.
+constexpr int64_t kMaxShiftBytes = 640 << 10;
+
+// Floats of one example's grid and transposed g.
+int64_t shift_floats(const ConvShape& s, const ShiftPlan& p) { return p.Lx * p.ctot + p.L * s.C_out; }
+
 // Whether the shifted layout is cheaper than packing im2col panels: flops plus, per element
 // written, ~120 flops' worth of time for an im2col row (a gather element by element, strided for
 // a strided convolution) and ~30 for the grid and g (16 x 16 transposes in registers), as measured
-// on a Zen 4 core (bench/results/peers_cpu.md). The shifted kernel streams its whole grid and g
-// per panel, so it only pays while both stay in the core's L2 cache (1 MiB there): it wins up to
-// the 552 KiB of C2.
+// on a Zen 4 core (bench/results/peers_cpu.md). Within kMaxShiftBytes: on that core's 1 MiB L2
+// the shifted layout wins up to the 552 KiB of C2.
 bool prefer_shift(const ConvShape& s, const ShiftPlan& p) {
   constexpr double kRowPackCost = 120, kGridPackCost = 30;
-  constexpr int64_t kMaxShiftBytes = 640 << 10;
-  if ((p.Lx * p.ctot + p.L * s.C_out) * int64_t(sizeof(float)) > kMaxShiftBytes) return false;
+  if (shift_floats(s, p) * int64_t(sizeof(float)) > kMaxShiftBytes) return false;
   const double P = s.out_vol(), rows = s.cin_g * s.k_vol();
   const double nr = fused_panel_width(s.cout_g, s.cin_g * s.k_vol());
   const double packed = 2 * P * std::ceil(rows / nr) * nr * s.cout_g * s.groups + kRowPackCost * rows * P * s.groups;
   const double shifted = 2.0 * p.runs.count * p.runs.length * s.k_vol() * p.cpad * s.cout_g * s.groups +
-                         kGridPackCost * (double(p.Lx) * p.ctot + double(p.L) * s.C_out);
+                         kGridPackCost * double(shift_floats(s, p));
   return shifted < packed;
 }
 
 // Whether ghost takes its Gram matrices from the shifted grid (conv_block_ghost_shifted): where the
 // grid, g and the two P x P Gram matrices stay within a core's L2 cache, as for prefer_shift.
 bool ghost_on_grid(const ConvShape& s, const ShiftPlan& p) {
-  constexpr int64_t kMaxBytes = 640 << 10;
   const int64_t P = s.out_vol();
-  return (p.Lx * p.ctot + p.L * s.C_out + 2 * P * P) * int64_t(sizeof(float)) <= kMaxBytes;
+  return (shift_floats(s, p) + 2 * P * P) * int64_t(sizeof(float)) <= kMaxShiftBytes;
 }
 
 // The input's positions of one example into the grid, channels last (those past the extent the

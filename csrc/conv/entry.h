@@ -91,12 +91,10 @@ struct ConvEntry {
     at::Tensor out = at::empty({s.N}, x.options().dtype(result_dtype(x.scalar_type())));
     const WeightGrads grads = conv_grad_into(out, s, x, g, bias, std::string(method));
     at::Tensor bias_grad;
-    if (bias && grads.bias.defined()) {
-      bias_grad = grads.bias.to(x.scalar_type());
-    } else if (bias) {
+    if (bias) {
       std::vector<int64_t> reduce{0};
       for (int64_t d = 2; d < g.dim(); ++d) reduce.push_back(d);
-      bias_grad = g.sum(reduce);
+      bias_grad = grads.bias.defined() ? grads.bias.to(x.scalar_type()) : g.sum(reduce);
     }
     return {grads.weight.to(x.scalar_type()), bias_grad, out};
   }

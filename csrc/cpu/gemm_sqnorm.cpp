@@ -186,8 +186,12 @@ FISHER_EXT_AVX512 void gram_at_avx512(const float* base, const int64_t* rows, in
         at[q] = rows[std::min(i0 + q, T - 1)];
         at[4 + q] = rows[std::min(j0 + q, T - 1)];
       }
-#define FX_DECL4(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
-      FX_DECL4(0) FX_DECL4(1) FX_DECL4(2) FX_DECL4(3) for (int64_t sh = 0; sh < S; ++sh) {
+#define FX_DECL4(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0
+      FX_DECL4(0);
+      FX_DECL4(1);
+      FX_DECL4(2);
+      FX_DECL4(3);
+      for (int64_t sh = 0; sh < S; ++sh) {
         const float* r[8];
         for (int q = 0; q < 8; ++q) r[q] = base + at[q] + shifts[sh];
         for (int64_t k = 0; k < d; k += 16) {

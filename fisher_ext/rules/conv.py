@@ -8,8 +8,7 @@ from torch import nn
 
 from ..ops import conv_grad_sqnorm, conv_sqnorm
 from .registry import Call, register_rule
-from ..reference import result_dtype
-from .shared import bias_norm, require_batch_first
+from .shared import bias_norm, bias_sums, require_batch_first
 
 
 def _zero_padded(module: nn.Module) -> bool:
@@ -36,7 +35,7 @@ def conv_gradients(module: nn.modules.conv._ConvNd, names: list, call: Call):
             x, g.to(x.dtype), kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
             dilation=module.dilation, groups=module.groups, bias=False)
     if "bias" in names:  # each example's bias gradient, squared for its norm and summed for the batch's
-        sums = g.sum([d for d in range(2, g.dim())], dtype=result_dtype(g.dtype))
+        sums = bias_sums(g, 1)
         grads["bias"] = sums.sum(0).to(g.dtype)
         norms["bias"] = sums.square().sum(1)
     return grads, norms

@@ -6,8 +6,7 @@ from torch import nn
 
 from ..ops import linear_grad_sqnorm, linear_sqnorm
 from .registry import Call, register_rule
-from ..reference import result_dtype
-from .shared import batch_first, bias_norm
+from .shared import batch_first, bias_norm, bias_sums
 
 
 def linear_gradients(module: nn.Linear, names: list, call: Call):
@@ -17,7 +16,7 @@ def linear_gradients(module: nn.Linear, names: list, call: Call):
     if "weight" in names:
         grads["weight"], _, norms["weight"] = linear_grad_sqnorm(x, g.to(x.dtype), bias=False)
     if "bias" in names:  # each example's bias gradient, squared for its norm and summed for the batch's
-        sums = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1, dtype=result_dtype(g.dtype))
+        sums = bias_sums(g, -1)
         grads["bias"] = sums.sum(0).to(g.dtype)
         norms["bias"] = sums.square().sum(1)
     return grads, norms

@@ -29,10 +29,14 @@ def sqnorm_per_example(t: torch.Tensor) -> torch.Tensor:
     return acc(t).reshape(t.shape[0], -1).square().sum(1)
 
 
-def bias_norm(g: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """``||sum over positions of g_n||^2`` per example, channels on ``channel_dim``: one pass over
-    ``g`` in the accumulation dtype, no copy of it."""
+def bias_sums(g: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``(N, C)``: each example's bias gradient, ``g_n`` summed over its positions, channels on
+    ``channel_dim``: one pass over ``g`` in the accumulation dtype, no copy of it."""
     channel_dim %= g.dim()
     dims = [d for d in range(1, g.dim()) if d != channel_dim]
-    sums = g.sum(dims, dtype=result_dtype(g.dtype)) if dims else acc(g)
-    return sums.square().sum(1)
+    return g.sum(dims, dtype=result_dtype(g.dtype)) if dims else acc(g)
+
+
+def bias_norm(g: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``||sum over positions of g_n||^2`` per example, channels on ``channel_dim``."""
+    return bias_sums(g, channel_dim).square().sum(1)
