@@ -13,8 +13,8 @@ docs/precision.md). Both ops are differentiable in their two tensor inputs.
 
 :func:`linear_grad_sqnorm` and :func:`conv_grad_sqnorm` return the batch's weight and bias
 gradient together with the same norms, for a backward that needs both: on the CPU's fused
-path each per-example tile is added into the weight gradient as it is squared, so the norms
-cost little more than the weight gradient itself.
+path and CUDA's materialize program each per-example tile is added into the weight gradient as
+it is squared, so the norms cost little more than the weight gradient itself.
 """
 
 from __future__ import annotations

@@ -7,8 +7,14 @@
 // the cost model are the CPU backend's (choose_method). Each block writes one partial sum; a
 // second kernel adds each example's partials in a fixed order, so s[n] is the same run to run.
 // float16 / bfloat16 run on tensor cores (WMMA, float accumulation) on sm_80+, float32 and
-// float64 on FFMA in their own precision (no TF32). The only workspace is N x (blocks per
-// example) partial sums, never a weight-sized buffer.
+// float64 on FFMA in their own precision (no TF32). The norm ops' only workspace is N x (blocks
+// per example) partial sums, never a weight-sized buffer.
+// The fused ops (weight and bias gradient with the norms) run the fused program where the
+// materialize path is chosen (choose_fused_method): each block takes one tile of W through a
+// chunk of examples, so the batch gradient costs one more register tile and one store per
+// block; where W has few tiles the batch is cut into chunks (about two waves of blocks), each
+// writing its own copy of the gradient, added in a fixed order by a second kernel. Where ghost
+// is chosen, the ghost norms and then ATen's weight gradient.
 #include "../common/shapes.h"
 #include "../conv/entry.h"
 #include "../linear/entry.h"
@@ -21,7 +27,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
+#include <vector>
 
 namespace fisher_ext {
 namespace {
@@ -33,7 +41,8 @@ using tiles::Geometry;
 // kernel per program, so each gets its own count: the row norm needs 32-40 registers;
 // materialize and ghost fit 128 (two blocks) without spilling since positions and columns are
 // decoded in 32-bit arithmetic (FastDiv), except in float64, whose accumulators take twice the
-// registers (ptxas -v, sm_80 and sm_90).
+// registers (ptxas -v, sm_80 and sm_90). The fused program, materialize's count, holds one more
+// register tile: float16 spills 100-150 bytes there (sm_80, sm_90), the others none.
 template <tiles::Program kProgram, typename acc_t>
 constexpr int min_blocks() {
   if constexpr (kProgram == tiles::Program::RowNorm) return 4;
@@ -41,24 +50,45 @@ constexpr int min_blocks() {
   return 1;
 }
 
-// float16 / bfloat16 on tensor cores where the architecture has them for both (sm_80+), FFMA
-// in the accumulation type otherwise.
-template <tiles::Program kProgram, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(tiles::kThreads, (min_blocks<kProgram, acc_t>()))
-    program_kernel(tiles::Problem<scalar_t> problem, int64_t per_example, acc_t* partial) {
-  constexpr tiles::Program program = kProgram;
+// Runs run(block, shared memory) with the engine for the dtype: tensor cores for float16 /
+// bfloat16 where the architecture has them for both (sm_80+), FFMA in the accumulation type
+// otherwise.
+template <typename scalar_t, typename acc_t, class Run>
+__device__ __forceinline__ void with_engine(Run&& run) {
   const tiles::DeviceBlock b{static_cast<int>(threadIdx.x)};
-  const int64_t block = blockIdx.x;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
     __shared__ tiles::Shared<tiles::MmaEngine<scalar_t>> sm;
-    tiles::run_program(program, b, sm, problem, block, per_example, partial);
+    run(b, sm);
   } else
 #endif
   {
     __shared__ tiles::Shared<tiles::FmaEngine<acc_t>> sm;
-    tiles::run_program(program, b, sm, problem, block, per_example, partial);
+    run(b, sm);
   }
+}
+
+template <tiles::Program kProgram, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(tiles::kThreads, (min_blocks<kProgram, acc_t>()))
+    program_kernel(tiles::Problem<scalar_t> problem, int64_t per_example, acc_t* partial) {
+  with_engine<scalar_t, acc_t>([&](const tiles::DeviceBlock& b, auto& sm) {
+    tiles::run_program(kProgram, b, sm, problem, blockIdx.x, per_example, partial);
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(tiles::kThreads, (min_blocks<tiles::Program::Materialize, acc_t>()))
+    fused_kernel(tiles::Problem<scalar_t> problem, tiles::FusedPlan plan, acc_t* partial, acc_t* weights) {
+  with_engine<scalar_t, acc_t>([&](const tiles::DeviceBlock& b, auto& sm) {
+    tiles::fused_program(b, sm, problem, plan, blockIdx.x, partial, weights);
+  });
+}
+
+template <typename acc_t>
+__global__ void reduce_kernel(const acc_t* weights, int64_t elements, int64_t chunks, acc_t* out) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < elements; e += step)
+    out[e] = tiles::reduce_chunks(e, weights, elements, chunks);
 }
 
 template <typename acc_t>
@@ -68,13 +98,26 @@ __global__ void finish_kernel(const acc_t* partial, int64_t per_example, int64_t
   if (n < N) tiles::finish_example(n, N, partial, per_example, out, out_stride, add);
 }
 
+void check_launch(const Geometry& geo, int64_t blocks, int64_t N, int64_t per_example) {
+  TORCH_CHECK(geo.fits_32bit(), "fisher_ext (CUDA): ", geo.positions(), " output positions or ", geo.columns(),
+              " input columns per group exceed the kernels' 32-bit indexing");
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fisher_ext (CUDA): ", N, " examples x ", per_example,
+              " tiles each exceed one launch's grid; split the batch");
+}
+
+constexpr int kFinishThreads = 128;
+
+template <typename acc_t>
+void finish(const Tensor& partial, int64_t per_example, int64_t N, Tensor& out, bool add, cudaStream_t stream) {
+  finish_kernel<acc_t><<<static_cast<unsigned>((N + kFinishThreads - 1) / kFinishThreads), kFinishThreads, 0, stream>>>(
+      partial.data_ptr<acc_t>(), per_example, N, out.data_ptr<acc_t>(), out.stride(0), add);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void launch(Tensor& out, const Tensor& x, const Tensor& g, const Geometry& geo, const tiles::Plan& plan, int64_t N,
             bool add) {
   if (N == 0) return;
-  TORCH_CHECK(geo.fits_32bit(), "fisher_ext (CUDA): ", geo.positions(), " output positions or ", geo.columns(),
-              " input columns per group exceed the kernels' 32-bit indexing");
-  TORCH_CHECK(N * plan.per_example <= std::numeric_limits<int32_t>::max(), "fisher_ext (CUDA): ", N, " examples x ",
-              plan.per_example, " tiles each exceed one launch's grid; split the batch");
+  check_launch(geo, N * plan.per_example, N, plan.per_example);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sqnorm_cuda", [&] {
@@ -100,12 +143,51 @@ void launch(Tensor& out, const Tensor& x, const Tensor& g, const Geometry& geo, 
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    constexpr int kFinishThreads = 128;
-    finish_kernel<acc_t>
-        <<<static_cast<unsigned>((N + kFinishThreads - 1) / kFinishThreads), kFinishThreads, 0, stream>>>(
-            partial.data_ptr<acc_t>(), plan.per_example, N, out.data_ptr<acc_t>(), out.stride(0), add);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    finish<acc_t>(partial, plan.per_example, N, out, add, stream);
   });
+}
+
+// The fused program: s[n] into out, and returned the batch's weight gradient then bias gradient
+// (Geometry::weight_elements) in the accumulation type.
+Tensor launch_fused(Tensor& out, const Tensor& x, const Tensor& g, const Geometry& geo, int64_t N) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()));
+  constexpr int kBlocksPerSm = 2, kWaves = 2;
+  const tiles::FusedPlan plan = tiles::make_fused_plan(geo, N, int64_t{kWaves} * kBlocksPerSm * sms);
+  if (plan.chunks == 0) {  // no examples, or no output channels
+    out.zero_();
+    return at::zeros({geo.weight_elements()}, out.options());
+  }
+  check_launch(geo, plan.chunks * plan.per_example, N, plan.per_example);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Tensor weights = at::empty({geo.weight_elements()}, out.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grad_sqnorm_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Tensor partial = at::empty({N * plan.per_example}, out.options());
+    // every block writes its whole tile: each chunk's copy is written in full
+    Tensor copies = plan.chunks == 1 ? weights : at::empty({plan.chunks * geo.weight_elements()}, out.options());
+    const tiles::Problem<scalar_t> problem{x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), geo, N};
+    fused_kernel<scalar_t, acc_t>
+        <<<static_cast<unsigned>(plan.chunks * plan.per_example), tiles::kThreads, 0, stream>>>(
+            problem, plan, partial.data_ptr<acc_t>(), copies.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    finish<acc_t>(partial, plan.per_example, N, out, /*add=*/false, stream);
+    if (plan.chunks > 1) {
+      constexpr int kReduceThreads = 256;
+      const int64_t blocks = std::min<int64_t>(tiles::ceil_div(geo.weight_elements(), kReduceThreads), 4 * sms);
+      reduce_kernel<acc_t><<<static_cast<unsigned>(blocks), kReduceThreads, 0, stream>>>(
+          copies.data_ptr<acc_t>(), geo.weight_elements(), plan.chunks, weights.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return weights;
+}
+
+// The flat output of launch_fused as the weight gradient of the given shape and the bias gradient.
+WeightGrads split_weights(const Tensor& weights, at::IntArrayRef weight_shape, int64_t C_out, bool bias) {
+  const int64_t numel = c10::multiply_integers(weight_shape);
+  return {weights.narrow(0, 0, numel).view(weight_shape), bias ? weights.narrow(0, numel, C_out) : Tensor()};
 }
 
 // Precision::Bf16 changes nothing here: the tile programs read the inputs as given (bfloat16
@@ -134,12 +216,40 @@ void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g
   launch(out, x, g, geo, tiles::plan_for(method, geo), s.N, add);
 }
 
+WeightGrads linear_grad_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
+                             const std::string& method) {
+  if (choose_fused_method(method, sh.T, sh.d_in, sh.d_out, 1.0) == Method::Ghost)
+    return unfused_linear_grad<linear_into>(out, sh, a, g, bias, "ghost");
+  Tensor A = a.reshape({sh.N, sh.T, sh.d_in});
+  Tensor G = g.reshape({sh.N, sh.T, sh.d_out});
+  Geometry geo = tiles::linear_geometry(sh, A, G, bias);
+  if (!geo.fits_32bit()) {  // as in linear_into
+    A = A.contiguous(), G = G.contiguous();
+    geo = tiles::linear_geometry(sh, A, G, bias);
+  }
+  return split_weights(launch_fused(out, A, G, geo, sh.N), {sh.d_out, sh.d_in}, sh.d_out, bias);
+}
+
+WeightGrads conv_grad_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
+                           const std::string& method) {
+  if (choose_fused_method(method, s.out_vol(), s.cin_g * s.k_vol(), s.cout_g, 1.0) == Method::Ghost)
+    return unfused_conv_grad<conv_into>(out, s, x, g, bias, "ghost");
+  Tensor xc = x, gc = g;
+  Geometry geo = tiles::conv_geometry(s, xc, gc, bias);
+  if (!geo.fits_32bit()) {  // as in conv_into
+    xc = x.contiguous(), gc = g.contiguous();
+    geo = tiles::conv_geometry(s, xc, gc, bias);
+  }
+  std::vector<int64_t> weight_shape{s.C_out, s.cin_g};
+  for (int64_t d = 3 - (x.dim() - 2); d < 3; ++d) weight_shape.push_back(s.k[d]);
+  return split_weights(launch_fused(out, xc, gc, geo, s.N), weight_shape, s.C_out, bias);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fisher_ext, CUDA, m) {
-  // No fused weight-gradient kernel on CUDA yet: the norms, then ATen's weight gradient.
-  LinearEntry<linear_into, unfused_linear_grad<linear_into>>::register_all(m);
-  ConvEntry<conv_into, unfused_conv_grad<conv_into>>::register_all(m);
+  LinearEntry<linear_into, linear_grad_into>::register_all(m);
+  ConvEntry<conv_into, conv_grad_into>::register_all(m);
 }
 
 }  // namespace fisher_ext

@@ -14,6 +14,10 @@
 //   ghost:       a pair (i <= j) of kTile-position tiles of (X X^T + 1) .* (G G^T), two tile
 //                products over the features, reduced on chip: no T x T buffer in memory.
 //   row norm:    one position (Linear with T = 1): (||x||^2 + 1) ||g||^2.
+//   fused:       materialize's tiles for a chunk of examples, one after another: each example's
+//                tile is squared and summed as there and also added into the chunk's tile of
+//                the batch weight gradient (and bias gradient), which the block then writes;
+//                reduce_chunks adds the chunks' tiles in a fixed order.
 // finish_example() then adds an example's partials in a fixed order into s[n]: results are
 // the same from run to run (no float atomics).
 // An engine does the tile products: FFMA in the accumulation type (every dtype), or tensor
@@ -104,6 +108,16 @@ struct Geometry {
   FE_HD int64_t positions() const { return out[0] * out[1] * out[2]; }
   FE_HD int64_t groups() const { return cout_g > 0 ? C_out / cout_g : 0; }  // no output channels: no work
   FE_HD int64_t columns() const { return cin_g * K + (bias ? 1 : 0); }      // a group's im2col width
+  // The fused program's output: the weight gradient (C_out, cin_g, *kernel), then the bias's (C_out).
+  FE_HD int64_t weight_elements() const { return C_out * cin_g * K + (bias ? C_out : 0); }
+  // Where element (output channel o, im2col column col) of W = G^T [X 1] goes in that output.
+  FE_HD int64_t weight_offset(int64_t o, int64_t col) const {
+    const int64_t width = cin_g * K;
+    if (col == width) return C_out * width + o;  // the bias column
+    if (!channels_fast) return o * width + col;  // columns are (channel, kernel offset) already
+    const uint32_t kk = by_cin.div(static_cast<uint32_t>(col)), c = by_cin.mod(static_cast<uint32_t>(col), kk);
+    return o * width + int64_t{c} * K + kk;
+  }
   // The programs decode positions, columns and channels, and form offsets within an example, in
   // 32-bit arithmetic: every index and every offset within one example must stay below 2^31.
   bool fits_32bit() const {
@@ -247,6 +261,9 @@ struct Operand {
 // An engine gives the staging type, the per-thread accumulator (Accum, with zero()), the
 // product of one staged slice (multiply) and this thread's share of sum(a .* c) over the tile
 // (dot): a tile's squared Frobenius norm is dot(acc, acc), a ghost tile's sum is dot(xx, gg).
+// For the fused program also add (into += a, element by element) and emit, which calls
+// f(row, column, value) once for each element of the tile, from whichever thread holds it
+// (through the engine's Scratch in shared memory where the layout is opaque).
 
 // FFMA on any dtype, staged in the accumulation type: each thread owns a kMicro x kMicro
 // register sub-tile (rows ty*kMicro.., columns tx*kMicro..).
@@ -279,6 +296,17 @@ struct FmaEngine {
     for (int i = 0; i < kMicro; ++i)
       for (int j = 0; j < kMicro; ++j) s += a.v[i][j] * c.v[i][j];
     return s;
+  }
+  FE_HD static void add(Accum& into, const Accum& a) {
+    for (int i = 0; i < kMicro; ++i)
+      for (int j = 0; j < kMicro; ++j) into.v[i][j] += a.v[i][j];
+  }
+  struct Scratch {};  // each thread knows its sub-tile's place: emit needs no shared memory
+  template <class Block, class F>
+  FE_HD static void emit(const Block& b, const Accum& a, Scratch&, F&& f) {
+    const int ty = b.tid / (kTile / kMicro), tx = b.tid % (kTile / kMicro);
+    for (int i = 0; i < kMicro; ++i)
+      for (int j = 0; j < kMicro; ++j) f(ty * kMicro + i, tx * kMicro + j, a.v[i][j]);
   }
 };
 
@@ -357,6 +385,38 @@ struct MmaEngine {
 #endif
     return s;
   }
+  // Fragments of one type share their lane layout: adding them element by element adds the tiles.
+  FE_HD static void add(Accum& into, const Accum& a) {
+#if defined(__CUDA_ARCH__)
+    for (int f = 0; f < 2; ++f)
+      for (int e = 0; e < into.f[f].num_elements; ++e) into.f[f].x[e] += a.f[f].x[e];
+#else
+    for (int f = 0; f < 2; ++f)
+      for (int i = 0; i < kFrag; ++i)
+        for (int j = 0; j < kFrag; ++j) into.f[f][i][j] += a.f[f][i][j];
+#endif
+  }
+  struct Scratch {
+    alignas(32) float tile[kTile][kTile];
+  };
+  // Each warp stores its strip (store_matrix_sync knows the fragments' layout), then every
+  // thread reads its share of the tile back.
+  template <class Block, class F>
+  FE_HD static void emit(const Block& b, const Accum& a, Scratch& s, F&& f) {
+    const int row = strip_row(b.tid), col = strip_col(b.tid);
+#if defined(__CUDA_ARCH__)
+    for (int k = 0; k < 2; ++k)
+      nvcuda::wmma::store_matrix_sync(&s.tile[row][col + k * kFrag], a.f[k], kTile, nvcuda::wmma::mem_row_major);
+#else
+    if (b.tid % 32 == 0)
+      for (int k = 0; k < 2; ++k)
+        for (int i = 0; i < kFrag; ++i)
+          for (int j = 0; j < kFrag; ++j) s.tile[row + i][col + k * kFrag + j] = a.f[k][i][j];
+#endif
+    b.sync();
+    for (int e = b.tid; e < kTile * kTile; e += kThreads) f(e / kTile, e % kTile, s.tile[e / kTile][e % kTile]);
+    b.sync();  // before the scratch is written again
+  }
 };
 
 template <class Engine>
@@ -364,6 +424,7 @@ struct Shared {
   alignas(32) typename Engine::stage_t left[kDepth][kTile + Engine::kPad];
   alignas(32) typename Engine::stage_t right[kDepth][kTile + Engine::kPad];
   typename Engine::acc_t sums[kThreads];
+  typename Engine::Scratch scratch;
 };
 
 // Which index consecutive threads take when staging an operand: the depth index where it is
@@ -554,6 +615,64 @@ FE_HD void run_program(Program program, const Block& b, Shared<Engine>& sm, cons
       row_norm_program(b, sm, pr, block, per_example, partial);
       break;
   }
+}
+
+// The fused program's blocks: every materialize tile (per_example of them, as make_plan's) for
+// each chunk of per_chunk consecutive examples. Chunks give the GPU enough blocks where W has
+// few tiles; each chunk writes its own copy of the weight gradient (chunks x weight_elements()),
+// so a block's examples go one after another through one tile and no two blocks add into the
+// same place. target_blocks: how many blocks fill the device.
+struct FusedPlan {
+  int64_t per_example, chunks, per_chunk;
+};
+
+inline FusedPlan make_fused_plan(const Geometry& geo, int64_t N, int64_t target_blocks) {
+  const int64_t tiles = make_plan(geo, /*ghost=*/false).per_example;
+  if (tiles == 0 || N == 0) return {tiles, 0, 0};
+  const int64_t wanted = std::min(N, std::max<int64_t>(1, ceil_div(target_blocks, tiles)));
+  const int64_t per_chunk = ceil_div(N, wanted);
+  return {tiles, ceil_div(N, per_chunk), per_chunk};  // no chunk left empty
+}
+
+// Block `block` of the fused program: its tile of W = G^T [X 1] for each example of its chunk,
+// squared and summed into the example's partial (as materialize_program's), and added up over
+// the chunk into the chunk's weight gradient, weights + chunk * weight_elements().
+template <class Engine, class Block, typename scalar_t, typename acc_t = typename Engine::acc_t>
+FE_HD void fused_program(const Block& b, Shared<Engine>& sm, const Problem<scalar_t>& pr, const FusedPlan& plan,
+                         int64_t block, acc_t* partial, acc_t* weights) {
+  using V = View<scalar_t, acc_t>;
+  const Geometry& geo = pr.geo;
+  const int64_t row_tiles = ceil_div(geo.cout_g, kTile), col_tiles = ceil_div(geo.columns(), kTile);
+  const int64_t chunk = block / plan.per_example, within = block % plan.per_example;
+  const int64_t grp = within / (row_tiles * col_tiles), tile = within % (row_tiles * col_tiles);
+  const int64_t row0 = (tile / col_tiles) * kTile, col0 = (tile % col_tiles) * kTile;
+  const Staging staging{geo.gs[4] == 1, geo.xs[4] == 1};
+  typename Engine::Accum sum;
+  Engine::zero(sum);
+  const int64_t last = std::min(pr.N, (chunk + 1) * plan.per_chunk);
+  for (int64_t n = chunk * plan.per_chunk; n < last; ++n) {
+    const V v = view_of<scalar_t, acc_t>(pr, n, grp);
+    typename Engine::Accum acc;
+    Engine::zero(acc);
+    tile_product<Engine>(b, sm, acc, geo.positions(), Operand<V, Of::Grad, true>{v, row0},
+                         Operand<V, Of::Patch, true>{v, col0}, staging);
+    const acc_t total = block_sum(b, sm, Engine::dot(acc, acc));
+    if (b.tid == 0) partial[partial_slot(n * plan.per_example + within, plan.per_example, pr.N)] = total;
+    Engine::add(sum, acc);
+  }
+  acc_t* const out = weights + chunk * geo.weight_elements();
+  Engine::emit(b, sum, sm.scratch, [&](int r, int c, acc_t value) {
+    const int64_t o = row0 + r, col = col0 + c;
+    if (o < geo.cout_g && col < geo.columns()) out[geo.weight_offset(grp * geo.cout_g + o, col)] = value;
+  });
+}
+
+// Element e of the batch weight gradient: the chunks' copies added in a fixed order.
+template <typename acc_t>
+FE_HD acc_t reduce_chunks(int64_t e, const acc_t* weights, int64_t elements, int64_t chunks) {
+  acc_t total = 0;
+  for (int64_t c = 0; c < chunks; ++c) total += weights[c * elements + e];
+  return total;
 }
 
 // s[n] (+)= the example's partials (at partial_slot), added in a fixed order.

@@ -13,6 +13,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "../cuda/tiles_host.h"
@@ -29,43 +30,95 @@ struct HostBlock {
   void sync() const { bar->arrive_and_wait(); }
 };
 
-// s[n] for every example, as sqnorm_cuda.cu's launch() computes it with the given engine.
-template <typename scalar_t, class Engine, typename acc_t = typename Engine::acc_t>
-at::Tensor emulate(const at::Tensor& x, const at::Tensor& g, const tiles::Geometry& geo, const tiles::Plan& plan) {
-  const int64_t N = x.size(0), blocks = N * plan.per_example;
-  at::Tensor partial = at::full({blocks}, std::nan(""), at::CppTypeToScalarType<acc_t>::value);
-  at::Tensor out = at::full({N}, 0.5, partial.options());
-  const auto sm = std::make_unique<tiles::Shared<Engine>>();  // 18 KB: off the stack
-  const tiles::Problem<scalar_t> problem{x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), geo, N};
+// Runs program(block, shared memory, block index) for every block in turn on kThreads threads.
+template <class Engine, class Program>
+void run_blocks(int64_t blocks, Program&& program) {
+  const auto sm = std::make_unique<tiles::Shared<Engine>>();  // up to 34 KB: off the stack
   std::barrier<> bar(tiles::kThreads);
   std::vector<std::thread> threads;
   for (int t = 0; t < tiles::kThreads; ++t)
     threads.emplace_back([&, t] {
       const HostBlock b{t, &bar};
-      for (int64_t block = 0; block < blocks; ++block)
-        tiles::run_program(plan.program, b, *sm, problem, block, plan.per_example, partial.data_ptr<acc_t>());
+      for (int64_t block = 0; block < blocks; ++block) program(b, *sm, block);
     });
   for (auto& th : threads) th.join();
+}
+
+// s[n] for every example, as sqnorm_cuda.cu's launch() computes it with the given engine.
+template <typename scalar_t, class Engine, typename acc_t = typename Engine::acc_t>
+at::Tensor emulate(const at::Tensor& x, const at::Tensor& g, const tiles::Geometry& geo, const tiles::Plan& plan) {
+  const int64_t N = x.size(0);
+  at::Tensor partial = at::full({N * plan.per_example}, std::nan(""), at::CppTypeToScalarType<acc_t>::value);
+  at::Tensor out = at::full({N}, 0.5, partial.options());
+  const tiles::Problem<scalar_t> problem{x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), geo, N};
+  run_blocks<Engine>(N * plan.per_example, [&](const HostBlock& b, tiles::Shared<Engine>& sm, int64_t block) {
+    tiles::run_program(plan.program, b, sm, problem, block, plan.per_example, partial.data_ptr<acc_t>());
+  });
   for (int64_t n = 0; n < N; ++n)  // add=true onto 0.5: the accumulate form
     tiles::finish_example(n, N, partial.data_ptr<acc_t>(), plan.per_example, out.data_ptr<acc_t>(), 1, true);
   return out - 0.5;
 }
 
-// The engine the GPU uses for the dtype (on sm_80+), or FFMA for every dtype.
+struct Fused {
+  at::Tensor norms, weights;  // s[n]; the weight gradient then the bias gradient, flat
+  int64_t chunks;
+};
+
+// The fused op as sqnorm_cuda.cu's launch_fused computes it with the given engine, its plan made
+// for target_blocks blocks. The workspaces start as NaN: an element no block writes shows.
+template <typename scalar_t, class Engine, typename acc_t = typename Engine::acc_t>
+Fused emulate_fused(const at::Tensor& x, const at::Tensor& g, const tiles::Geometry& geo, int64_t target_blocks) {
+  const int64_t N = x.size(0), elements = geo.weight_elements();
+  const tiles::FusedPlan plan = tiles::make_fused_plan(geo, N, target_blocks);
+  const auto options = at::TensorOptions().dtype(at::CppTypeToScalarType<acc_t>::value);
+  at::Tensor partial = at::full({N * plan.per_example}, std::nan(""), options);
+  at::Tensor copies = at::full({plan.chunks * elements}, std::nan(""), options);
+  const tiles::Problem<scalar_t> problem{x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), geo, N};
+  run_blocks<Engine>(plan.chunks * plan.per_example, [&](const HostBlock& b, tiles::Shared<Engine>& sm, int64_t block) {
+    tiles::fused_program(b, sm, problem, plan, block, partial.data_ptr<acc_t>(), copies.data_ptr<acc_t>());
+  });
+  at::Tensor norms = at::empty({N}, options), weights = at::empty({elements}, options);
+  for (int64_t n = 0; n < N; ++n)
+    tiles::finish_example(n, N, partial.data_ptr<acc_t>(), plan.per_example, norms.data_ptr<acc_t>(), 1, false);
+  for (int64_t e = 0; e < elements; ++e)
+    weights.data_ptr<acc_t>()[e] = tiles::reduce_chunks(e, copies.data_ptr<acc_t>(), elements, plan.chunks);
+  return {norms, weights, plan.chunks};
+}
+
+// run.template operator()<scalar_t, Engine>() with the engine the GPU uses for the dtype (on
+// sm_80+), or FFMA for every dtype.
+template <class Run>
+auto with_engine(at::ScalarType dtype, bool fma, Run&& run) {
+  switch (dtype) {
+    case at::kDouble:
+      return run.template operator()<double, tiles::FmaEngine<double>>();
+    case at::kHalf:
+      return fma ? run.template operator()<c10::Half, tiles::FmaEngine<float>>()
+                 : run.template operator()<c10::Half, tiles::MmaEngine<c10::Half>>();
+    case at::kBFloat16:
+      return fma ? run.template operator()<c10::BFloat16, tiles::FmaEngine<float>>()
+                 : run.template operator()<c10::BFloat16, tiles::MmaEngine<c10::BFloat16>>();
+    default:
+      return run.template operator()<float, tiles::FmaEngine<float>>();
+  }
+}
+
 at::Tensor emulate_any(const at::Tensor& x, const at::Tensor& g, const tiles::Geometry& geo, const tiles::Plan& plan,
                        bool fma) {
-  switch (x.scalar_type()) {
-    case at::kDouble:
-      return emulate<double, tiles::FmaEngine<double>>(x, g, geo, plan);
-    case at::kHalf:
-      return fma ? emulate<c10::Half, tiles::FmaEngine<float>>(x, g, geo, plan)
-                 : emulate<c10::Half, tiles::MmaEngine<c10::Half>>(x, g, geo, plan);
-    case at::kBFloat16:
-      return fma ? emulate<c10::BFloat16, tiles::FmaEngine<float>>(x, g, geo, plan)
-                 : emulate<c10::BFloat16, tiles::MmaEngine<c10::BFloat16>>(x, g, geo, plan);
-    default:
-      return emulate<float, tiles::FmaEngine<float>>(x, g, geo, plan);
-  }
+  return with_engine(x.scalar_type(), fma,
+                     [&]<typename scalar_t, class Engine>() { return emulate<scalar_t, Engine>(x, g, geo, plan); });
+}
+
+Fused emulate_fused_any(const at::Tensor& x, const at::Tensor& g, const tiles::Geometry& geo, int64_t target_blocks,
+                        bool fma) {
+  return with_engine(x.scalar_type(), fma, [&]<typename scalar_t, class Engine>() {
+    return emulate_fused<scalar_t, Engine>(x, g, geo, target_blocks);
+  });
+}
+
+// max |got - want| / max |want|: the weight gradient's elements may be near 0 one by one.
+double max_err_of_largest(const at::Tensor& got, const at::Tensor& want) {
+  return (got.to(at::kDouble) - want).abs().max().item<double>() / want.abs().max().item<double>();
 }
 
 const char* engine_name(at::ScalarType t, bool fma) {
@@ -83,7 +136,8 @@ struct ConvCase {
   bool bias, channels_last;
 };
 
-void conv_case(const ConvCase& c, at::ScalarType dtype, const char* method, bool fma = false) {
+// A random input and output gradient of the case's layer.
+std::pair<at::Tensor, at::Tensor> conv_inputs(const ConvCase& c, at::ScalarType dtype) {
   const int64_t Ho = (c.H + 2 * c.pad - c.dil * (c.k - 1) - 1) / c.stride + 1;
   const int64_t Wo = (c.W + 2 * c.pad - c.dil * (c.k - 1) - 1) / c.stride + 1;
   at::Tensor x = at::randn({c.N, c.C_in, c.H, c.W}).to(dtype);
@@ -92,6 +146,11 @@ void conv_case(const ConvCase& c, at::ScalarType dtype, const char* method, bool
     x = x.contiguous(at::MemoryFormat::ChannelsLast);
     g = g.contiguous(at::MemoryFormat::ChannelsLast);
   }
+  return {x, g};
+}
+
+void conv_case(const ConvCase& c, at::ScalarType dtype, const char* method, bool fma = false) {
+  const auto [x, g] = conv_inputs(c, dtype);
   const auto want = naive_conv2d(x, g, c.k, c.stride, c.pad, c.dil, c.groups, c.bias);
   const ConvShape s = conv_shape(x, g, {c.k, c.k}, {c.stride, c.stride}, {c.pad, c.pad}, {c.dil, c.dil}, c.groups);
   const tiles::Geometry geo = tiles::conv_geometry(s, x, g, c.bias);
@@ -101,9 +160,9 @@ void conv_case(const ConvCase& c, at::ScalarType dtype, const char* method, bool
     check(at::equal(got, emulate_any(x, g, geo, plan, fma)),
           std::string("conv2d ") + program_name(plan.program) + engine_name(dtype, fma) + " the same run to run");
   check(max_rel_err(got, want) < tolerance(dtype),
-        std::string("conv2d ") + program_name(plan.program) + engine_name(dtype, fma) +
-            " C_in=" + std::to_string(c.C_in) + " C_out=" + std::to_string(c.C_out) + " out=" + std::to_string(Ho) +
-            "x" + std::to_string(Wo) + " stride=" + std::to_string(c.stride) + " dil=" + std::to_string(c.dil) +
+        std::string("conv2d ") + program_name(plan.program) + engine_name(dtype, fma) + " C_in=" +
+            std::to_string(c.C_in) + " C_out=" + std::to_string(c.C_out) + " out=" + std::to_string(g.size(2)) + "x" +
+            std::to_string(g.size(3)) + " stride=" + std::to_string(c.stride) + " dil=" + std::to_string(c.dil) +
             " groups=" + std::to_string(c.groups) + (c.bias ? " bias" : "") +
             (c.channels_last ? " channels_last " : " ") + c10::toString(dtype));
 }
@@ -123,6 +182,54 @@ void linear_case(int64_t N, int64_t T, int64_t d_in, int64_t d_out, bool bias, b
         std::string("linear ") + program_name(plan.program) + engine_name(dtype, fma) + " T=" + std::to_string(T) +
             " d_in=" + std::to_string(d_in) + " d_out=" + std::to_string(d_out) + (bias ? " bias" : "") +
             (transposed ? " transposed " : " ") + c10::toString(dtype));
+}
+
+// The fused program against the naive norms and ATen's float64 weight and bias gradients, its
+// batch cut into chunks for target_blocks blocks.
+void fused_conv_case(const ConvCase& c, at::ScalarType dtype, int64_t target_blocks, bool fma = false) {
+  const auto [x, g] = conv_inputs(c, dtype);
+  const auto weight = at::empty({c.C_out, c.C_in / c.groups, c.k, c.k}, at::kDouble);
+  const auto [unused, weight_grad, bias_grad] = at::convolution_backward(
+      g.to(at::kDouble), x.to(at::kDouble), weight, at::IntArrayRef{c.C_out}, {c.stride, c.stride}, {c.pad, c.pad},
+      {c.dil, c.dil}, false, {0, 0}, c.groups, {false, true, c.bias});
+  const at::Tensor want = c.bias ? at::cat({weight_grad.flatten(), bias_grad}) : weight_grad.flatten();
+  const ConvShape s = conv_shape(x, g, {c.k, c.k}, {c.stride, c.stride}, {c.pad, c.pad}, {c.dil, c.dil}, c.groups);
+  const tiles::Geometry geo = tiles::conv_geometry(s, x, g, c.bias);
+  const Fused got = emulate_fused_any(x, g, geo, target_blocks, fma);
+  const std::string what = std::string("conv2d fused") + engine_name(dtype, fma) + " C_in=" + std::to_string(c.C_in) +
+                           " C_out=" + std::to_string(c.C_out) + " groups=" + std::to_string(c.groups) +
+                           (c.bias ? " bias" : "") + (c.channels_last ? " channels_last " : " ") +
+                           c10::toString(dtype) + " chunks=" + std::to_string(got.chunks);
+  check(max_rel_err(got.norms, naive_conv2d(x, g, c.k, c.stride, c.pad, c.dil, c.groups, c.bias)) < tolerance(dtype),
+        what + ": norms");
+  check(max_err_of_largest(got.weights, want) < tolerance(dtype), what + ": weight and bias gradients");
+  if (c.channels_last) {  // a missing barrier would show as a result that moves between runs
+    const Fused again = emulate_fused_any(x, g, geo, target_blocks, fma);
+    check(at::equal(got.norms, again.norms) && at::equal(got.weights, again.weights), what + ": the same run to run");
+  }
+}
+
+void fused_linear_case(int64_t N, int64_t T, int64_t d_in, int64_t d_out, bool bias, bool transposed,
+                       at::ScalarType dtype, int64_t target_blocks) {
+  at::Tensor a = at::randn({N, T, d_in}).to(dtype), g = at::randn({N, T, d_out}).to(dtype);
+  if (transposed) {  // non-contiguous: (N, d, T) storage seen as (N, T, d)
+    a = at::randn({N, d_in, T}).to(dtype).transpose(1, 2);
+    g = at::randn({N, d_out, T}).to(dtype).transpose(1, 2);
+  }
+  const at::Tensor a64 = a.to(at::kDouble), g64 = g.to(at::kDouble);
+  const at::Tensor weight_grad = at::einsum("nto,nti->oi", {g64, a64});
+  const at::Tensor want = bias ? at::cat({weight_grad.flatten(), g64.sum({0, 1})}) : weight_grad.flatten();
+  const LinearShape sh = linear_shape(a, g);
+  const Fused got = emulate_fused_any(a, g, tiles::linear_geometry(sh, a, g, bias), target_blocks, false);
+  const std::string what = std::string("linear fused") + engine_name(dtype, false) + " T=" + std::to_string(T) +
+                           " d_in=" + std::to_string(d_in) + " d_out=" + std::to_string(d_out) + (bias ? " bias" : "") +
+                           (transposed ? " transposed " : " ") + c10::toString(dtype) +
+                           " chunks=" + std::to_string(got.chunks);
+  check(max_rel_err(got.norms, naive_linear(a, g, bias)) < tolerance(dtype), what + ": norms");
+  if (d_out > 0)
+    check(max_err_of_largest(got.weights, want) < tolerance(dtype), what + ": weight and bias gradients");
+  else
+    check(got.weights.numel() == 0 && got.chunks == 0, what + ": no output channels, no blocks");
 }
 
 // FastDiv against the division operator: every divisor up to 4096 and around each power of two,
@@ -198,6 +305,20 @@ int main() {
     linear_case(2, 70, 13, 66, true, false, at::kHalf, method);
     linear_case(2, 5, 40, 3, true, true, at::kBFloat16, method);
   }
+  // The fused program: one chunk, chunks of several examples (the last one short), one example each.
+  for (int64_t target : {1, 4, 1000}) {
+    for (const auto& c : convs)
+      for (auto dtype : {at::kFloat, at::kDouble}) fused_conv_case(c, dtype, target);
+    fused_linear_case(3, 70, 13, 66, true, false, at::kFloat, target);
+    fused_linear_case(3, 5, 40, 3, false, true, at::kDouble, target);
+  }
+  for (auto dtype : {at::kHalf, at::kBFloat16}) {
+    fused_conv_case(convs[1], dtype, 4);
+    fused_conv_case(convs[4], dtype, 1000);
+    fused_linear_case(3, 70, 13, 66, true, false, dtype, 4);
+  }
+  fused_conv_case(convs[1], at::kHalf, 4, /*fma=*/true);
+  fused_linear_case(2, 5, 7, 0, true, false, at::kFloat, 4);  // no output channels
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }
