@@ -12,8 +12,8 @@
 // The fused ops (weight and bias gradient with the norms) run the fused program where the
 // materialize path is chosen (choose_fused_method): each block takes one tile of W through a
 // chunk of examples, so the batch gradient costs one more register tile and one store per
-// block; where W has few tiles the batch is cut into chunks (about two waves of blocks), each
-// writing its own copy of the gradient, added in a fixed order by a second kernel. Where ghost
+// block; where W has few tiles the batch is cut into chunks to fill the device's waves, each
+// writing its own copy of the gradient, added in a fixed order by a third kernel. Where ghost
 // is chosen, the ghost norms and then ATen's weight gradient.
 #include "../common/shapes.h"
 #include "../conv/entry.h"
@@ -50,20 +50,20 @@ constexpr int min_blocks() {
   return 1;
 }
 
-// Runs run(block, shared memory) with the engine for the dtype: tensor cores for float16 /
-// bfloat16 where the architecture has them for both (sm_80+), FFMA in the accumulation type
-// otherwise.
-template <typename scalar_t, typename acc_t, class Run>
+// Runs run(block, shared memory of type SharedOf<Engine>) with the engine for the dtype: tensor
+// cores for float16 / bfloat16 where the architecture has them for both (sm_80+), FFMA in the
+// accumulation type otherwise.
+template <typename scalar_t, typename acc_t, template <class> class SharedOf, class Run>
 __device__ __forceinline__ void with_engine(Run&& run) {
   const tiles::DeviceBlock b{static_cast<int>(threadIdx.x)};
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
-    __shared__ tiles::Shared<tiles::MmaEngine<scalar_t>> sm;
+    __shared__ SharedOf<tiles::MmaEngine<scalar_t>> sm;
     run(b, sm);
   } else
 #endif
   {
-    __shared__ tiles::Shared<tiles::FmaEngine<acc_t>> sm;
+    __shared__ SharedOf<tiles::FmaEngine<acc_t>> sm;
     run(b, sm);
   }
 }
@@ -71,7 +71,7 @@ __device__ __forceinline__ void with_engine(Run&& run) {
 template <tiles::Program kProgram, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(tiles::kThreads, (min_blocks<kProgram, acc_t>()))
     program_kernel(tiles::Problem<scalar_t> problem, int64_t per_example, acc_t* partial) {
-  with_engine<scalar_t, acc_t>([&](const tiles::DeviceBlock& b, auto& sm) {
+  with_engine<scalar_t, acc_t, tiles::Shared>([&](const tiles::DeviceBlock& b, auto& sm) {
     tiles::run_program(kProgram, b, sm, problem, blockIdx.x, per_example, partial);
   });
 }
@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(tiles::kThreads, (min_blocks<kProgram, acc_t>(
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(tiles::kThreads, (min_blocks<tiles::Program::Materialize, acc_t>()))
     fused_kernel(tiles::Problem<scalar_t> problem, tiles::FusedPlan plan, acc_t* partial, acc_t* weights) {
-  with_engine<scalar_t, acc_t>([&](const tiles::DeviceBlock& b, auto& sm) {
+  with_engine<scalar_t, acc_t, tiles::FusedShared>([&](const tiles::DeviceBlock& b, auto& sm) {
     tiles::fused_program(b, sm, problem, plan, blockIdx.x, partial, weights);
   });
 }
@@ -98,11 +98,11 @@ __global__ void finish_kernel(const acc_t* partial, int64_t per_example, int64_t
   if (n < N) tiles::finish_example(n, N, partial, per_example, out, out_stride, add);
 }
 
-void check_launch(const Geometry& geo, int64_t blocks, int64_t N, int64_t per_example) {
+void check_launch(const Geometry& geo, int64_t blocks, int64_t N) {
   TORCH_CHECK(geo.fits_32bit(), "fisher_ext (CUDA): ", geo.positions(), " output positions or ", geo.columns(),
               " input columns per group exceed the kernels' 32-bit indexing");
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fisher_ext (CUDA): ", N, " examples x ", per_example,
-              " tiles each exceed one launch's grid; split the batch");
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fisher_ext (CUDA): ", N, " examples take ", blocks,
+              " blocks, more than one launch's grid; split the batch");
 }
 
 constexpr int kFinishThreads = 128;
@@ -117,7 +117,7 @@ void finish(const Tensor& partial, int64_t per_example, int64_t N, Tensor& out, 
 void launch(Tensor& out, const Tensor& x, const Tensor& g, const Geometry& geo, const tiles::Plan& plan, int64_t N,
             bool add) {
   if (N == 0) return;
-  check_launch(geo, N * plan.per_example, N, plan.per_example);
+  check_launch(geo, N * plan.per_example, N);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sqnorm_cuda", [&] {
@@ -148,22 +148,25 @@ void launch(Tensor& out, const Tensor& x, const Tensor& g, const Geometry& geo, 
 }
 
 // The fused program: s[n] into out, and returned the batch's weight gradient then bias gradient
-// (Geometry::weight_elements) in the accumulation type.
+// (Geometry::weight_elements) in the accumulation type. Its chunking follows the device's wave
+// (SMs x resident blocks), so the gradient's rounding is the same run to run on one GPU model.
 Tensor launch_fused(Tensor& out, const Tensor& x, const Tensor& g, const Geometry& geo, int64_t N) {
   const c10::cuda::CUDAGuard guard(x.device());
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()));
-  constexpr int kBlocksPerSm = 2, kWaves = 2;
-  const tiles::FusedPlan plan = tiles::make_fused_plan(geo, N, int64_t{kWaves} * kBlocksPerSm * sms);
-  if (plan.chunks == 0) {  // no examples, or no output channels
-    out.zero_();
-    return at::zeros({geo.weight_elements()}, out.options());
-  }
-  check_launch(geo, plan.chunks * plan.per_example, N, plan.per_example);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   Tensor weights = at::empty({geo.weight_elements()}, out.options());
+  if (tiles::make_plan(geo, /*ghost=*/false).per_example * N == 0) {  // no blocks: all totals and entries are 0
+    out.zero_();
+    return weights.zero_();
+  }
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grad_sqnorm_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    int resident = 0;
+    C10_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, fused_kernel<scalar_t, acc_t>, tiles::kThreads, 0));
+    const tiles::FusedPlan plan = tiles::make_fused_plan(geo, N, int64_t{sms} * std::max(resident, 1));
+    check_launch(geo, plan.chunks * plan.per_example, N);
     Tensor partial = at::empty({N * plan.per_example}, out.options());
     // every block writes its whole tile: each chunk's copy is written in full
     Tensor copies = plan.chunks == 1 ? weights : at::empty({plan.chunks * geo.weight_elements()}, out.options());
@@ -184,10 +187,11 @@ Tensor launch_fused(Tensor& out, const Tensor& x, const Tensor& g, const Geometr
   return weights;
 }
 
-// The flat output of launch_fused as the weight gradient of the given shape and the bias gradient.
+// The flat output of launch_fused as the weight gradient of the given shape and the bias gradient
+// (a tensor of its own, as the other devices return it).
 WeightGrads split_weights(const Tensor& weights, at::IntArrayRef weight_shape, int64_t C_out, bool bias) {
   const int64_t numel = c10::multiply_integers(weight_shape);
-  return {weights.narrow(0, 0, numel).view(weight_shape), bias ? weights.narrow(0, numel, C_out) : Tensor()};
+  return {weights.narrow(0, 0, numel).view(weight_shape), bias ? weights.narrow(0, numel, C_out).clone() : Tensor()};
 }
 
 // Precision::Bf16 changes nothing here: the tile programs read the inputs as given (bfloat16

@@ -424,6 +424,11 @@ struct Shared {
   alignas(32) typename Engine::stage_t left[kDepth][kTile + Engine::kPad];
   alignas(32) typename Engine::stage_t right[kDepth][kTile + Engine::kPad];
   typename Engine::acc_t sums[kThreads];
+};
+
+// The fused program's: also the engine's scratch for emit (the other programs do without it).
+template <class Engine>
+struct FusedShared : Shared<Engine> {
   typename Engine::Scratch scratch;
 };
 
@@ -621,24 +626,33 @@ FE_HD void run_program(Program program, const Block& b, Shared<Engine>& sm, cons
 // each chunk of per_chunk consecutive examples. Chunks give the GPU enough blocks where W has
 // few tiles; each chunk writes its own copy of the weight gradient (chunks x weight_elements()),
 // so a block's examples go one after another through one tile and no two blocks add into the
-// same place. target_blocks: how many blocks fill the device.
+// same place. `wave`: how many blocks the device runs at once. The chunking minimizes the
+// waves times the examples per block (ties: fewer chunks, fewer copies to add), which counts
+// a last, nearly empty wave as the full wave it costs.
 struct FusedPlan {
   int64_t per_example, chunks, per_chunk;
 };
 
-inline FusedPlan make_fused_plan(const Geometry& geo, int64_t N, int64_t target_blocks) {
+inline FusedPlan make_fused_plan(const Geometry& geo, int64_t N, int64_t wave) {
   const int64_t tiles = make_plan(geo, /*ghost=*/false).per_example;
   if (tiles == 0 || N == 0) return {tiles, 0, 0};
-  const int64_t wanted = std::min(N, std::max<int64_t>(1, ceil_div(target_blocks, tiles)));
-  const int64_t per_chunk = ceil_div(N, wanted);
-  return {tiles, ceil_div(N, per_chunk), per_chunk};  // no chunk left empty
+  wave = std::max<int64_t>(wave, 1);
+  FusedPlan best{tiles, 1, N};
+  int64_t best_cost = ceil_div(tiles, wave) * N;
+  const int64_t most = std::min(N, ceil_div(4 * wave, tiles));  // beyond 4 waves chunks only add copies
+  for (int64_t c = 2; c <= most; ++c) {
+    const int64_t per_chunk = ceil_div(N, c), chunks = ceil_div(N, per_chunk);  // no chunk left empty
+    const int64_t cost = ceil_div(tiles * chunks, wave) * per_chunk;
+    if (cost < best_cost) best = {tiles, chunks, per_chunk}, best_cost = cost;
+  }
+  return best;
 }
 
 // Block `block` of the fused program: its tile of W = G^T [X 1] for each example of its chunk,
 // squared and summed into the example's partial (as materialize_program's), and added up over
 // the chunk into the chunk's weight gradient, weights + chunk * weight_elements().
 template <class Engine, class Block, typename scalar_t, typename acc_t = typename Engine::acc_t>
-FE_HD void fused_program(const Block& b, Shared<Engine>& sm, const Problem<scalar_t>& pr, const FusedPlan& plan,
+FE_HD void fused_program(const Block& b, FusedShared<Engine>& sm, const Problem<scalar_t>& pr, const FusedPlan& plan,
                          int64_t block, acc_t* partial, acc_t* weights) {
   using V = View<scalar_t, acc_t>;
   const Geometry& geo = pr.geo;

@@ -31,9 +31,9 @@ struct HostBlock {
 };
 
 // Runs program(block, shared memory, block index) for every block in turn on kThreads threads.
-template <class Engine, class Program>
+template <class SharedMemory, class Program>
 void run_blocks(int64_t blocks, Program&& program) {
-  const auto sm = std::make_unique<tiles::Shared<Engine>>();  // up to 34 KB: off the stack
+  const auto sm = std::make_unique<SharedMemory>();  // up to 22 KB: off the stack
   std::barrier<> bar(tiles::kThreads);
   std::vector<std::thread> threads;
   for (int t = 0; t < tiles::kThreads; ++t)
@@ -51,7 +51,7 @@ at::Tensor emulate(const at::Tensor& x, const at::Tensor& g, const tiles::Geomet
   at::Tensor partial = at::full({N * plan.per_example}, std::nan(""), at::CppTypeToScalarType<acc_t>::value);
   at::Tensor out = at::full({N}, 0.5, partial.options());
   const tiles::Problem<scalar_t> problem{x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), geo, N};
-  run_blocks<Engine>(N * plan.per_example, [&](const HostBlock& b, tiles::Shared<Engine>& sm, int64_t block) {
+  run_blocks<tiles::Shared<Engine>>(N * plan.per_example, [&](const HostBlock& b, auto& sm, int64_t block) {
     tiles::run_program(plan.program, b, sm, problem, block, plan.per_example, partial.data_ptr<acc_t>());
   });
   for (int64_t n = 0; n < N; ++n)  // add=true onto 0.5: the accumulate form
@@ -65,18 +65,19 @@ struct Fused {
 };
 
 // The fused op as sqnorm_cuda.cu's launch_fused computes it with the given engine, its plan made
-// for target_blocks blocks. The workspaces start as NaN: an element no block writes shows.
+// for a device that runs `wave` blocks at once. The workspaces start as NaN: an element no block writes shows.
 template <typename scalar_t, class Engine, typename acc_t = typename Engine::acc_t>
-Fused emulate_fused(const at::Tensor& x, const at::Tensor& g, const tiles::Geometry& geo, int64_t target_blocks) {
+Fused emulate_fused(const at::Tensor& x, const at::Tensor& g, const tiles::Geometry& geo, int64_t wave) {
   const int64_t N = x.size(0), elements = geo.weight_elements();
-  const tiles::FusedPlan plan = tiles::make_fused_plan(geo, N, target_blocks);
+  const tiles::FusedPlan plan = tiles::make_fused_plan(geo, N, wave);
   const auto options = at::TensorOptions().dtype(at::CppTypeToScalarType<acc_t>::value);
   at::Tensor partial = at::full({N * plan.per_example}, std::nan(""), options);
   at::Tensor copies = at::full({plan.chunks * elements}, std::nan(""), options);
   const tiles::Problem<scalar_t> problem{x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), geo, N};
-  run_blocks<Engine>(plan.chunks * plan.per_example, [&](const HostBlock& b, tiles::Shared<Engine>& sm, int64_t block) {
-    tiles::fused_program(b, sm, problem, plan, block, partial.data_ptr<acc_t>(), copies.data_ptr<acc_t>());
-  });
+  run_blocks<tiles::FusedShared<Engine>>(
+      plan.chunks * plan.per_example, [&](const HostBlock& b, auto& sm, int64_t block) {
+        tiles::fused_program(b, sm, problem, plan, block, partial.data_ptr<acc_t>(), copies.data_ptr<acc_t>());
+      });
   at::Tensor norms = at::empty({N}, options), weights = at::empty({elements}, options);
   for (int64_t n = 0; n < N; ++n)
     tiles::finish_example(n, N, partial.data_ptr<acc_t>(), plan.per_example, norms.data_ptr<acc_t>(), 1, false);
@@ -109,10 +110,9 @@ at::Tensor emulate_any(const at::Tensor& x, const at::Tensor& g, const tiles::Ge
                      [&]<typename scalar_t, class Engine>() { return emulate<scalar_t, Engine>(x, g, geo, plan); });
 }
 
-Fused emulate_fused_any(const at::Tensor& x, const at::Tensor& g, const tiles::Geometry& geo, int64_t target_blocks,
-                        bool fma) {
+Fused emulate_fused_any(const at::Tensor& x, const at::Tensor& g, const tiles::Geometry& geo, int64_t wave, bool fma) {
   return with_engine(x.scalar_type(), fma, [&]<typename scalar_t, class Engine>() {
-    return emulate_fused<scalar_t, Engine>(x, g, geo, target_blocks);
+    return emulate_fused<scalar_t, Engine>(x, g, geo, wave);
   });
 }
 
@@ -185,8 +185,8 @@ void linear_case(int64_t N, int64_t T, int64_t d_in, int64_t d_out, bool bias, b
 }
 
 // The fused program against the naive norms and ATen's float64 weight and bias gradients, its
-// batch cut into chunks for target_blocks blocks.
-void fused_conv_case(const ConvCase& c, at::ScalarType dtype, int64_t target_blocks, bool fma = false) {
+// batch cut into chunks for a device that runs `wave` blocks at once.
+void fused_conv_case(const ConvCase& c, at::ScalarType dtype, int64_t wave, bool fma = false) {
   const auto [x, g] = conv_inputs(c, dtype);
   const auto weight = at::empty({c.C_out, c.C_in / c.groups, c.k, c.k}, at::kDouble);
   const auto [unused, weight_grad, bias_grad] = at::convolution_backward(
@@ -195,7 +195,7 @@ void fused_conv_case(const ConvCase& c, at::ScalarType dtype, int64_t target_blo
   const at::Tensor want = c.bias ? at::cat({weight_grad.flatten(), bias_grad}) : weight_grad.flatten();
   const ConvShape s = conv_shape(x, g, {c.k, c.k}, {c.stride, c.stride}, {c.pad, c.pad}, {c.dil, c.dil}, c.groups);
   const tiles::Geometry geo = tiles::conv_geometry(s, x, g, c.bias);
-  const Fused got = emulate_fused_any(x, g, geo, target_blocks, fma);
+  const Fused got = emulate_fused_any(x, g, geo, wave, fma);
   const std::string what = std::string("conv2d fused") + engine_name(dtype, fma) + " C_in=" + std::to_string(c.C_in) +
                            " C_out=" + std::to_string(c.C_out) + " groups=" + std::to_string(c.groups) +
                            (c.bias ? " bias" : "") + (c.channels_last ? " channels_last " : " ") +
@@ -204,13 +204,13 @@ void fused_conv_case(const ConvCase& c, at::ScalarType dtype, int64_t target_blo
         what + ": norms");
   check(max_err_of_largest(got.weights, want) < tolerance(dtype), what + ": weight and bias gradients");
   if (c.channels_last) {  // a missing barrier would show as a result that moves between runs
-    const Fused again = emulate_fused_any(x, g, geo, target_blocks, fma);
+    const Fused again = emulate_fused_any(x, g, geo, wave, fma);
     check(at::equal(got.norms, again.norms) && at::equal(got.weights, again.weights), what + ": the same run to run");
   }
 }
 
 void fused_linear_case(int64_t N, int64_t T, int64_t d_in, int64_t d_out, bool bias, bool transposed,
-                       at::ScalarType dtype, int64_t target_blocks) {
+                       at::ScalarType dtype, int64_t wave) {
   at::Tensor a = at::randn({N, T, d_in}).to(dtype), g = at::randn({N, T, d_out}).to(dtype);
   if (transposed) {  // non-contiguous: (N, d, T) storage seen as (N, T, d)
     a = at::randn({N, d_in, T}).to(dtype).transpose(1, 2);
@@ -220,7 +220,7 @@ void fused_linear_case(int64_t N, int64_t T, int64_t d_in, int64_t d_out, bool b
   const at::Tensor weight_grad = at::einsum("nto,nti->oi", {g64, a64});
   const at::Tensor want = bias ? at::cat({weight_grad.flatten(), g64.sum({0, 1})}) : weight_grad.flatten();
   const LinearShape sh = linear_shape(a, g);
-  const Fused got = emulate_fused_any(a, g, tiles::linear_geometry(sh, a, g, bias), target_blocks, false);
+  const Fused got = emulate_fused_any(a, g, tiles::linear_geometry(sh, a, g, bias), wave, false);
   const std::string what = std::string("linear fused") + engine_name(dtype, false) + " T=" + std::to_string(T) +
                            " d_in=" + std::to_string(d_in) + " d_out=" + std::to_string(d_out) + (bias ? " bias" : "") +
                            (transposed ? " transposed " : " ") + c10::toString(dtype) +
@@ -230,6 +230,26 @@ void fused_linear_case(int64_t N, int64_t T, int64_t d_in, int64_t d_out, bool b
     check(max_err_of_largest(got.weights, want) < tolerance(dtype), what + ": weight and bias gradients");
   else
     check(got.weights.numel() == 0 && got.chunks == 0, what + ": no output channels, no blocks");
+}
+
+// The fused program's chunking: waves x examples per block at its least, the fewest chunks among
+// equals, none of them empty.
+void fused_plan_cases() {
+  const auto plan = [](int64_t d_in, int64_t d_out, int64_t N, int64_t wave) {
+    const at::Tensor a = at::empty({1, 1, d_in}), g = at::empty({1, 1, d_out});
+    return tiles::make_fused_plan(tiles::linear_geometry(linear_shape(a, g), a, g, false), N, wave);
+  };
+  const auto is = [](const tiles::FusedPlan& p, int64_t tiles, int64_t chunks, int64_t per_chunk) {
+    return p.per_example == tiles && p.chunks == chunks && p.per_chunk == per_chunk;
+  };
+  check(is(plan(100, 64, 3, 1), 2, 1, 3), "fused plan: a wave of one block: one chunk");
+  check(is(plan(100, 64, 3, 4), 2, 2, 2), "fused plan: two chunks of 2 and 1 examples fill a wave of 4");
+  check(is(plan(100, 64, 3, 1000), 2, 3, 1), "fused plan: a wide device: one example per chunk");
+  // 9 tiles, 64 examples, 264 blocks a wave: 22 chunks of 3 examples fill one wave (64 chunks would too)
+  check(is(plan(576, 64, 64, 264), 9, 22, 3), "fused plan: few tiles: the fewest chunks that fill one wave");
+  // 265 tiles, a wave of 264: 4 chunks of 16 (5 waves of 16 examples) beat 1 chunk (2 waves of 64)
+  check(is(plan(53 * 64, 5 * 64, 64, 264), 265, 4, 16), "fused plan: a last wave nearly empty counts in full");
+  check(plan(100, 0, 3, 4).chunks == 0 && plan(100, 64, 0, 4).chunks == 0, "fused plan: no tiles or no examples");
 }
 
 // FastDiv against the division operator: every divisor up to 4096 and around each power of two,
@@ -275,6 +295,7 @@ void fits_32bit_cases() {
 int main() {
   at::manual_seed(0);
   fast_div_cases();
+  fused_plan_cases();
   fits_32bit_cases();
   const ConvCase convs[] = {
       {3, 6, 4, 9, 7, 3, 2, 1, 1, 2, true, false},     // stride, groups, odd sizes
@@ -306,11 +327,11 @@ int main() {
     linear_case(2, 5, 40, 3, true, true, at::kBFloat16, method);
   }
   // The fused program: one chunk, chunks of several examples (the last one short), one example each.
-  for (int64_t target : {1, 4, 1000}) {
+  for (int64_t wave : {1, 4, 1000}) {
     for (const auto& c : convs)
-      for (auto dtype : {at::kFloat, at::kDouble}) fused_conv_case(c, dtype, target);
-    fused_linear_case(3, 70, 13, 66, true, false, at::kFloat, target);
-    fused_linear_case(3, 5, 40, 3, false, true, at::kDouble, target);
+      for (auto dtype : {at::kFloat, at::kDouble}) fused_conv_case(c, dtype, wave);
+    fused_linear_case(3, 70, 13, 66, true, false, at::kFloat, wave);
+    fused_linear_case(3, 5, 40, 3, false, true, at::kDouble, wave);
   }
   for (auto dtype : {at::kHalf, at::kBFloat16}) {
     fused_conv_case(convs[1], dtype, 4);
