@@ -89,9 +89,14 @@ WeightGrads linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, con
         const float* an = Ab.data_ptr<float>() + n * sh.T * sh.d_in;
         const float* gn = Gb.data_ptr<float>() + n * sh.T * sh.d_out;
         double total = 0;
-        for (int64_t t = 0; t < full; ++t)
+        for (int64_t t = 0; t < full; ++t) {
+          if (n + 1 < cnt) {  // the next example's a and g, a slice per panel
+            prefetch_slice(an + sh.T * sh.d_in, sh.T * sh.d_in * 4, t, full);
+            prefetch_slice(gn + sh.T * sh.d_out, sh.T * sh.d_out * 4, t, full);
+          }
           total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, an + t * nr, sh.d_in, 1, {1, sh.T, sh.T}, nr, at_panel(t),
                                       sh.d_out);
+        }
         if (tail) {
           for (int64_t k = 0; k < sh.T; ++k)
             std::copy(an + k * sh.d_in + full * nr, an + (k + 1) * sh.d_in, tail_panel + k * nr);
