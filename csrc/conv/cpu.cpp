@@ -123,14 +123,13 @@ constexpr int64_t kPitchPad = 16;
 // (nr rows of P) at a time into a small cache-resident buffer and consumed at once by the
 // register-tiled kernel: implicit GEMM, no im2col matrix in memory. A few examples (their g
 // transposed) go through each panel in turn (examples_in_cache).
-// wt (or null): the weight gradient's transpose, (groups, rows rounded up to panels, cout_g);
+// wt (or null): the weight gradient's transpose, (groups, rows, cout_g);
 // bias_grad (or null): the bias gradient (C_out).
 template <typename scalar_t>
 void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool bias, int64_t n0, int64_t cnt,
                       Scratch& scratch, float* result, float* wt, float* bias_grad) {
   const auto xst = strides5(x), gst = strides5(g);
   const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol(), nr = fused_panel_width(s.cout_g, rows);
-  const int64_t rows_pad = (rows + nr - 1) / nr * nr;
   const int64_t pitch = P + kPitchPad;
   const int64_t m = examples_in_cache(P * s.C_out * int64_t(sizeof(float)), cnt);
   const auto opts = x.options().dtype(at::kFloat);
@@ -151,9 +150,8 @@ void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool
           const scalar_t* xn = x.data_ptr<scalar_t>() + (n0 + e0 + e) * xst[0];
           for (int64_t j = 0; j < width; ++j)
             pack_row<scalar_t, float>(xn, xst, s, gr * rows + r0 + j, panel + j * pitch);
-          std::fill(panel + width * pitch, panel + nr * pitch, 0.f);
           totals[e] += fused_panel_sqnorm(gts + e * P * s.C_out + gr * s.cout_g, s.C_out, s.cout_g, panel, 1, pitch,
-                                          {1, P, P}, nr, wt ? wt + (gr * rows_pad + r0) * s.cout_g : nullptr, s.cout_g);
+                                          {1, P, P}, width, wt ? wt + (gr * rows + r0) * s.cout_g : nullptr, s.cout_g);
         }
       }
     for (int64_t e = 0; e < me; ++e) result[e0 + e] = static_cast<float>(totals[e]);
@@ -163,7 +161,8 @@ void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool
 // Zero-copy implicit GEMM (fused path) for stride-1 convolutions and for 1-d and 2-d ones with one
 // stride in both dims. Each example's input is copied once, channels last, into a zero-padded grid
 // (the extent the outputs read) of row pitch Wp and plane pitch Hp*Wp, each group's channels
-// padded to a multiple of the panel width. Every kernel offset is then a plain shift of that grid,
+// padded to a multiple of the panel width (the last panel reads only the real ones). Every kernel
+// offset is then a plain shift of that grid,
 // so each panel (group, offset, block of channels) is read in place: position step = stride x
 // all channels, column step 1. The output gradient is laid on row pitch Wp too (a stride-s row
 // of outputs spans s grid rows): for 3-d with zeros in the columns that wrap around rows, so those
@@ -186,7 +185,7 @@ ShiftPlan plan_shift(const ConvShape& s) {
   // 12 and 14 columns run 32-channel tiles, 16 and 24 16-channel ones (gemm_sqnorm.cpp)
   const bool wide = s.cout_g > 16;
   p.width = wide ? 12 : 16;
-  for (int64_t w : kFusedPanelWidths)  // of the widths for these channels, the one that pads the input's least
+  for (int64_t w : kFusedPanelWidths)  // of the widths for these channels, the one with the fullest last panel
     if ((w == 12 || w == 14) == wide && (s.cin_g + w - 1) / w * w < (s.cin_g + p.width - 1) / p.width * p.width)
       p.width = w;
   p.cpad = (s.cin_g + p.width - 1) / p.width * p.width;
@@ -224,9 +223,8 @@ bool prefer_shift(const ConvShape& s, const ShiftPlan& p) {
   constexpr double kRowPackCost = 120, kGridPackCost = 30;
   if (shift_floats(s, p) * int64_t(sizeof(float)) > kMaxShiftBytes) return false;
   const double P = s.out_vol(), rows = s.cin_g * s.k_vol();
-  const double nr = fused_panel_width(s.cout_g, s.cin_g * s.k_vol());
-  const double packed = 2 * P * std::ceil(rows / nr) * nr * s.cout_g * s.groups + kRowPackCost * rows * P * s.groups;
-  const double shifted = 2.0 * p.runs.count * p.runs.length * s.k_vol() * p.cpad * s.cout_g * s.groups +
+  const double packed = 2 * P * rows * s.cout_g * s.groups + kRowPackCost * rows * P * s.groups;
+  const double shifted = 2.0 * p.runs.count * p.runs.length * s.k_vol() * s.cin_g * s.cout_g * s.groups +
                          kGridPackCost * double(shift_floats(s, p));
   return shifted < packed;
 }
@@ -294,11 +292,11 @@ void conv_block_shifted(const Tensor& x, const Tensor& g, const ConvShape& s, co
     }
     for (int64_t gr = 0; gr < s.groups; ++gr)
       for (int64_t ki = 0; ki < kv; ++ki)
-        for (int64_t c0 = 0; c0 < p.cpad; c0 += p.width)
+        for (int64_t c0 = 0; c0 < s.cin_g; c0 += p.width)
           for (int64_t e = 0; e < me; ++e)
             totals[e] += fused_panel_sqnorm(gts + e * gt_size + gr * s.cout_g, s.C_out, s.cout_g,
                                             grids + e * grid_size + p.offsets[ki] * p.ctot + gr * p.cpad + c0,
-                                            p.step * p.ctot, 1, p.runs, p.width,
+                                            p.step * p.ctot, 1, p.runs, std::min(p.width, s.cin_g - c0),
                                             wt ? wt + ((gr * kv + ki) * p.cpad + c0) * s.cout_g : nullptr, s.cout_g);
     for (int64_t e = 0; e < me; ++e) result[e0 + e] = static_cast<float>(totals[e]);
   }
@@ -475,9 +473,8 @@ WeightGrads conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Te
   const int64_t nb = block_size(s.N, at::elementSize(acc) * per_example);
   const Tensor G = g.reshape({s.N, s.C_out, P});
   // The fused paths' weight gradient, transposed in the layout of each (see their comments).
-  const int64_t nr = fused_panel_width(s.cout_g, rows);
   const std::vector<int64_t> wt_sizes = shifted ? std::vector<int64_t>{s.groups, s.k_vol(), shift.cpad, s.cout_g}
-                                                : std::vector<int64_t>{s.groups, (rows + nr - 1) / nr * nr, s.cout_g};
+                                                : std::vector<int64_t>{s.groups, rows, s.cout_g};
   // One partial sum per thread: the weight gradient's transpose, then the bias gradient (C_out).
   const int64_t wt_numel = c10::multiply_integers(wt_sizes), bias_numel = bias ? s.C_out : 0;
   Partials weight({wt_numel + bias_numel}, x.options());
@@ -516,7 +513,7 @@ WeightGrads conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Te
   const Tensor total = weight.sum();
   const Tensor wt = total.narrow(0, 0, wt_numel).view(wt_sizes);
   const Tensor w = shifted ? wt.narrow(2, 0, s.cin_g).permute({0, 3, 2, 1})  // (groups, cout_g, cin_g, k_vol)
-                           : wt.narrow(1, 0, rows).permute({0, 2, 1});       // (groups, cout_g, rows)
+                           : wt.permute({0, 2, 1});                          // (groups, cout_g, rows)
   return {w.reshape(kernel), bias ? total.narrow(0, wt_numel, s.C_out) : Tensor()};
 }
 

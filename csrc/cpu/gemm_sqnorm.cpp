@@ -13,7 +13,9 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
+#include <utility>
 
 namespace fisher_ext {
 namespace {
@@ -125,6 +127,19 @@ FISHER_EXT_AVX512 double panel_sqnorm(const float* a, int64_t lda, int64_t M, co
   for (int64_t i0 = 0; i0 < M; i0 += MR)
     total += tile(a + i0, lda, lanes(M - i0), lanes(M - i0 - 16), panel, ks, js, K, wt ? wt + i0 : nullptr, ldw);
   return total;
+}
+
+// The panel function for every width 1..sizeof...(W) of the MR-channel tiles: a panel's last,
+// narrower columns run a tile of their own width instead of zero columns.
+using PanelFn = double (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, PositionRuns, float*,
+                           int64_t);
+template <int MR, int JS, size_t... W>
+constexpr std::array<PanelFn, sizeof...(W)> panel_table(std::index_sequence<W...>) {
+  if constexpr (MR == 32) {
+    return {&panel_sqnorm<32, tile_32xN<int(W) + 1, JS>>...};
+  } else {
+    return {&panel_sqnorm<16, tile_16xN<int(W) + 1, JS>>...};
+  }
 }
 
 // r[c] (16 values of row c) becomes r[p] (value p of every row): unpacks of 32- and 64-bit pairs
@@ -263,22 +278,18 @@ double gram_dot(const float* a, const float* b, int64_t T) {
 double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step, int64_t j_step,
                           PositionRuns K, int64_t width, float* wt, int64_t ldw) {
   const bool adjacent = j_step == 1;
-  switch (width) {
-    case 12:
-      return adjacent ? panel_sqnorm<32, tile_32xN<12, 1>>(a, lda, M, panel, k_step, j_step, K, wt, ldw)
-                      : panel_sqnorm<32, tile_32xN<12, 0>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
-    case 14:
-      return adjacent ? panel_sqnorm<32, tile_32xN<14, 1>>(a, lda, M, panel, k_step, j_step, K, wt, ldw)
-                      : panel_sqnorm<32, tile_32xN<14, 0>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
-    case 16:
-      return adjacent ? panel_sqnorm<16, tile_16xN<16, 1>>(a, lda, M, panel, k_step, j_step, K, wt, ldw)
-                      : panel_sqnorm<16, tile_16xN<16, 0>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
-    case 24:
-      return adjacent ? panel_sqnorm<16, tile_16xN<24, 1>>(a, lda, M, panel, k_step, j_step, K, wt, ldw)
-                      : panel_sqnorm<16, tile_16xN<24, 0>>(a, lda, M, panel, k_step, j_step, K, wt, ldw);
-    default:
-      TORCH_CHECK(false, "fused_panel_sqnorm: width: expected 12, 14, 16 or 24, got ", width);
+  if (M <= 16) {
+    TORCH_CHECK(width >= 1 && width <= 24, "fused_panel_sqnorm: width: expected 1 to 24 for ", M, " channels, got ",
+                width);
+    static constexpr auto adjacent16 = panel_table<16, 1>(std::make_index_sequence<24>());
+    static constexpr auto strided16 = panel_table<16, 0>(std::make_index_sequence<24>());
+    return (adjacent ? adjacent16 : strided16)[width - 1](a, lda, M, panel, k_step, j_step, K, wt, ldw);
   }
+  TORCH_CHECK(width >= 1 && width <= 14, "fused_panel_sqnorm: width: expected 1 to 14 for ", M, " channels, got ",
+              width);
+  static constexpr auto adjacent32 = panel_table<32, 1>(std::make_index_sequence<14>());
+  static constexpr auto strided32 = panel_table<32, 0>(std::make_index_sequence<14>());
+  return (adjacent ? adjacent32 : strided32)[width - 1](a, lda, M, panel, k_step, j_step, K, wt, ldw);
 }
 
 }  // namespace fisher_ext

@@ -23,9 +23,9 @@ bool fused_gemm_sqnorm_available();
 // FISHER_EXT_CPU_NO_BF16_GEMM is unset (read on every call, like the above).
 bool bf16_gemm_available();
 
-// The panel widths the kernel has register tiles for, and the one for M output channels and `rows`
-// panel columns in all: 24 for up to 16 channels (one 16-lane tile), else 12 or 14, whichever
-// pads the rows less.
+// The full panel widths of the register tiles, and the one for M output channels and `rows` panel
+// columns in all: 24 for up to 16 channels (one 16-lane tile), else 12 or 14, whichever leaves
+// the fuller last panel (a narrow one has too few accumulators to keep the FMA units busy).
 constexpr int64_t kFusedPanelWidths[] = {12, 14, 16, 24};
 int64_t fused_panel_width(int64_t M, int64_t rows);
 
@@ -53,7 +53,9 @@ void gram_at(const float* base, const int64_t* rows, int64_t T, const int64_t* s
 // <a, b>_F of two T x T matrices, in double: the ghost norm from the two Gram matrices.
 double gram_dot(const float* a, const float* b, int64_t T);
 
-// Needs fused_gemm_sqnorm_available(); width is one of kFusedPanelWidths.
+// Needs fused_gemm_sqnorm_available(). The register tiles take 32 channels for M > 16 and 16
+// for M <= 16; width is a panel's columns, up to 14 and up to 24 respectively: a layer's panels
+// are fused_panel_width wide, but its last one may be narrower (no zero columns to compute).
 double fused_panel_sqnorm(const float* a, int64_t lda, int64_t M, const float* panel, int64_t k_step, int64_t j_step,
                           PositionRuns K, int64_t width, float* wt = nullptr, int64_t ldw = 0);
 

@@ -66,10 +66,9 @@ WeightGrads linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, con
   const auto gemm = m == Method::Materialize && path == MaterializePath::Bf16Gemm ? at::kBFloat16 : acc;
   const int64_t nr = fused_panel_width(sh.d_out, sh.d_in);
   const int64_t full = sh.d_in / nr, tail = sh.d_in - full * nr;
-  // The weight gradient's transpose, one row per panel column (the tail panel's zero columns too),
-  // then with a bias the bias gradient: one partial sum per thread.
-  const int64_t wt_rows = (full + (tail ? 1 : 0)) * nr;
-  Partials weight({wt_rows + (bias ? 1 : 0), sh.d_out}, a.options());
+  // The weight gradient's transpose (one row per input feature), then with a bias the bias
+  // gradient: one partial sum per thread.
+  Partials weight({sh.d_in + (bias ? 1 : 0), sh.d_out}, a.options());
   const int64_t elt = at::elementSize(acc);
   const int64_t ws = m == Method::Ghost ? 2 * sh.T * sh.T : sh.d_in * sh.d_out;
   const int64_t nb = block_size(sh.N, elt * (ws + sh.T * (sh.d_in + sh.d_out)));
@@ -79,9 +78,7 @@ WeightGrads linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, con
     Tensor s;
     float* wt = fused && want_weight ? weight.mine() : nullptr;
     if (fused) {
-      // Full panels are read from a in place (row pitch d_in); the last, partial one is
-      // copied into a zero-padded panel.
-      float* tail_panel = scratch.get(0, {sh.T * nr}, Ab.options()).zero_().data_ptr<float>();
+      // Panels are read from a in place (row pitch d_in); the last one may be narrower.
       auto at_panel = [&](int64_t t) { return wt ? wt + t * nr * sh.d_out : nullptr; };
       s = at::empty({cnt}, Ab.options());
       float* sp = s.data_ptr<float>();
@@ -97,12 +94,9 @@ WeightGrads linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, con
           total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, an + t * nr, sh.d_in, 1, {1, sh.T, sh.T}, nr, at_panel(t),
                                       sh.d_out);
         }
-        if (tail) {
-          for (int64_t k = 0; k < sh.T; ++k)
-            std::copy(an + k * sh.d_in + full * nr, an + (k + 1) * sh.d_in, tail_panel + k * nr);
-          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, tail_panel, nr, 1, {1, sh.T, sh.T}, nr, at_panel(full),
-                                      sh.d_out);
-        }
+        if (tail)
+          total += fused_panel_sqnorm(gn, sh.d_out, sh.d_out, an + full * nr, sh.d_in, 1, {1, sh.T, sh.T}, tail,
+                                      at_panel(full), sh.d_out);
         sp[n] = static_cast<float>(total);
       }
     } else if (m == Method::Ghost && Ab.scalar_type() == at::kFloat && fused_gemm_sqnorm_available()) {
@@ -127,14 +121,14 @@ WeightGrads linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, con
     if (bias) {
       const Tensor sums = Gb.sum(1, false, acc);  // each example's bias gradient
       s.add_(sums.square().sum(1));
-      if (wt) at::from_blob(wt + wt_rows * sh.d_out, {sh.d_out}, sums.options()).add_(sums.sum(0));
+      if (wt) at::from_blob(wt + sh.d_in * sh.d_out, {sh.d_out}, sums.options()).add_(sums.sum(0));
     }
     write_result(out, n0, s, add);
   });
   if (!want_weight) return {};
   if (!fused) return {linear_weight_grad(sh, a, g), Tensor()};
   const Tensor total = weight.sum();
-  return {total.narrow(0, 0, sh.d_in).t().contiguous(), bias ? total[wt_rows] : Tensor()};
+  return {total.narrow(0, 0, sh.d_in).t().contiguous(), bias ? total[sh.d_in] : Tensor()};
 }
 
 void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
