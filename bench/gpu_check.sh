@@ -10,8 +10,9 @@
 #   4. a reduced GPU kernel benchmark against the installed peers (bench/ops_gpu.py --quick)
 #   5. end to end: ResNet-18 (GroupNorm) training steps with the monitor and the penalty
 #      (bench/penalty.py --device cuda --quick)
-#   6. each CUDA program per layer (bench/programs_gpu.py), and ncu's speed-of-light, occupancy
-#      and warp-state sections of the materialize and ghost kernels on C2 and C5
+#   6. each CUDA program per layer (bench/programs_gpu.py, the fused op's too), and ncu's
+#      speed-of-light, occupancy and warp-state sections of the materialize, ghost and fused
+#      kernels on C2 and C5
 # The whole script keeps to a time budget (GPU_CHECK_SECONDS, default 480): each step's timeout is
 # its own cap or what is left, whichever is less, and a step with too little time left is reported
 # as SKIPPED, which fails the check like a failure does.
@@ -188,7 +189,7 @@ for layer in C2 C5; do
   elif [ -z "$ncu" ]; then
     echo "ncu not found" >> "$LOGS/ncu.log"; record "ncu $layer" 1 "$LOGS/ncu.log"
   else  # the card's clocks as they are (no clock control)
-    timeout "$t" "$ncu" --clock-control none -k regex:program_kernel -c 3 --section SpeedOfLight \
+    timeout "$t" "$ncu" --clock-control none -k 'regex:program_kernel|fused_kernel' -c 4 --section SpeedOfLight \
       --section Occupancy --section WarpStateStats --section LaunchStats \
       $PY bench/programs_gpu.py --profile "$layer" --dtypes float32 >> "$LOGS/ncu.log" 2>&1
     record "ncu $layer" $? "$LOGS/ncu.log"

@@ -1,6 +1,8 @@
 """Which CUDA program serves each benchmark layer best: the norm op with method 'ghost',
 'materialize' and 'auto' (the cost model's pick), timed side by side against the layer's own weight
-gradient, so that a wrong pick of the cost model and the program to tune next are visible.
+gradient, so that a wrong pick of the cost model and the program to tune next are visible; and the
+fused op's program (weight and bias gradient with the norms, method 'materialize'), whose cost over
+the materialize column is what forming the batch gradient adds.
 
     python bench/programs_gpu.py [--batch 128] [--dtypes float32 bfloat16] [--out DIR] [--profile LAYER] [--smoke]
 
@@ -38,6 +40,18 @@ def norm_op(layer, x, g, method):
                                           bias=bias, method=method)
 
 
+def fused_op(layer, x, g):
+    """The fused op on its own program: the weight and bias gradient with the norms."""
+    import fisher_ext
+
+    bias = layer.bias is not None
+    if isinstance(layer, torch.nn.Linear):
+        return lambda: fisher_ext.linear_grad_sqnorm(x, g, bias=bias, method="materialize")
+    return lambda: fisher_ext.conv_grad_sqnorm(x, g, kernel_size=layer.kernel_size, stride=layer.stride,
+                                               padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                                               bias=bias, method="materialize")
+
+
 def case(lid: str, batch: int, dtype: torch.dtype):
     make, shape, batch_override = LAYERS[lid]
     torch.manual_seed(0)
@@ -69,6 +83,7 @@ def main() -> None:
             layer, x, g = case(args.profile, args.batch, getattr(torch, dtype_name))
             for method in PROGRAMS:
                 norm_op(layer, x, g, method)()
+            fused_op(layer, x, g)()
         if not args.smoke:
             torch.cuda.synchronize()
         return
@@ -77,16 +92,19 @@ def main() -> None:
              f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)", "",
              f"Batch {args.batch}; times over the layer's own weight gradient (wgrad), medians of {args.repeats} "
              "interleaved rounds timed with CUDA events.", "",
-             "| layer | dtype | wgrad ms | " + " | ".join(PROGRAMS) + " | best |", "|---|---|---|---|---|---|---|"]
+             "| layer | dtype | wgrad ms | " + " | ".join(PROGRAMS) + " | best | fused |",
+             "|---|---|---|---|---|---|---|---|"]
     for dtype_name in args.dtypes:
         for lid in layers:
             layer, x, g = case(lid, args.batch, getattr(torch, dtype_name))
             fns = {"wgrad": methods(layer, x, g, {"opacus": None, "backpack": None})["wgrad"]}
             fns.update({m: norm_op(layer, x, g, m) for m in PROGRAMS})
+            fns["fused"] = fused_op(layer, x, g)
             t = cuda_medians(fns, args.repeats)
             best = min(PROGRAMS[1:], key=t.get)
             lines.append(f"| {lid} | {dtype_name} | {t['wgrad'] * 1e3:.3f} | "
-                         + " | ".join(f"{t[m] / t['wgrad']:.2f}" for m in PROGRAMS) + f" | {best} |")
+                         + " | ".join(f"{t[m] / t['wgrad']:.2f}" for m in PROGRAMS)
+                         + f" | {best} | {t['fused'] / t['wgrad']:.2f} |")
             print(lines[-1], flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "programs_gpu.md"), "w") as f:
