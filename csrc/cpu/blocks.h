@@ -74,8 +74,6 @@ inline int64_t examples_in_cache(int64_t bytes_per_example, int64_t cnt) {
   return std::clamp<int64_t>(kCacheBytes / std::max<int64_t>(1, bytes_per_example), 1, std::max<int64_t>(1, cnt));
 }
 
-// Scratch tensors of one parallel task, allocated once and reused by all its blocks:
-// a fresh multi-megabyte allocation per block costs page faults comparable to the GEMMs.
 // Slice `part` of `parts` of [p, p + bytes) into L2, a cache line at a time: spread over a loop
 // of `parts` steps it brings the next example in while this one is computed, where the
 // kernels' strided reads of an example leave the hardware prefetchers behind.
@@ -84,6 +82,8 @@ inline void prefetch_slice(const void* p, int64_t bytes, int64_t part, int64_t p
   for (int64_t off = part * per; off < end; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off, 0, 2);
 }
 
+// Scratch tensors of one parallel task, allocated once and reused by all its blocks:
+// a fresh multi-megabyte allocation per block costs page faults comparable to the GEMMs.
 class Scratch {
  public:
   Tensor get(size_t slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
