@@ -163,9 +163,9 @@ void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool
 // (the extent the outputs read) of row pitch Wp and plane pitch Hp*Wp, each group's channels
 // padded to a multiple of the panel width (the last panel reads only the real ones). Every kernel
 // offset is then a plain shift of that grid, so each panel (group, offset, block of channels) is
-// read in place: position step = stride x all channels, column step 1. The output gradient is laid on row pitch Wp too (a stride-s row
-// of outputs spans s grid rows): for 3-d with zeros in the columns that wrap around rows, so those
-// add nothing; for 2-d the kernel skips them.
+// read in place: position step = stride x all channels, column step 1. The output gradient is
+// laid on row pitch Wp too (a stride-s row of outputs spans s grid rows): for 3-d with zeros in
+// the columns that wrap around rows, so those add nothing; for 2-d the kernel skips them.
 struct ShiftPlan {
   int64_t width, cpad, ctot, Dp, Hp, Wp, L, Lx, step;
   PositionRuns runs;  // the output positions: for a 2-d output, its rows without the padding between
