@@ -6,6 +6,7 @@
 
 #include <array>
 #include <string>
+#include <vector>
 
 namespace fisher_ext {
 
@@ -102,6 +103,13 @@ struct ConvShape {
   int64_t k_vol() const { return k[0] * k[1] * k[2]; }
   int64_t in_vol() const { return in[0] * in[1] * in[2]; }
 };
+
+// The convolution weight's shape, (C_out, C_in / groups, *kernel) over its nd spatial dims.
+inline std::vector<int64_t> conv_weight_shape(const ConvShape& s, int64_t nd) {
+  std::vector<int64_t> shape{s.C_out, s.cin_g};
+  for (int64_t d = 3 - nd; d < 3; ++d) shape.push_back(s.k[d]);
+  return shape;
+}
 
 inline ConvShape conv_shape(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {

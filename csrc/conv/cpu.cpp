@@ -507,13 +507,11 @@ WeightGrads conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Te
   });
   if (!want_weight) return {};
   if (!fused) return {conv_weight_grad(s, x, g), Tensor()};
-  std::vector<int64_t> kernel{s.C_out, s.cin_g};  // the weight's shape: (C_out, cin_g, *kernel)
-  for (int64_t d = 3 - (x.dim() - 2); d < 3; ++d) kernel.push_back(s.k[d]);
   const Tensor total = weight.sum();
   const Tensor wt = total.narrow(0, 0, wt_numel).view(wt_sizes);
   const Tensor w = shifted ? wt.narrow(2, 0, s.cin_g).permute({0, 3, 2, 1})  // (groups, cout_g, cin_g, k_vol)
                            : wt.permute({0, 2, 1});                          // (groups, cout_g, rows)
-  return {w.reshape(kernel), bias ? total.narrow(0, wt_numel, s.C_out) : Tensor()};
+  return {w.reshape(conv_weight_shape(s, x.dim() - 2)), bias ? total.narrow(0, wt_numel, s.C_out) : Tensor()};
 }
 
 void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias, const std::string& method,

@@ -25,11 +25,10 @@ namespace fisher_ext {
 // the outputs read.
 inline at::Tensor conv_weight_grad(const ConvShape& s, const at::Tensor& x, const at::Tensor& g) {
   const int64_t nd = x.dim() - 2;
-  std::vector<int64_t> kernel, stride, pad, dil, trailing, zeros(nd, 0);
+  std::vector<int64_t> stride, pad, dil, trailing, zeros(nd, 0);
   bool symmetric = true;
   for (int64_t i = 0; i < nd; ++i) {
     const int64_t d = 3 - nd + i;
-    kernel.push_back(s.k[d]);
     stride.push_back(s.stride[d]);
     pad.push_back(s.pad[d]);
     dil.push_back(s.dil[d]);
@@ -38,9 +37,7 @@ inline at::Tensor conv_weight_grad(const ConvShape& s, const at::Tensor& x, cons
     const int64_t symmetric_out = (s.in[d] + 2 * s.pad[d] - (s.k[d] - 1) * s.dil[d] - 1) / s.stride[d] + 1;
     symmetric = symmetric && symmetric_out == s.out[d];
   }
-  std::vector<int64_t> weight_size{s.C_out, s.cin_g};
-  weight_size.insert(weight_size.end(), kernel.begin(), kernel.end());
-  const at::Tensor weight = at::empty(weight_size, x.options());  // only its shape is read
+  const at::Tensor weight = at::empty(conv_weight_shape(s, nd), x.options());  // only its shape is read
   at::Tensor input = x;
   if (!symmetric) {
     std::vector<int64_t> pads;  // last dim first

@@ -29,7 +29,6 @@
 
 #include <algorithm>
 #include <limits>
-#include <vector>
 
 namespace fisher_ext {
 namespace {
@@ -194,59 +193,60 @@ WeightGrads split_weights(const Tensor& weights, at::IntArrayRef weight_shape, i
   return {weights.narrow(0, 0, numel).view(weight_shape), bias ? weights.narrow(0, numel, C_out).clone() : Tensor()};
 }
 
+// x and g as the kernels read them, with their geometry: in place, or dense copies where the
+// strides are too wide for the kernels' 32-bit offsets (a dense copy may fit).
+struct Operands {
+  Tensor x, g;
+  Geometry geo;
+};
+
+Operands linear_operands(const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias) {
+  Operands op{a.reshape({sh.N, sh.T, sh.d_in}), g.reshape({sh.N, sh.T, sh.d_out}), {}};
+  op.geo = tiles::linear_geometry(sh, op.x, op.g, bias);
+  if (!op.geo.fits_32bit()) {
+    op.x = op.x.contiguous(), op.g = op.g.contiguous();
+    op.geo = tiles::linear_geometry(sh, op.x, op.g, bias);
+  }
+  return op;
+}
+
+Operands conv_operands(const ConvShape& s, const Tensor& x, const Tensor& g, bool bias) {
+  Operands op{x, g, tiles::conv_geometry(s, x, g, bias)};
+  if (!op.geo.fits_32bit()) {
+    op.x = x.contiguous(), op.g = g.contiguous();
+    op.geo = tiles::conv_geometry(s, op.x, op.g, bias);
+  }
+  return op;
+}
+
 // Precision::Bf16 changes nothing here: the tile programs read the inputs as given (bfloat16
 // inputs run on tensor cores either way).
 void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
                  const std::string& method, bool add, Precision) {
-  Tensor A = a.reshape({sh.N, sh.T, sh.d_in});
-  Tensor G = g.reshape({sh.N, sh.T, sh.d_out});
-  Geometry geo = tiles::linear_geometry(sh, A, G, bias);
-  if (!geo.fits_32bit()) {  // strides too wide for the kernels' 32-bit offsets: a dense copy may fit
-    A = A.contiguous(), G = G.contiguous();
-    geo = tiles::linear_geometry(sh, A, G, bias);
-  }
-  launch(out, A, G, geo, tiles::plan_for(method, geo), sh.N, add);
+  const Operands op = linear_operands(sh, a, g, bias);
+  launch(out, op.x, op.g, op.geo, tiles::plan_for(method, op.geo), sh.N, add);
 }
 
 void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias, const std::string& method,
                bool add, Precision) {
-  Geometry geo = tiles::conv_geometry(s, x, g, bias);
-  if (!geo.fits_32bit()) {  // strides too wide for the kernels' 32-bit offsets: a dense copy may fit
-    const Tensor xc = x.contiguous(), gc = g.contiguous();
-    geo = tiles::conv_geometry(s, xc, gc, bias);
-    launch(out, xc, gc, geo, tiles::plan_for(method, geo), s.N, add);
-    return;
-  }
-  launch(out, x, g, geo, tiles::plan_for(method, geo), s.N, add);
+  const Operands op = conv_operands(s, x, g, bias);
+  launch(out, op.x, op.g, op.geo, tiles::plan_for(method, op.geo), s.N, add);
 }
 
 WeightGrads linear_grad_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
                              const std::string& method) {
   if (choose_fused_method(method, sh.T, sh.d_in, sh.d_out, 1.0) == Method::Ghost)
     return unfused_linear_grad<linear_into>(out, sh, a, g, bias, "ghost");
-  Tensor A = a.reshape({sh.N, sh.T, sh.d_in});
-  Tensor G = g.reshape({sh.N, sh.T, sh.d_out});
-  Geometry geo = tiles::linear_geometry(sh, A, G, bias);
-  if (!geo.fits_32bit()) {  // as in linear_into
-    A = A.contiguous(), G = G.contiguous();
-    geo = tiles::linear_geometry(sh, A, G, bias);
-  }
-  return split_weights(launch_fused(out, A, G, geo, sh.N), {sh.d_out, sh.d_in}, sh.d_out, bias);
+  const Operands op = linear_operands(sh, a, g, bias);
+  return split_weights(launch_fused(out, op.x, op.g, op.geo, sh.N), {sh.d_out, sh.d_in}, sh.d_out, bias);
 }
 
 WeightGrads conv_grad_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
                            const std::string& method) {
   if (choose_fused_method(method, s.out_vol(), s.cin_g * s.k_vol(), s.cout_g, 1.0) == Method::Ghost)
     return unfused_conv_grad<conv_into>(out, s, x, g, bias, "ghost");
-  Tensor xc = x, gc = g;
-  Geometry geo = tiles::conv_geometry(s, xc, gc, bias);
-  if (!geo.fits_32bit()) {  // as in conv_into
-    xc = x.contiguous(), gc = g.contiguous();
-    geo = tiles::conv_geometry(s, xc, gc, bias);
-  }
-  std::vector<int64_t> weight_shape{s.C_out, s.cin_g};
-  for (int64_t d = 3 - (x.dim() - 2); d < 3; ++d) weight_shape.push_back(s.k[d]);
-  return split_weights(launch_fused(out, xc, gc, geo, s.N), weight_shape, s.C_out, bias);
+  const Operands op = conv_operands(s, x, g, bias);
+  return split_weights(launch_fused(out, op.x, op.g, op.geo, s.N), conv_weight_shape(s, x.dim() - 2), s.C_out, bias);
 }
 
 }  // namespace
