@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
@@ -132,17 +133,46 @@ def validate(model: nn.Module) -> dict[nn.Module, list[tuple[str, str]]]:
     return owners
 
 
+@dataclass(eq=False)
+class Output:
+    """A recorded output leaf that requires grad: what the rules and the backward need of it, but
+    not its memory. A layer's output is usually freed as soon as the next op has read it; holding
+    every layer's output until the backward makes the backward's new buffers miss the caches.
+    ``edge`` is where the producing node hands out the output's gradient, so autograd can be asked
+    for it with the tensor gone, or changed in place since (the gradient of the value the module
+    produced, which the tensor hook sees too)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    node: Any  # the output's grad_fn when produced (None for a leaf)
+    edge: GradientEdge
+    version: int  # the version counter when produced (in-place use changes it)
+    value: Tensor | None = None  # kept only where a rule re-runs the module and compares outputs
+
+    @staticmethod
+    def of(t: Tensor, keep: bool) -> Output:
+        return Output(t.shape, t.dtype, t.grad_fn, get_gradient_edge(t), t._version, t if keep else None)
+
+    def unchanged_value(self) -> Tensor | None:
+        """The output itself where it was kept and not modified in place since; else None."""
+        v = self.value
+        return v if v is not None and v._version == self.version else None
+
+
 @dataclass
 class Record:
     args: tuple
     kwargs: dict
-    outputs: list  # output leaves that are tensors requiring grad (None elsewhere)
+    outputs: list  # an Output per output leaf that is a tensor requiring grad (None elsewhere)
     grads: list = field(default_factory=list)
-    versions: tuple = ()  # the outputs' version counters when produced (in-place use changes them)
     batch_dims: list = field(default_factory=list)  # of each output (Capture.find_batch_dims)
     # takes (output index, gradient) in place of storing it, during the capture's own backward;
     # what it returns replaces the gradient (None: unchanged)
     consume: Any = None
+
+    def values(self) -> list:
+        """The outputs as a rule's :class:`Call` sees them: kept and unchanged, else None."""
+        return [o.unchanged_value() if o is not None else None for o in self.outputs]
 
 
 class _Uses(TorchFunctionMode):
@@ -260,6 +290,8 @@ class Capture:
         return pre_hook
 
     def _hook(self, module: nn.Module):
+        keep = module is self.model or rule_for(module) is None or rule_for(module).reruns  # see Output
+
         def hook(mod, args, kwargs, output):
             if not self.recording:
                 return
@@ -278,10 +310,10 @@ class Capture:
                 self.error = self.error or error
                 return
             args, kwargs = _positional(module, args, kwargs)
-            outs = [o if isinstance(o, Tensor) and o.requires_grad else None for o in leaves(output)]
-            record = Record(args, kwargs, outs, [None] * len(outs), tuple(o._version if o is not None else 0
-                                                                          for o in outs))
-            for i, o in enumerate(outs):
+            live = [o if isinstance(o, Tensor) and o.requires_grad else None for o in leaves(output)]
+            record = Record(args, kwargs, [Output.of(o, keep) if o is not None else None for o in live],
+                            [None] * len(live))
+            for i, o in enumerate(live):
                 if o is not None:
                     o.register_hook(self._grad_slot(record, i))
             self.records[module] = record
@@ -313,23 +345,18 @@ class Capture:
         """One backward of ``loss`` that the output hooks catch (into each record's ``grads``);
         returns the parameters of modules that did not run which got a gradient.
 
-        The backward asks for each module output's gradient directly, so it stops at the first
-        layer's output and forms no weight gradient. An output modified in place since (e.g. by
-        ReLU(inplace=True)) is no longer the value the module produced: there the module's
-        parameters are asked for instead, and the output's tensor hook catches the gradient.
-        Parameters of modules that did not run are asked for too, to learn whether they are used."""
+        The backward asks for each module output's gradient directly (at its edge: the value the
+        module produced, even where ReLU(inplace=True) changed the tensor since), so it stops at the
+        first layer's output and forms no weight gradient. Parameters of modules that did not run
+        are asked for too, to learn whether they are used."""
         for record in self.records.values():
             record.grads = [None] * len(record.grads)
         targets, slots = [], []
-        for module, record in self.records.items():
+        for record in self.records.values():
             for i, o in enumerate(record.outputs):
-                if o is not None and o._version == record.versions[i]:
-                    targets.append(o)
+                if o is not None:
+                    targets.append(o.edge)
                     slots.append((record, i))
-                elif o is not None:
-                    for _, full in self.owners.get(module, []):
-                        targets.append(self.params[self.param_names.index(full)])
-                        slots.append(None)
         unrecorded = [name for name in self.param_names if self.module_of[name] not in self.records] if params else []
         targets += [self.params[self.param_names.index(name)] for name in unrecorded]
         slots += [None] * len(unrecorded)
@@ -444,11 +471,9 @@ class Capture:
                         f"(shape {tuple(o.shape)}) holds the batch's {n} examples one by one (a module run on a subset "
                         "of the examples, like a routed expert, or one that mixes examples?); per-example rules need "
                         "each module to see every example separately")
-            unchanged = [o if o is not None and o._version == v else None
-                         for o, v in zip(record.outputs, record.versions)]
             rng, buffers = self.before.get(module, (None, None))
             call = Call(record.args if differentiable else _detach(record.args),
-                        record.kwargs if differentiable else _detach(record.kwargs), unchanged, record.grads, n,
+                        record.kwargs if differentiable else _detach(record.kwargs), record.values(), record.grads, n,
                         record.batch_dims, rng, buffers,
                         precision="full" if differentiable or full_precision else self.precision)
             rule = rule_for(module)

@@ -6,10 +6,11 @@ weight-gradient ops), autograd is asked only for the layer's output gradient, an
 weight and bias gradients come out of the same pass as their norms: no weight gradient is formed
 twice. Every other parameter gets its gradient from autograd, as in a plain backward.
 
-A layer is fused only where that is exact: a single output, not modified in place since, with the
-examples on dim 0, its parameters in the inputs' dtype (not under autocast) and used by nothing
-but the layer itself (counted on the loss's autograd graph, so a regularizer on a weight, weight
-tying or a parent reading a child's weight all keep autograd's path for that layer).
+A layer is fused only where that is exact: a single output (its gradient is taken where the layer
+produced it, so a change in place since does not matter), with the examples on dim 0, its
+parameters in the inputs' dtype (not under autocast) and used by nothing but the layer itself
+(counted on the loss's autograd graph, so a regularizer on a weight, weight tying or a parent
+reading a child's weight all keep autograd's path for that layer).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def fused_layers(capture: Capture, params: Sequence[Tensor], uses: dict,
             continue
         i = _single_output(record)
         x = record.args[0] if record.args else None
-        if i is None or record.batch_dims[i] != 0 or record.outputs[i].grad_fn is None:
+        if i is None or record.batch_dims[i] != 0 or record.outputs[i].node is None:
             continue
         own = [by_name.get(full) for _, full in names]
         if any(p is None for p in own) or not isinstance(x, Tensor) or record.outputs[i].dtype != x.dtype \
@@ -86,7 +87,7 @@ def _discard(i: int, g: Tensor) -> None:
 
 def norm_layers(capture: Capture, fused: dict) -> dict[nn.Module, int]:
     """``{module: index of its output leaf}`` of the other recorded layers whose closed-form rule
-    can form their norms inside the backward: one output leaf, unchanged, its batch dim known."""
+    can form their norms inside the backward: one output leaf, its batch dim known."""
     if capture.error is not None:
         return {}
     found = {}
@@ -101,14 +102,13 @@ def norm_layers(capture: Capture, fused: dict) -> dict[nn.Module, int]:
 
 
 def _single_output(record: Record) -> int | None:
-    """The index of a record's one output leaf that requires grad, if it is unchanged since the
-    forward and its batch dim is known; else None."""
+    """The index of a record's one output leaf that requires grad, if its batch dim is known; else
+    None. (Its gradient is asked for at its edge, so a change in place since does not matter.)"""
     live = [i for i, o in enumerate(record.outputs) if o is not None]
     if len(live) != 1 or not record.batch_dims:
         return None
     i = live[0]
-    unchanged = record.outputs[i]._version == record.versions[i]
-    return i if unchanged and record.batch_dims[i] is not None else None
+    return i if record.batch_dims[i] is not None else None
 
 
 def _former(capture: Capture, module: nn.Module, n: int, fuse: bool, asked: bool, formed: dict):
@@ -123,7 +123,7 @@ def _former(capture: Capture, module: nn.Module, n: int, fuse: bool, asked: bool
 
     def form(i: int, g: Tensor) -> Tensor | None:
         grads = [g.detach() if j == i else None for j in range(len(record.outputs))]
-        call = Call(_detach(record.args), _detach(record.kwargs), record.outputs, grads, n, record.batch_dims)
+        call = Call(_detach(record.args), _detach(record.kwargs), record.values(), grads, n, record.batch_dims)
         if fuse:
             formed[module] = rule.gradients(module, names, call)
         else:
@@ -190,7 +190,7 @@ def backward_with_norms(capture: Capture, loss: Tensor, params: Sequence[Tensor]
     fused = fused_layers(capture, params, uses, owned)
     fused_ids = {id(owned[full]) for m in fused for _, full in capture.owners[m]}
     rest = [p for p in params if id(p) not in fused_ids]
-    nodes = [capture.records[m].outputs[i].grad_fn for m, i in fused.items()]
+    nodes = [capture.records[m].outputs[i].node for m, i in fused.items()]
     targets = {get_gradient_edge(p).node for p in rest if p.requires_grad} | set(nodes)
     asked = [not ran for ran in runs(nodes, targets)]  # else the node runs, and its hook with it
     formed: dict[nn.Module, tuple[dict, dict]] = {}
@@ -207,7 +207,7 @@ def backward_with_norms(capture: Capture, loss: Tensor, params: Sequence[Tensor]
     for module, record in capture.records.items():
         if record.consume is None and not (norms and (module in capture.owners or runners)):
             record.consume = _discard
-    outputs = [capture.records[m].outputs[i] for (m, i), ask in zip(fused.items(), asked) if ask]
+    outputs = [capture.records[m].outputs[i].edge for (m, i), ask in zip(fused.items(), asked) if ask]
     capture.collecting = True  # the other modules' hooks catch their output gradients
     try:
         got = torch.autograd.grad(loss, outputs + rest, retain_graph=retain_graph, allow_unused=True)
