@@ -38,16 +38,19 @@ def _conv_accumulate_fake(acc, x, g, kernel_size, stride, padding, dilation, gro
 
 @torch.library.register_fake("fisher_ext::linear_grad_sqnorm")
 def _linear_grad_fake(a, g, bias, method):
-    bias_grad = g.new_empty(g.shape[-1]) if bias else None
-    norms = a.new_empty(a.shape[0], dtype=reference.result_dtype(a.dtype))
-    return g.new_empty(g.shape[-1], a.shape[-1]), bias_grad, norms
+    return (g.new_empty(g.shape[-1], a.shape[-1]), *_bias_and_norms_fake(a, g.shape[-1], bias))
 
 
 @torch.library.register_fake("fisher_ext::conv_grad_sqnorm")
 def _conv_grad_fake(x, g, kernel_size, stride, padding, dilation, groups, bias, method):
-    bias_grad = g.new_empty(g.shape[1]) if bias else None
-    weight = x.new_empty(g.shape[1], x.shape[1] // groups, *kernel_size)
-    return weight, bias_grad, x.new_empty(x.shape[0], dtype=reference.result_dtype(x.dtype))
+    return (x.new_empty(g.shape[1], x.shape[1] // groups, *kernel_size), *_bias_and_norms_fake(x, g.shape[1], bias))
+
+
+def _bias_and_norms_fake(x, channels: int, bias: bool) -> tuple:
+    """(bias gradient, the weight's norms, the bias's norms) of a grad op's output."""
+    def norms():
+        return x.new_empty(x.shape[0], dtype=reference.result_dtype(x.dtype))
+    return (x.new_empty(channels), norms(), norms()) if bias else (None, norms(), None)
 
 
 def _save_inputs(ctx, inputs, output):

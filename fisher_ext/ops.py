@@ -36,7 +36,7 @@ _OPS = torch.ops.fisher_ext
 _LINEAR, _LINEAR_ACC = _OPS.linear_sqnorm.default, _OPS.linear_sqnorm_accumulate_.default
 _CONV, _CONV_ACC = _OPS.conv_sqnorm.default, _OPS.conv_sqnorm_accumulate_.default
 _LINEAR_GRAD, _CONV_GRAD = _OPS.linear_grad_sqnorm.default, _OPS.conv_grad_sqnorm.default
-LayerGrads = tuple[torch.Tensor, Union[torch.Tensor, None], torch.Tensor]
+LayerGrads = tuple[torch.Tensor, Union[torch.Tensor, None], torch.Tensor, Union[torch.Tensor, None]]
 
 
 def linear_sqnorm(
@@ -106,9 +106,11 @@ def linear_grad_sqnorm(a: torch.Tensor, g: torch.Tensor, *, bias: bool, method: 
     Args: as in :func:`linear_sqnorm`.
 
     Returns:
-        ``(weight_grad, bias_grad, sqnorm)``: ``sum_n G_n^T A_n`` of shape ``(d_out, d_in)`` and
-        ``sum_{n,t} g_n,t`` of shape ``(d_out,)`` (None without ``bias``), both in the inputs'
-        dtype, and :func:`linear_sqnorm`'s ``(N,)`` norms. Not differentiable.
+        ``(weight_grad, bias_grad, weight_sqnorm, bias_sqnorm)``: ``sum_n G_n^T A_n`` of shape
+        ``(d_out, d_in)`` and ``sum_{n,t} g_n,t`` of shape ``(d_out,)``, both in the inputs'
+        dtype, and the weight's and the bias's ``(N,)`` per-example squared norms (their sum is
+        :func:`linear_sqnorm` with ``bias``); the bias parts are None without ``bias``. Not
+        differentiable.
     """
     return _LINEAR_GRAD(*_linear_args(a, g, bias, method))
 
@@ -130,9 +132,11 @@ def conv_grad_sqnorm(
     Args: as in :func:`conv_sqnorm`.
 
     Returns:
-        ``(weight_grad, bias_grad, sqnorm)``: the weight gradient ``(C_out, C_in / groups,
-        *kernel_size)`` and the bias gradient ``(C_out,)`` (None without ``bias``), both in the
-        inputs' dtype, and :func:`conv_sqnorm`'s ``(N,)`` norms. Not differentiable.
+        ``(weight_grad, bias_grad, weight_sqnorm, bias_sqnorm)``: the weight gradient ``(C_out,
+        C_in / groups, *kernel_size)`` and the bias gradient ``(C_out,)``, both in the inputs'
+        dtype, and the weight's and the bias's ``(N,)`` per-example squared norms (their sum is
+        :func:`conv_sqnorm` with ``bias``); the bias parts are None without ``bias``. Not
+        differentiable.
     """
     return _CONV_GRAD(*_conv_args(x, g, kernel_size, stride, padding, dilation, groups, bias, method))
 

@@ -129,20 +129,25 @@ def conv_sqnorm(
 
 
 def linear_grad_sqnorm(a: torch.Tensor, g: torch.Tensor, bias: bool, method: str):
-    """The batch's weight gradient ``(d_out, d_in)``, its bias gradient (None without bias), both in
-    the inputs' dtype, and the per-example squared norms of :func:`linear_sqnorm`."""
-    norms = linear_sqnorm(a, g, bias, method)
+    """The batch's weight gradient ``(d_out, d_in)`` and bias gradient, both in the inputs' dtype,
+    and the weight's and the bias's per-example squared norms (the bias parts None without bias)."""
+    norms = linear_sqnorm(a, g, False, method)
     acc = result_dtype(a.dtype)
     A, G = to_accumulation_dtype(a).reshape(-1, a.shape[-1]), g.to(acc).reshape(-1, g.shape[-1])
-    bias_grad = G.sum(0).to(g.dtype) if bias else None
-    return (G.T @ A).to(a.dtype), bias_grad, norms
+    if not bias:
+        return (G.T @ A).to(a.dtype), None, norms, None
+    sums = G.reshape(a.shape[0], math.prod(a.shape[1:-1]), G.shape[-1]).sum(1)  # each example's bias gradient
+    return (G.T @ A).to(a.dtype), G.sum(0).to(g.dtype), norms, sums.square().sum(1)
 
 
 def conv_grad_sqnorm(x, g, kernel_size, stride, padding, dilation, groups, bias, method):
-    """The batch's weight gradient ``(C_out, C_in / groups, *kernel_size)``, its bias gradient (None
-    without bias), both in the inputs' dtype, and the per-example squared norms of :func:`conv_sqnorm`."""
-    norms = conv_sqnorm(x, g, kernel_size, stride, padding, dilation, groups, bias, method)
+    """The batch's weight gradient ``(C_out, C_in / groups, *kernel_size)`` and bias gradient, both
+    in the inputs' dtype, and the weight's and the bias's per-example squared norms (the bias parts
+    None without bias)."""
+    norms = conv_sqnorm(x, g, kernel_size, stride, padding, dilation, groups, False, method)
     A, G = _conv_matrices(x, g, kernel_size, stride, padding, dilation, groups)
-    weight = torch.einsum("ngpo,ngpr->gor", G, A).reshape(g.shape[1], x.shape[1] // groups, *kernel_size)
-    bias_grad = G.sum((0, 2)).reshape(-1).to(g.dtype) if bias else None
-    return weight.to(x.dtype), bias_grad, norms
+    weight = torch.einsum("ngpo,ngpr->gor", G, A).reshape(g.shape[1], x.shape[1] // groups, *kernel_size).to(x.dtype)
+    if not bias:
+        return weight, None, norms, None
+    sums = G.sum(2).reshape(x.shape[0], g.shape[1])  # each example's bias gradient
+    return weight, sums.sum(0).to(g.dtype), norms, sums.square().sum(1)

@@ -20,6 +20,11 @@ def _double_module(module: nn.Module) -> nn.Module:
 
 def per_example_sqnorm(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
     """||d(<module(x_n), gy_n>)/dtheta||^2 per example n, in float64, via torch.func.vmap(grad)."""
+    return sum(per_parameter_sqnorms(module, x, gy).values())
+
+
+def per_parameter_sqnorms(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{parameter name: ||d(<module(x_n), gy_n>)/d parameter||^2 per example n}``, in float64."""
     module = _double_module(module)
     params = {k: v.detach() for k, v in module.named_parameters()}
 
@@ -27,7 +32,7 @@ def per_example_sqnorm(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> 
         return (functional_call(module, p, (xn.unsqueeze(0),)) * gn.unsqueeze(0)).sum()
 
     grads = vmap(grad(inner), in_dims=(None, 0, 0))(params, x.double(), gy.double())
-    return sum(g.flatten(1).square().sum(1) for g in grads.values())
+    return {k: g.flatten(1).square().sum(1) for k, g in grads.items()}
 
 
 def per_example_sqnorm_loop(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:

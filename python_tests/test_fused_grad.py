@@ -1,6 +1,6 @@
 """linear_grad_sqnorm / conv_grad_sqnorm: the batch's weight and bias gradients against autograd
-in float64 on the real nn.Linear / nn.Conv*d, the norms against the float64 per-example oracle,
-on every CPU kernel path (the fused AVX-512 paths add each per-example tile into the weight
+in float64 on the real nn.Linear / nn.Conv*d, the weight's and the bias's norms against the
+float64 per-example oracle, on every CPU kernel path (the fused AVX-512 paths add each per-example tile into the weight
 gradient; the others take ATen's)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fisher_ext
-from oracle import per_example_sqnorm
+from oracle import per_parameter_sqnorms
 from test_ops import CONV_CASES, CPU_PATHS, LINEAR_SHAPES, assert_close_rel, conv_kwargs, make_conv, make_linear
 
 
@@ -22,17 +22,20 @@ def autograd_grads(module, x, g):
 
 
 def check(got, module, x, g, bias, tol):
-    weight, bias_grad, norms = got
+    weight, bias_grad, weight_norms, bias_norms = got
     want_w, want_b = autograd_grads(module, x, g)
+    want_norms = per_parameter_sqnorms(module, x.cpu(), g.cpu())
     assert weight.dtype == x.dtype and weight.shape == module.weight.shape
     scale = want_w.abs().max().clamp_min(1e-30)
     assert ((weight.double().cpu() - want_w).abs().max() / scale).item() <= tol
     if bias:
         assert bias_grad.dtype == x.dtype and bias_grad.shape == module.bias.shape
         assert ((bias_grad.double().cpu() - want_b).abs().max() / want_b.abs().max()).item() <= tol
+        assert bias_norms.dtype == weight_norms.dtype
+        assert_close_rel(bias_norms, want_norms["bias"], tol)
     else:
-        assert bias_grad is None
-    assert_close_rel(norms, per_example_sqnorm(module, x.cpu(), g.cpu()), tol)
+        assert bias_grad is None and bias_norms is None
+    assert_close_rel(weight_norms, want_norms["weight"], tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)], ids=str)
@@ -82,30 +85,34 @@ def test_reduced_precision(device, dtype):
     """float32 accumulation: the norms as the norm op gives them, the gradients in the inputs' dtype
     within that dtype's rounding of the float64 result."""
     module, x, g = make_conv(CONV_CASES[5], True, N=4, dtype=dtype, device=device)
-    weight, bias_grad, norms = fisher_ext.conv_grad_sqnorm(x, g, bias=True, **conv_kwargs(module))
+    weight, bias_grad, norms, bias_norms = fisher_ext.conv_grad_sqnorm(x, g, bias=True, **conv_kwargs(module))
     want_w, want_b = autograd_grads(module, x, g)
     eps = torch.finfo(dtype).eps
-    assert weight.dtype == dtype and bias_grad.dtype == dtype and norms.dtype == torch.float32
+    assert weight.dtype == dtype and bias_grad.dtype == dtype and norms.dtype == bias_norms.dtype == torch.float32
     assert ((weight.double().cpu() - want_w).abs().max() / want_w.abs().max()).item() <= 4 * eps
-    assert_close_rel(norms, per_example_sqnorm(module, x.cpu(), g.cpu()), 2e-5)
+    want = per_parameter_sqnorms(module, x.cpu(), g.cpu())
+    assert_close_rel(norms, want["weight"], 2e-5)
+    assert_close_rel(bias_norms, want["bias"], 2e-5)
 
 
 @pytest.mark.parametrize("method", ["ghost", "materialize"])
 def test_norms_equal_the_norm_op(device, method):
-    """Given one method, the fused op's norms are the norm op's own (same kernels, same summation
-    order). Their 'auto' may differ: the fused op's weighs the weight gradient it gets for free."""
+    """Given one method, the fused op's weight norms are the norm op's own without bias (same
+    kernels, same summation order). Their 'auto' may differ: the fused op's weighs the weight
+    gradient it gets for free."""
     module, x, g = make_conv(CONV_CASES[10], True, N=6, dtype=torch.float32, device=device)
-    _, _, norms = fisher_ext.conv_grad_sqnorm(x, g, bias=True, method=method, **conv_kwargs(module))
-    assert torch.equal(norms, fisher_ext.conv_sqnorm(x, g, bias=True, method=method, **conv_kwargs(module)))
+    _, _, norms, _ = fisher_ext.conv_grad_sqnorm(x, g, bias=True, method=method, **conv_kwargs(module))
+    assert torch.equal(norms, fisher_ext.conv_sqnorm(x, g, bias=False, method=method, **conv_kwargs(module)))
 
 
 def test_empty_batch(device):
     module, a, g = make_linear((2, (3,), 5, 4), True, device=device)
-    weight, bias_grad, norms = fisher_ext.linear_grad_sqnorm(a[:0], g[:0], bias=True)
-    assert norms.shape == (0,) and torch.equal(weight, torch.zeros_like(weight)) and weight.shape == (4, 5)
+    weight, bias_grad, norms, bias_norms = fisher_ext.linear_grad_sqnorm(a[:0], g[:0], bias=True)
+    assert norms.shape == bias_norms.shape == (0,) and weight.shape == (4, 5)
+    assert torch.equal(weight, torch.zeros_like(weight)) and torch.equal(bias_grad, torch.zeros(4, device=device))
     module, x, g = make_conv(CONV_CASES[4], True, device=device)
-    weight, _, norms = fisher_ext.conv_grad_sqnorm(x[:0], g[:0], bias=True, **conv_kwargs(module))
-    assert norms.shape == (0,) and weight.shape == module.weight.shape and not weight.any()
+    weight, _, norms, bias_norms = fisher_ext.conv_grad_sqnorm(x[:0], g[:0], bias=True, **conv_kwargs(module))
+    assert norms.shape == bias_norms.shape == (0,) and weight.shape == module.weight.shape and not weight.any()
 
 
 def test_bad_input_names_the_argument():
@@ -131,5 +138,5 @@ def test_fake_tensor_shapes():
         assert r.shape == f.shape and r.dtype == f.dtype
     _, a, gl = make_linear((3, (4,), 6, 5), False, dtype=torch.float32)
     with FakeTensorMode() as mode:
-        w, b, n = fisher_ext.linear_grad_sqnorm(mode.from_tensor(a), mode.from_tensor(gl), bias=False)
-    assert w.shape == (5, 6) and b is None and n.shape == (3,)
+        w, b, n, bn = fisher_ext.linear_grad_sqnorm(mode.from_tensor(a), mode.from_tensor(gl), bias=False)
+    assert w.shape == (5, 6) and b is None and n.shape == (3,) and bn is None

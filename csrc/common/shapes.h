@@ -70,11 +70,22 @@ inline void check_accumulator(const at::Tensor& acc, const at::Tensor& a, const 
   TORCH_CHECK(!acc.is_alias_of(g), "acc: expected a buffer of its own, got one that shares memory with g");
 }
 
-// What a device's fused op returns: the weight gradient and the bias gradient, undefined where the
-// kernel did not form it on the way (the entry then sums g).
+// What a device's fused op returns: the weight gradient, and the bias gradient and the bias's
+// per-example squared norms (N,), each undefined where the kernels did not form it on the way
+// (the entry then sums g: complete_bias).
 struct WeightGrads {
-  at::Tensor weight, bias;
+  at::Tensor weight, bias, bias_sqnorm;
 };
+
+// Fills in the bias parts a device left undefined from `sums`, each example's bias gradient
+// (N, C_out; g summed over its positions in the result dtype), made only where one is missing.
+template <typename Sums>
+void complete_bias(WeightGrads& grads, Sums sums) {
+  if (grads.bias.defined() && grads.bias_sqnorm.defined()) return;
+  const at::Tensor per_example = sums();
+  if (!grads.bias.defined()) grads.bias = per_example.sum(0);
+  if (!grads.bias_sqnorm.defined()) grads.bias_sqnorm = per_example.square().sum(1);
+}
 
 // Linear: a (N, *, d_in) and g (N, *, d_out), flattened to (N, T, d).
 struct LinearShape {

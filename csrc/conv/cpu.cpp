@@ -124,10 +124,11 @@ constexpr int64_t kPitchPad = 16;
 // register-tiled kernel: implicit GEMM, no im2col matrix in memory. A few examples (their g
 // transposed) go through each panel in turn (examples_in_cache).
 // wt (or null): the weight gradient's transpose, (groups, rows, cout_g);
-// bias_grad (or null): the bias gradient (C_out).
+// bias_grad (or null): the bias gradient (C_out); bias_result (or null): the bias's norms, kept
+// apart from the weight's in result.
 template <typename scalar_t>
 void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool bias, int64_t n0, int64_t cnt,
-                      Scratch& scratch, float* result, float* wt, float* bias_grad) {
+                      Scratch& scratch, float* result, float* wt, float* bias_grad, float* bias_result) {
   const auto xst = strides5(x), gst = strides5(g);
   const int64_t P = s.out_vol(), rows = s.cin_g * s.k_vol(), nr = fused_panel_width(s.cout_g, rows);
   const int64_t pitch = P + kPitchPad;
@@ -141,7 +142,8 @@ void conv_block_fused(const Tensor& x, const Tensor& g, const ConvShape& s, bool
     for (int64_t e = 0; e < me; ++e) {
       const double bias_sq = pack_transposed<scalar_t>(g.data_ptr<scalar_t>() + (n0 + e0 + e) * gst[0], gst, s,
                                                        s.out[2], s.out[1] * s.out[2], gts + e * P * s.C_out, bias_grad);
-      totals[e] = bias ? bias_sq : 0.0;
+      totals[e] = bias && !bias_result ? bias_sq : 0.0;
+      if (bias_result) bias_result[e0 + e] = static_cast<float>(bias_sq);
     }
     for (int64_t gr = 0; gr < s.groups; ++gr)
       for (int64_t r0 = 0; r0 < rows; r0 += nr) {
@@ -266,11 +268,11 @@ void pack_shift_grid(const scalar_t* xn, const std::array<int64_t, 5>& st, const
     }
 }
 
-// wt (or null): the weight gradient's transpose, (groups, k_vol, cpad, cout_g); bias_grad (or
-// null): the bias gradient (C_out).
+// wt (or null): the weight gradient's transpose, (groups, k_vol, cpad, cout_g); bias_grad and
+// bias_result (or null) as for conv_block_fused.
 template <typename scalar_t>
 void conv_block_shifted(const Tensor& x, const Tensor& g, const ConvShape& s, const ShiftPlan& p, bool bias, int64_t n0,
-                        int64_t cnt, Scratch& scratch, float* result, float* wt, float* bias_grad) {
+                        int64_t cnt, Scratch& scratch, float* result, float* wt, float* bias_grad, float* bias_result) {
   const auto xst = strides5(x), gst = strides5(g);
   const auto opts = x.options().dtype(at::kFloat);
   const int64_t grid_size = p.Lx * p.ctot, gt_size = p.L * s.C_out;
@@ -287,7 +289,8 @@ void conv_block_shifted(const Tensor& x, const Tensor& g, const ConvShape& s, co
       pack_shift_grid<scalar_t>(x.data_ptr<scalar_t>() + (n0 + e0 + e) * xst[0], xst, s, p, grids + e * grid_size);
       const double bias_sq = pack_transposed<scalar_t>(g.data_ptr<scalar_t>() + (n0 + e0 + e) * gst[0], gst, s, p.Wp,
                                                        p.Hp * p.Wp, gts + e * gt_size, bias_grad);
-      totals[e] = bias ? bias_sq : 0.0;
+      totals[e] = bias && !bias_result ? bias_sq : 0.0;
+      if (bias_result) bias_result[e0 + e] = static_cast<float>(bias_sq);
     }
     for (int64_t gr = 0; gr < s.groups; ++gr)
       for (int64_t ki = 0; ki < kv; ++ki)
@@ -430,8 +433,8 @@ Tensor conv_block_gram_shift(const Tensor& x, const Tensor& G, const ConvShape& 
   return sb;
 }
 
-// The norms into out; with want_weight, returns the weight gradient as well (else undefined), and
-// the bias gradient where the fused kernels formed it.
+// The norms into out; with want_weight, the weight's norms only, and returns the weight gradient,
+// and the bias gradient and the bias's norms where the fused kernels formed them.
 WeightGrads conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
                       const std::string& method, bool add, bool want_weight, Precision precision) {
   if (s.N == 0) return {want_weight ? conv_weight_grad(s, x, g) : Tensor(), Tensor()};
@@ -478,40 +481,47 @@ WeightGrads conv_impl(Tensor& out, const ConvShape& s, const Tensor& x, const Te
   const int64_t wt_numel = c10::multiply_integers(wt_sizes), bias_numel = bias ? s.C_out : 0;
   Partials weight({wt_numel + bias_numel}, x.options());
   auto bias_part = [&](float* wt) { return wt && bias ? wt + wt_numel : nullptr; };
+  // The grad op keeps the bias's norms apart from the weight's: the fused kernels write them here,
+  // the other paths leave the bias to the entry.
+  const Tensor bias_sq = want_weight && bias && fused ? at::empty({s.N}, x.options().dtype(at::kFloat)) : Tensor();
+  auto bias_result = [&](int64_t n0) { return bias_sq.defined() ? bias_sq.data_ptr<float>() + n0 : nullptr; };
+  const bool norms_bias = bias && !want_weight;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_sqnorm_cpu", [&] {
     for_each_block(s.N, nb, [&](int64_t n0, int64_t cnt, Scratch& scratch) {
       Tensor sb;
       if (ghost_grid) {
         sb = at::empty({cnt}, x.options().dtype(at::kFloat));
-        conv_block_ghost_shifted<scalar_t>(x, g, s, shift, bias, n0, cnt, scratch, sb.data_ptr<float>());
+        conv_block_ghost_shifted<scalar_t>(x, g, s, shift, norms_bias, n0, cnt, scratch, sb.data_ptr<float>());
       } else if (shifted) {
         sb = at::empty({cnt}, x.options().dtype(at::kFloat));
         float* wt = want_weight ? weight.mine() : nullptr;
-        conv_block_shifted<scalar_t>(x, g, s, shift, bias, n0, cnt, scratch, sb.data_ptr<float>(), wt, bias_part(wt));
+        conv_block_shifted<scalar_t>(x, g, s, shift, bias, n0, cnt, scratch, sb.data_ptr<float>(), wt, bias_part(wt),
+                                     bias_result(n0));
       } else if (gram_shift) {
-        sb = conv_block_gram_shift<scalar_t>(x, G, s, gram_plan, bias, n0, cnt, scratch);
+        sb = conv_block_gram_shift<scalar_t>(x, G, s, gram_plan, norms_bias, n0, cnt, scratch);
       } else if (fused) {
         sb = at::empty({cnt}, x.options().dtype(at::kFloat));
         float* wt = want_weight ? weight.mine() : nullptr;
-        conv_block_fused<scalar_t>(x, g, s, bias, n0, cnt, scratch, sb.data_ptr<float>(), wt, bias_part(wt));
+        conv_block_fused<scalar_t>(x, g, s, bias, n0, cnt, scratch, sb.data_ptr<float>(), wt, bias_part(wt),
+                                   bias_result(n0));
       } else if (bf16_gemm) {  // packed in bfloat16 (only float32 and bfloat16 inputs get here)
         using gemm_t = std::conditional_t<std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>,
                                           at::BFloat16, at::opmath_type<scalar_t>>;
-        sb = conv_block_blas<scalar_t, gemm_t>(x, G, s, bias, m, n0, cnt, scratch);
+        sb = conv_block_blas<scalar_t, gemm_t>(x, G, s, norms_bias, m, n0, cnt, scratch);
       } else {
-        sb = conv_block_blas<scalar_t>(x, G, s, bias, m, n0, cnt, scratch);
+        sb = conv_block_blas<scalar_t>(x, G, s, norms_bias, m, n0, cnt, scratch);
       }
       write_result(out, n0, sb, add);
     });
   });
   if (!want_weight) return {};
-  if (!fused) return {conv_weight_grad(s, x, g), Tensor()};
+  if (!fused) return {conv_weight_grad(s, x, g)};
   const Tensor total = weight.sum();
   const Tensor wt = total.narrow(0, 0, wt_numel).view(wt_sizes);
   const Tensor w = shifted ? wt.narrow(2, 0, s.cin_g).permute({0, 3, 2, 1})  // (groups, cout_g, cin_g, k_vol)
                            : wt.permute({0, 2, 1});                          // (groups, cout_g, rows)
-  return {w.reshape(conv_weight_shape(s, x.dim() - 2)), bias ? total.narrow(0, wt_numel, s.C_out) : Tensor()};
+  return {w.reshape(conv_weight_shape(s, x.dim() - 2)), bias ? total.narrow(0, wt_numel, s.C_out) : Tensor(), bias_sq};
 }
 
 void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias, const std::string& method,

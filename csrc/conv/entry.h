@@ -3,10 +3,10 @@
 //   void conv_into(Tensor& out, const ConvShape&, const Tensor& x, const Tensor& g, bool bias,
 //                  const std::string& method, bool add, Precision);  // add: accumulate into out
 //   WeightGrads conv_grad_into(Tensor& out, const ConvShape&, x, g, bias, method);
-// the latter writing the norms into out and returning the weight gradient and, where its kernel
-// formed it on the way, the bias gradient (any floating dtype; the entry casts them to the
-// inputs', and sums g for a bias gradient left undefined). unfused_conv_grad makes them from the
-// norm kernel and ATen's weight gradient, for a device without a fused kernel.
+// the latter writing the weight's per-example norms into out and returning the weight gradient
+// and, where its kernels formed them on the way, the bias gradient and the bias's norms (any
+// floating dtype; the entry casts them, and sums g for what is left undefined). unfused_conv_grad
+// makes them from the norm kernel and ATen's weight gradient, for a device without a fused kernel.
 #pragma once
 
 #include <torch/library.h>
@@ -52,15 +52,15 @@ inline at::Tensor conv_weight_grad(const ConvShape& s, const at::Tensor& x, cons
 }
 
 template <auto conv_into>
-WeightGrads unfused_conv_grad(at::Tensor& out, const ConvShape& s, const at::Tensor& x, const at::Tensor& g, bool bias,
+WeightGrads unfused_conv_grad(at::Tensor& out, const ConvShape& s, const at::Tensor& x, const at::Tensor& g,
                               const std::string& method) {
-  conv_into(out, s, x, g, bias, method, /*add=*/false, Precision::Full);
-  return {conv_weight_grad(s, x, g), at::Tensor()};
+  conv_into(out, s, x, g, /*bias=*/false, method, /*add=*/false, Precision::Full);
+  return {conv_weight_grad(s, x, g)};
 }
 
 template <auto conv_into, auto conv_grad_into>
 struct ConvEntry {
-  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
   static at::Tensor conv(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool bias,
@@ -81,19 +81,22 @@ struct ConvEntry {
     conv_into(acc, s, x, g, bias, std::string(method), /*add=*/true, p);
   }
 
+  // (weight gradient, bias gradient, the weight's per-example squared norms, the bias's; the
+  // bias parts undefined without bias).
   static Grads conv_grad(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool bias,
                          c10::string_view method) {
     const ConvShape s = conv_shape(x, g, kernel_size, stride, padding, dilation, groups);
-    at::Tensor out = at::empty({s.N}, x.options().dtype(result_dtype(x.scalar_type())));
-    const WeightGrads grads = conv_grad_into(out, s, x, g, bias, std::string(method));
-    at::Tensor bias_grad;
-    if (bias) {
-      std::vector<int64_t> reduce{0};
-      for (int64_t d = 2; d < g.dim(); ++d) reduce.push_back(d);
-      bias_grad = grads.bias.defined() ? grads.bias.to(x.scalar_type()) : g.sum(reduce);
-    }
-    return {grads.weight.to(x.scalar_type()), bias_grad, out};
+    const auto acc = result_dtype(x.scalar_type());
+    at::Tensor out = at::empty({s.N}, x.options().dtype(acc));
+    WeightGrads grads = conv_grad_into(out, s, x, g, bias, std::string(method));
+    if (!bias) return {grads.weight.to(x.scalar_type()), at::Tensor(), out, at::Tensor()};
+    complete_bias(grads, [&] {
+      std::vector<int64_t> positions;
+      for (int64_t d = 2; d < g.dim(); ++d) positions.push_back(d);
+      return g.sum(positions, false, acc);
+    });
+    return {grads.weight.to(x.scalar_type()), grads.bias.to(x.scalar_type()), out, grads.bias_sqnorm.to(acc)};
   }
 
   // In a TORCH_LIBRARY_IMPL block of the device.

@@ -186,13 +186,6 @@ Tensor launch_fused(Tensor& out, const Tensor& x, const Tensor& g, const Geometr
   return weights;
 }
 
-// The flat output of launch_fused as the weight gradient of the given shape and the bias gradient
-// (a tensor of its own, as the other devices return it).
-WeightGrads split_weights(const Tensor& weights, at::IntArrayRef weight_shape, int64_t C_out, bool bias) {
-  const int64_t numel = c10::multiply_integers(weight_shape);
-  return {weights.narrow(0, 0, numel).view(weight_shape), bias ? weights.narrow(0, numel, C_out).clone() : Tensor()};
-}
-
 // x and g as the kernels read them, with their geometry: in place, or dense copies where the
 // strides are too wide for the kernels' 32-bit offsets (a dense copy may fit).
 struct Operands {
@@ -233,20 +226,22 @@ void conv_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g
   launch(out, op.x, op.g, op.geo, tiles::plan_for(method, op.geo), s.N, add);
 }
 
-WeightGrads linear_grad_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
+// The weight's norms and gradient from the fused program; the bias parts are left to the entry
+// (ATen's reductions over g), which gives the bias's norms apart from the weight's.
+WeightGrads linear_grad_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool,
                              const std::string& method) {
   if (choose_fused_method(method, sh.T, sh.d_in, sh.d_out, 1.0) == Method::Ghost)
-    return unfused_linear_grad<linear_into>(out, sh, a, g, bias, "ghost");
-  const Operands op = linear_operands(sh, a, g, bias);
-  return split_weights(launch_fused(out, op.x, op.g, op.geo, sh.N), {sh.d_out, sh.d_in}, sh.d_out, bias);
+    return unfused_linear_grad<linear_into>(out, sh, a, g, "ghost");
+  const Operands op = linear_operands(sh, a, g, /*bias=*/false);
+  return {launch_fused(out, op.x, op.g, op.geo, sh.N).view({sh.d_out, sh.d_in})};
 }
 
-WeightGrads conv_grad_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool bias,
+WeightGrads conv_grad_into(Tensor& out, const ConvShape& s, const Tensor& x, const Tensor& g, bool,
                            const std::string& method) {
   if (choose_fused_method(method, s.out_vol(), s.cin_g * s.k_vol(), s.cout_g, 1.0) == Method::Ghost)
-    return unfused_conv_grad<conv_into>(out, s, x, g, bias, "ghost");
-  const Operands op = conv_operands(s, x, g, bias);
-  return split_weights(launch_fused(out, op.x, op.g, op.geo, s.N), conv_weight_shape(s, x.dim() - 2), s.C_out, bias);
+    return unfused_conv_grad<conv_into>(out, s, x, g, "ghost");
+  const Operands op = conv_operands(s, x, g, /*bias=*/false);
+  return {launch_fused(out, op.x, op.g, op.geo, s.N).view(conv_weight_shape(s, x.dim() - 2))};
 }
 
 }  // namespace

@@ -42,8 +42,8 @@ void linear_rows_into(Tensor& out, const LinearShape& sh, const Tensor& a, const
   });
 }
 
-// The norms into out; with want_weight, returns the weight gradient as well (else undefined), and
-// the bias gradient where the fused kernel formed it.
+// The norms into out; with want_weight, the weight's norms only, and returns the weight gradient,
+// the bias's norms and, where the fused kernel formed it, the bias gradient.
 WeightGrads linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,
                         const std::string& method, bool add, bool want_weight, Precision precision) {
   const auto acc = result_dtype(a.scalar_type());
@@ -51,9 +51,9 @@ WeightGrads linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, con
     if (sh.N > 0) {
       choose_method(method, 1, sh.d_in, sh.d_out);  // validates the argument; both methods are this product
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "linear_rows",
-                                      [&] { linear_rows_into<scalar_t>(out, sh, a, g, bias, add); });
+                                      [&] { linear_rows_into<scalar_t>(out, sh, a, g, bias && !want_weight, add); });
     }
-    return {want_weight ? linear_weight_grad(sh, a, g) : Tensor(), Tensor()};
+    return {want_weight ? linear_weight_grad(sh, a, g) : Tensor()};
   }
   const Tensor A = a.reshape({sh.N, sh.T, sh.d_in});
   const Tensor G = g.reshape({sh.N, sh.T, sh.d_out});
@@ -69,6 +69,7 @@ WeightGrads linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, con
   // The weight gradient's transpose (one row per input feature), then with a bias the bias
   // gradient: one partial sum per thread.
   Partials weight({sh.d_in + (bias ? 1 : 0), sh.d_out}, a.options());
+  const Tensor bias_sq = want_weight && bias ? at::empty({sh.N}, out.options()) : Tensor();  // apart from out
   const int64_t elt = at::elementSize(acc);
   const int64_t ws = m == Method::Ghost ? 2 * sh.T * sh.T : sh.d_in * sh.d_out;
   const int64_t nb = block_size(sh.N, elt * (ws + sh.T * (sh.d_in + sh.d_out)));
@@ -120,15 +121,18 @@ WeightGrads linear_impl(Tensor& out, const LinearShape& sh, const Tensor& a, con
     }
     if (bias) {
       const Tensor sums = Gb.sum(1, false, acc);  // each example's bias gradient
-      s.add_(sums.square().sum(1));
+      if (bias_sq.defined())
+        bias_sq.narrow(0, n0, cnt).copy_(sums.square().sum(1));
+      else
+        s.add_(sums.square().sum(1));
       if (wt) at::from_blob(wt + sh.d_in * sh.d_out, {sh.d_out}, sums.options()).add_(sums.sum(0));
     }
     write_result(out, n0, s, add);
   });
   if (!want_weight) return {};
-  if (!fused) return {linear_weight_grad(sh, a, g), Tensor()};
+  if (!fused) return {linear_weight_grad(sh, a, g), Tensor(), bias_sq};
   const Tensor total = weight.sum();
-  return {total.narrow(0, 0, sh.d_in).t().contiguous(), bias ? total[sh.d_in] : Tensor()};
+  return {total.narrow(0, 0, sh.d_in).t().contiguous(), bias ? total[sh.d_in] : Tensor(), bias_sq};
 }
 
 void linear_into(Tensor& out, const LinearShape& sh, const Tensor& a, const Tensor& g, bool bias,

@@ -3,10 +3,11 @@
 //   void linear_into(Tensor& out, const LinearShape&, const Tensor& a, const Tensor& g, bool bias,
 //                    const std::string& method, bool add, Precision);  // add: accumulate into out
 //   WeightGrads linear_grad_into(Tensor& out, const LinearShape&, a, g, bias, method);
-// the latter writing the norms into out and returning the weight gradient and, where its kernel
-// formed it on the way, the bias gradient (any floating dtype; the entry casts them to the
-// inputs', and sums g for a bias gradient left undefined). unfused_linear_grad makes them from
-// the norm kernel and ATen's weight gradient, for a device without a fused kernel.
+// the latter writing the weight's per-example norms into out and returning the weight gradient
+// and, where its kernels formed them on the way, the bias gradient and the bias's norms (any
+// floating dtype; the entry casts them, and sums g for what is left undefined).
+// unfused_linear_grad makes them from the norm kernel and ATen's weight gradient, for a device
+// without a fused kernel.
 #pragma once
 
 #include <torch/library.h>
@@ -26,14 +27,14 @@ inline at::Tensor linear_weight_grad(const LinearShape& sh, const at::Tensor& a,
 
 template <auto linear_into>
 WeightGrads unfused_linear_grad(at::Tensor& out, const LinearShape& sh, const at::Tensor& a, const at::Tensor& g,
-                                bool bias, const std::string& method) {
-  linear_into(out, sh, a, g, bias, method, /*add=*/false, Precision::Full);
-  return {linear_weight_grad(sh, a, g), at::Tensor()};
+                                const std::string& method) {
+  linear_into(out, sh, a, g, /*bias=*/false, method, /*add=*/false, Precision::Full);
+  return {linear_weight_grad(sh, a, g)};
 }
 
 template <auto linear_into, auto linear_grad_into>
 struct LinearEntry {
-  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
   static at::Tensor linear(const at::Tensor& a, const at::Tensor& g, bool bias, c10::string_view method,
                            c10::string_view precision) {
@@ -52,15 +53,16 @@ struct LinearEntry {
     linear_into(acc, sh, a, g, bias, std::string(method), /*add=*/true, p);
   }
 
-  // (weight gradient, bias gradient or undefined without bias, per-example squared norms).
+  // (weight gradient, bias gradient, the weight's per-example squared norms, the bias's; the
+  // bias parts undefined without bias).
   static Grads linear_grad(const at::Tensor& a, const at::Tensor& g, bool bias, c10::string_view method) {
     const LinearShape sh = linear_shape(a, g);
-    at::Tensor out = at::empty({sh.N}, a.options().dtype(result_dtype(a.scalar_type())));
-    const WeightGrads grads = linear_grad_into(out, sh, a, g, bias, std::string(method));
-    at::Tensor bias_grad;
-    if (bias)
-      bias_grad = grads.bias.defined() ? grads.bias.to(a.scalar_type()) : g.reshape({sh.N * sh.T, sh.d_out}).sum(0);
-    return {grads.weight.to(a.scalar_type()), bias_grad, out};
+    const auto acc = result_dtype(a.scalar_type());
+    at::Tensor out = at::empty({sh.N}, a.options().dtype(acc));
+    WeightGrads grads = linear_grad_into(out, sh, a, g, bias, std::string(method));
+    if (!bias) return {grads.weight.to(a.scalar_type()), at::Tensor(), out, at::Tensor()};
+    complete_bias(grads, [&] { return g.reshape({sh.N, sh.T, sh.d_out}).sum(1, false, acc); });
+    return {grads.weight.to(a.scalar_type()), grads.bias.to(a.scalar_type()), out, grads.bias_sqnorm.to(acc)};
   }
 
   // In a TORCH_LIBRARY_IMPL block of the device.

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..ops import conv_grad_sqnorm, conv_sqnorm
 from .registry import Call, register_rule
-from .shared import bias_norm, bias_sums, require_batch_first
+from .shared import bias_gradients, bias_norm, require_batch_first
 
 
 def _zero_padded(module: nn.Module) -> bool:
@@ -26,18 +26,17 @@ def _conv(module, names: list, call: Call, x, g):
 
 
 def conv_gradients(module: nn.modules.conv._ConvNd, names: list, call: Call):
-    """The weight gradient and its norms from one fused pass; the bias's from the output gradient."""
+    """The weight and bias gradients and their norms from one fused pass."""
     require_batch_first(module, call)
     x, g = call.args[0], call.grad
-    grads, norms = {}, {}
-    if "weight" in names:
-        grads["weight"], _, norms["weight"] = conv_grad_sqnorm(
-            x, g.to(x.dtype), kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
-            dilation=module.dilation, groups=module.groups, bias=False)
-    if "bias" in names:  # each example's bias gradient, squared for its norm and summed for the batch's
-        sums = bias_sums(g, 1)
-        grads["bias"] = sums.sum(0).to(g.dtype)
-        norms["bias"] = sums.square().sum(1)
+    if "weight" not in names:  # the bias alone (BitFit): no weight gradient to form
+        return bias_gradients(g, 1)
+    weight, bias, weight_norms, bias_norms = conv_grad_sqnorm(
+        x, g.to(x.dtype), kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
+        dilation=module.dilation, groups=module.groups, bias="bias" in names)
+    grads, norms = {"weight": weight}, {"weight": weight_norms}
+    if "bias" in names:
+        grads["bias"], norms["bias"] = bias.to(g.dtype), bias_norms
     return grads, norms
 
 

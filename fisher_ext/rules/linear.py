@@ -6,19 +6,18 @@ from torch import nn
 
 from ..ops import linear_grad_sqnorm, linear_sqnorm
 from .registry import Call, register_rule
-from .shared import batch_first, bias_norm, bias_sums
+from .shared import batch_first, bias_gradients, bias_norm
 
 
 def linear_gradients(module: nn.Linear, names: list, call: Call):
-    """The weight gradient and its norms from one fused pass; the bias's from the output gradient."""
+    """The weight and bias gradients and their norms from one fused pass."""
     x, g = batch_first(call, call.args[0], call.grad)
-    grads, norms = {}, {}
-    if "weight" in names:
-        grads["weight"], _, norms["weight"] = linear_grad_sqnorm(x, g.to(x.dtype), bias=False)
-    if "bias" in names:  # each example's bias gradient, squared for its norm and summed for the batch's
-        sums = bias_sums(g, -1)
-        grads["bias"] = sums.sum(0).to(g.dtype)
-        norms["bias"] = sums.square().sum(1)
+    if "weight" not in names:  # the bias alone (BitFit): no weight gradient to form
+        return bias_gradients(g, -1)
+    weight, bias, weight_norms, bias_norms = linear_grad_sqnorm(x, g.to(x.dtype), bias="bias" in names)
+    grads, norms = {"weight": weight}, {"weight": weight_norms}
+    if "bias" in names:
+        grads["bias"], norms["bias"] = bias.to(g.dtype), bias_norms
     return grads, norms
 
 

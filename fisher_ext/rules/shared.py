@@ -37,6 +37,13 @@ def bias_sums(g: torch.Tensor, channel_dim: int) -> torch.Tensor:
     return g.sum(dims, dtype=result_dtype(g.dtype)) if dims else acc(g)
 
 
+def bias_gradients(g: torch.Tensor, channel_dim: int) -> tuple[dict, dict]:
+    """A rule's ``gradients`` for a layer whose bias alone trains: the batch's bias gradient and its
+    per-example norms, from one pass over ``g``."""
+    sums = bias_sums(g, channel_dim)
+    return {"bias": sums.sum(0).to(g.dtype)}, {"bias": sums.square().sum(1)}
+
+
 def bias_norm(g: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """``||sum over positions of g_n||^2`` per example, channels on ``channel_dim``."""
     return bias_sums(g, channel_dim).square().sum(1)
