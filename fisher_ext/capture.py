@@ -279,8 +279,13 @@ class Capture:
             uses, self._uses = self._uses, None
             uses.__exit__(None, None, None)
 
+    def _may_rerun(self, module: nn.Module) -> bool:
+        """Whether ``module``'s call may be re-run (the exact fallback, or a rule that re-runs): its
+        random state and buffers are noted before it, its output kept to compare."""
+        return module is self.model or rule_for(module) is None or rule_for(module).reruns
+
     def _enter(self, module: nn.Module):
-        rerun = module is self.model or rule_for(module) is None or rule_for(module).reruns
+        rerun = self._may_rerun(module)
 
         def pre_hook(mod, args):
             if self.recording:
@@ -290,7 +295,7 @@ class Capture:
         return pre_hook
 
     def _hook(self, module: nn.Module):
-        keep = module is self.model or rule_for(module) is None or rule_for(module).reruns  # see Output
+        keep = self._may_rerun(module)  # see Output
 
         def hook(mod, args, kwargs, output):
             if not self.recording:

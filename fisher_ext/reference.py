@@ -134,10 +134,11 @@ def linear_grad_sqnorm(a: torch.Tensor, g: torch.Tensor, bias: bool, method: str
     norms = linear_sqnorm(a, g, False, method)
     acc = result_dtype(a.dtype)
     A, G = to_accumulation_dtype(a).reshape(-1, a.shape[-1]), g.to(acc).reshape(-1, g.shape[-1])
+    weight = (G.T @ A).to(a.dtype)
     if not bias:
-        return (G.T @ A).to(a.dtype), None, norms, None
+        return weight, None, norms, None
     sums = G.reshape(a.shape[0], math.prod(a.shape[1:-1]), G.shape[-1]).sum(1)  # each example's bias gradient
-    return (G.T @ A).to(a.dtype), G.sum(0).to(g.dtype), norms, sums.square().sum(1)
+    return weight, G.sum(0).to(g.dtype), norms, sums.square().sum(1)
 
 
 def conv_grad_sqnorm(x, g, kernel_size, stride, padding, dilation, groups, bias, method):

@@ -1,7 +1,7 @@
 """linear_grad_sqnorm / conv_grad_sqnorm: the batch's weight and bias gradients against autograd
 in float64 on the real nn.Linear / nn.Conv*d, the weight's and the bias's norms against the
-float64 per-example oracle, on every CPU kernel path (the fused AVX-512 paths add each per-example tile into the weight
-gradient; the others take ATen's)."""
+float64 per-example oracle, on every CPU kernel path (the fused AVX-512 paths add each
+per-example tile into the weight gradient; the others take ATen's)."""
 
 from __future__ import annotations
 

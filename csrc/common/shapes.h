@@ -6,6 +6,7 @@
 
 #include <array>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace fisher_ext {
@@ -72,19 +73,28 @@ inline void check_accumulator(const at::Tensor& acc, const at::Tensor& a, const 
 
 // What a device's fused op returns: the weight gradient, and the bias gradient and the bias's
 // per-example squared norms (N,), each undefined where the kernels did not form it on the way
-// (the entry then sums g: complete_bias).
+// (the entry then sums g: grad_outputs).
 struct WeightGrads {
   at::Tensor weight, bias, bias_sqnorm;
 };
 
-// Fills in the bias parts a device left undefined from `sums`, each example's bias gradient
-// (N, C_out; g summed over its positions in the result dtype), made only where one is missing.
+// A grad op's outputs: (weight gradient, bias gradient, the weight's norms, the bias's).
+using GradOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Those outputs from what a device's grad_into wrote (the weight's norms into `out`) and returned:
+// the gradients in `dtype` (the inputs'), the bias parts undefined without bias. The bias parts a
+// device left undefined come from `sums()`, each example's bias gradient (N, C_out; g summed over
+// its positions in out's dtype), made only where one is missing.
 template <typename Sums>
-void complete_bias(WeightGrads& grads, Sums sums) {
-  if (grads.bias.defined() && grads.bias_sqnorm.defined()) return;
-  const at::Tensor per_example = sums();
-  if (!grads.bias.defined()) grads.bias = per_example.sum(0);
-  if (!grads.bias_sqnorm.defined()) grads.bias_sqnorm = per_example.square().sum(1);
+GradOutputs grad_outputs(WeightGrads grads, const at::Tensor& out, bool bias, at::ScalarType dtype, Sums sums) {
+  const at::Tensor weight = grads.weight.to(dtype);
+  if (!bias) return {weight, at::Tensor(), out, at::Tensor()};
+  if (!grads.bias.defined() || !grads.bias_sqnorm.defined()) {
+    const at::Tensor per_example = sums();
+    if (!grads.bias.defined()) grads.bias = per_example.sum(0);
+    if (!grads.bias_sqnorm.defined()) grads.bias_sqnorm = per_example.square().sum(1);
+  }
+  return {weight, grads.bias.to(dtype), out, grads.bias_sqnorm.to(out.scalar_type())};
 }
 
 // Linear: a (N, *, d_in) and g (N, *, d_out), flattened to (N, T, d).

@@ -60,8 +60,6 @@ WeightGrads unfused_conv_grad(at::Tensor& out, const ConvShape& s, const at::Ten
 
 template <auto conv_into, auto conv_grad_into>
 struct ConvEntry {
-  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
   static at::Tensor conv(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool bias,
                          c10::string_view method, c10::string_view precision) {
@@ -83,20 +81,16 @@ struct ConvEntry {
 
   // (weight gradient, bias gradient, the weight's per-example squared norms, the bias's; the
   // bias parts undefined without bias).
-  static Grads conv_grad(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool bias,
-                         c10::string_view method) {
+  static GradOutputs conv_grad(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t groups, bool bias, c10::string_view method) {
     const ConvShape s = conv_shape(x, g, kernel_size, stride, padding, dilation, groups);
-    const auto acc = result_dtype(x.scalar_type());
-    at::Tensor out = at::empty({s.N}, x.options().dtype(acc));
-    WeightGrads grads = conv_grad_into(out, s, x, g, bias, std::string(method));
-    if (!bias) return {grads.weight.to(x.scalar_type()), at::Tensor(), out, at::Tensor()};
-    complete_bias(grads, [&] {
+    at::Tensor out = at::empty({s.N}, x.options().dtype(result_dtype(x.scalar_type())));
+    return grad_outputs(conv_grad_into(out, s, x, g, bias, std::string(method)), out, bias, x.scalar_type(), [&] {
       std::vector<int64_t> positions;
       for (int64_t d = 2; d < g.dim(); ++d) positions.push_back(d);
-      return g.sum(positions, false, acc);
+      return g.sum(positions, false, out.scalar_type());
     });
-    return {grads.weight.to(x.scalar_type()), grads.bias.to(x.scalar_type()), out, grads.bias_sqnorm.to(acc)};
   }
 
   // In a TORCH_LIBRARY_IMPL block of the device.

@@ -9,12 +9,12 @@
 // float16 / bfloat16 run on tensor cores (WMMA, float accumulation) on sm_80+, float32 and
 // float64 on FFMA in their own precision (no TF32). The norm ops' only workspace is N x (blocks
 // per example) partial sums, never a weight-sized buffer.
-// The fused ops (weight and bias gradient with the norms) run the fused program where the
-// materialize path is chosen (choose_fused_method): each block takes one tile of W through a
-// chunk of examples, so the batch gradient costs one more register tile and one store per
-// block; where W has few tiles the batch is cut into chunks to fill the device's waves, each
-// writing its own copy of the gradient, added in a fixed order by a third kernel. Where ghost
-// is chosen, the ghost norms and then ATen's weight gradient.
+// The fused ops run the fused program for the weight's gradient and norms where the materialize
+// path is chosen (choose_fused_method): each block takes one tile of W through a chunk of
+// examples, so the batch gradient costs one more register tile and one store per block; where W
+// has few tiles the batch is cut into chunks to fill the device's waves, each writing its own
+// copy of the gradient, added in a fixed order by a third kernel. Where ghost is chosen, the
+// ghost norms and then ATen's weight gradient. The bias parts are the entry's reductions of g.
 #include "../common/shapes.h"
 #include "../conv/entry.h"
 #include "../linear/entry.h"

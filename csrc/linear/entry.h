@@ -34,8 +34,6 @@ WeightGrads unfused_linear_grad(at::Tensor& out, const LinearShape& sh, const at
 
 template <auto linear_into, auto linear_grad_into>
 struct LinearEntry {
-  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
   static at::Tensor linear(const at::Tensor& a, const at::Tensor& g, bool bias, c10::string_view method,
                            c10::string_view precision) {
     const LinearShape sh = linear_shape(a, g);
@@ -55,14 +53,11 @@ struct LinearEntry {
 
   // (weight gradient, bias gradient, the weight's per-example squared norms, the bias's; the
   // bias parts undefined without bias).
-  static Grads linear_grad(const at::Tensor& a, const at::Tensor& g, bool bias, c10::string_view method) {
+  static GradOutputs linear_grad(const at::Tensor& a, const at::Tensor& g, bool bias, c10::string_view method) {
     const LinearShape sh = linear_shape(a, g);
-    const auto acc = result_dtype(a.scalar_type());
-    at::Tensor out = at::empty({sh.N}, a.options().dtype(acc));
-    WeightGrads grads = linear_grad_into(out, sh, a, g, bias, std::string(method));
-    if (!bias) return {grads.weight.to(a.scalar_type()), at::Tensor(), out, at::Tensor()};
-    complete_bias(grads, [&] { return g.reshape({sh.N, sh.T, sh.d_out}).sum(1, false, acc); });
-    return {grads.weight.to(a.scalar_type()), grads.bias.to(a.scalar_type()), out, grads.bias_sqnorm.to(acc)};
+    at::Tensor out = at::empty({sh.N}, a.options().dtype(result_dtype(a.scalar_type())));
+    return grad_outputs(linear_grad_into(out, sh, a, g, bias, std::string(method)), out, bias, a.scalar_type(),
+                        [&] { return g.reshape({sh.N, sh.T, sh.d_out}).sum(1, false, out.scalar_type()); });
   }
 
   // In a TORCH_LIBRARY_IMPL block of the device.

@@ -36,7 +36,7 @@ def conv_gradients(module: nn.modules.conv._ConvNd, names: list, call: Call):
         dilation=module.dilation, groups=module.groups, bias="bias" in names)
     grads, norms = {"weight": weight}, {"weight": weight_norms}
     if "bias" in names:
-        grads["bias"], norms["bias"] = bias.to(g.dtype), bias_norms
+        grads["bias"], norms["bias"] = bias, bias_norms
     return grads, norms
 
 

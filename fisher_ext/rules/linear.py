@@ -17,7 +17,7 @@ def linear_gradients(module: nn.Linear, names: list, call: Call):
     weight, bias, weight_norms, bias_norms = linear_grad_sqnorm(x, g.to(x.dtype), bias="bias" in names)
     grads, norms = {"weight": weight}, {"weight": weight_norms}
     if "bias" in names:
-        grads["bias"], norms["bias"] = bias.to(g.dtype), bias_norms
+        grads["bias"], norms["bias"] = bias, bias_norms
     return grads, norms
 
 
